@@ -1,0 +1,140 @@
+"""The protocol client: one DEALER socket per thread, replies matched by request id.
+
+ZeroMQ sockets are not thread-safe, so a :class:`Channel` belongs to the thread that
+created it; :class:`~client.system.StormSystem` keeps one per thread. Every wait is
+bounded: a request that gets no reply within ``timeout_s`` raises
+:class:`StormUnavailableError` (or :class:`StormTimeoutError` when the daemon is known
+to be alive), and while waiting the channel polls the daemon's liveness so that a dead
+daemon is reported within a tenth of a second where its pid can be checked.
+
+This module imports no torch, so that ``stormctl`` starts fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import zmq
+
+from storm_service.errors import ProtocolError, StormTimeoutError, StormUnavailableError, error_for_code
+from storm_service.protocol import Op, Reply, decode_reply, encode_request
+
+__all__ = ["Channel", "DEFAULT_TIMEOUT_S"]
+
+log = logging.getLogger("storm.client")
+
+DEFAULT_TIMEOUT_S = 2.0
+_POLL_SLICE_S = 0.1
+
+
+class Channel:
+    """A DEALER connection to the daemon, owned by one thread.
+
+    ``send`` queues a request and returns its id; ``wait`` blocks for that id's reply;
+    ``post`` sends a request whose reply is only checked for errors when it arrives
+    (used for commits and frees that nothing waits on).
+    """
+
+    def __init__(
+        self,
+        context: zmq.Context,
+        endpoint: str,
+        request_ids: Iterator[int],
+        *,
+        alive: Callable[[], bool] | None = None,
+        on_async_error: Callable[[Exception], None] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self._ids = request_ids
+        self._alive = alive
+        self._on_async_error = on_async_error
+        self._early: dict[int, Reply] = {}
+        self._posted: dict[int, str] = {}
+        self._socket = context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(endpoint)
+
+    def send(self, op: Op, token: str | None = None, **fields: Any) -> int:
+        request_id = next(self._ids)
+        self._socket.send(encode_request(request_id, op, token, **fields), copy=False)
+        return request_id
+
+    def post(self, op: Op, token: str | None = None, **fields: Any) -> int:
+        request_id = self.send(op, token, **fields)
+        self._posted[request_id] = op.value
+        return request_id
+
+    def call(
+        self, op: Op, token: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, **fields: Any
+    ) -> dict[str, Any]:
+        return self.wait(self.send(op, token, **fields), op, timeout_s)
+
+    def wait(self, request_id: int, op: Op, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+        """Block until the reply to ``request_id`` arrives; raise its error if it carries one."""
+        reply = self._early.pop(request_id, None)
+        deadline = time.monotonic() + timeout_s
+        while reply is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._posted[request_id] = op.value  # a late reply is then read and dropped
+                raise self._no_reply(op, timeout_s)
+            if self._socket.poll(min(remaining, _POLL_SLICE_S) * 1000, zmq.POLLIN):
+                reply = self._take(request_id)
+            elif self._alive is not None and not self._alive():
+                raise StormUnavailableError(f"{op.value}: the daemon at {self.endpoint} has exited")
+        if not reply.ok:
+            raise error_for_code(reply.code, reply.message)
+        return reply.result
+
+    def drain(self) -> None:
+        """Read every reply already here without blocking (checks posted requests for errors)."""
+        while self._socket.poll(0, zmq.POLLIN):
+            self._take(None)
+
+    def pending_posts(self) -> int:
+        return len(self._posted)
+
+    def settle(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """Wait until every posted request has been answered."""
+        deadline = time.monotonic() + timeout_s
+        while self._posted:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._no_reply(Op(next(iter(self._posted.values()))), timeout_s)
+            if self._socket.poll(min(remaining, _POLL_SLICE_S) * 1000, zmq.POLLIN):
+                self._take(None)
+            elif self._alive is not None and not self._alive():
+                raise StormUnavailableError(f"the daemon at {self.endpoint} has exited")
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+    def _take(self, wanted: int | None) -> Reply | None:
+        """Receive one frame; return it if it answers ``wanted``, else file it away."""
+        try:
+            reply = decode_reply(self._socket.recv())
+        except ProtocolError as e:
+            log.warning("ignored a malformed reply: %s", e)
+            return None
+        if reply.id is None:
+            # Only a frame the daemon could not read at all gets an id-less reply.
+            raise ProtocolError(f"the daemon could not read a request: {reply.code}: {reply.message}")
+        if reply.id == wanted:
+            return reply
+        op = self._posted.pop(reply.id, None)
+        if op is None:
+            self._early[reply.id] = reply
+        elif not reply.ok:
+            error = error_for_code(reply.code, f"{op} (posted): {reply.message}")
+            log.error("%s", error)
+            if self._on_async_error is not None:
+                self._on_async_error(error)
+        return None
+
+    def _no_reply(self, op: Op, timeout_s: float) -> Exception:
+        if self._alive is not None and self._alive():
+            return StormTimeoutError(f"{op.value}: no reply from the daemon at {self.endpoint} within {timeout_s:g} s")
+        return StormUnavailableError(f"{op.value}: no daemon answered at {self.endpoint} within {timeout_s:g} s")

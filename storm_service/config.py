@@ -1,0 +1,175 @@
+"""stormd's settings: one table, read from flags > environment > TOML file > defaults.
+
+Each setting has a flag (``--pool-size``), an environment variable (``STORM_POOL_SIZE``)
+and a key in the config file (``pool_size``); ``docs/operations.md`` lists them all.
+Values are validated once, at start, with messages that name the setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from storm_service.runtime import default_endpoint
+from storm_service.units import parse_duration, parse_size
+
+__all__ = ["ConfigError", "DaemonConfig", "build_parser", "load_config"]
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+PIN_MODES = ("auto", "on", "off")
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value; the message names the setting and its source."""
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    endpoint: str
+    pool_size: int
+    """Bytes of host pool, reserved in /dev/shm at start."""
+    segment_size: int
+    """Largest single shared-memory segment; the pool is split into segments of at most this."""
+    heartbeat_timeout: float
+    """Seconds without a message after which a session is expired and its memory freed."""
+    quota: int
+    """Bytes one session may hold by default (0: the whole pool)."""
+    max_quota: int
+    """Largest quota a session may ask for at register (0: the whole pool)."""
+    pin: str
+    """Whether to page-lock the pool with cudaHostRegister: auto (if CUDA exists), on, off."""
+    log_level: str
+
+
+def _choice(options: Sequence[str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = str(text).strip()
+        if value.upper() in options:
+            return value.upper()
+        if value.lower() in options:
+            return value.lower()
+        raise ValueError(f"{text!r} is not one of {', '.join(options)}")
+
+    return parse
+
+
+def _endpoint(text: str) -> str:
+    value = str(text)
+    if not value.startswith(("ipc://", "tcp://")):
+        raise ValueError(f"{text!r} is not an ipc:// or tcp:// endpoint")
+    if value.startswith("tcp://"):
+        raise ValueError(f"{text!r}: tcp endpoints are refused unless CURVE keys are configured")
+    return value
+
+
+def _positive(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def check(text: Any) -> Any:
+        value = parse(text)
+        if value <= 0:
+            raise ValueError(f"{text!r} must be positive")
+        return value
+
+    return check
+
+
+def _non_negative(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def check(text: Any) -> Any:
+        value = parse(text)
+        if value < 0:
+            raise ValueError(f"{text!r} must not be negative")
+        return value
+
+    return check
+
+
+@dataclass(frozen=True)
+class _Setting:
+    name: str
+    parse: Callable[[Any], Any]
+    default: Callable[[], Any]
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "STORM_" + self.name.upper()
+
+
+SETTINGS: tuple[_Setting, ...] = (
+    _Setting("endpoint", _endpoint, default_endpoint, "ZeroMQ endpoint to bind (ipc://PATH)"),
+    _Setting("pool_size", _positive(parse_size), lambda: "1GiB", "host pool size (e.g. 512MiB, 8GiB)"),
+    _Setting("segment_size", _positive(parse_size), lambda: "64GiB", "largest shared-memory segment of the pool"),
+    _Setting(
+        "heartbeat_timeout",
+        _positive(parse_duration),
+        lambda: "5s",
+        "expire a session after this long without a message (e.g. 5s, 500ms)",
+    ),
+    _Setting("quota", _non_negative(parse_size), lambda: "0", "default bytes per session (0: whole pool)"),
+    _Setting(
+        "max_quota", _non_negative(parse_size), lambda: "0", "largest quota a session may request (0: whole pool)"
+    ),
+    _Setting("pin", _choice(PIN_MODES), lambda: "auto", "page-lock the pool for CUDA: auto, on, off"),
+    _Setting("log_level", _choice(LOG_LEVELS), lambda: "INFO", "DEBUG, INFO, WARNING or ERROR"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stormd",
+        description="STORM host daemon: a shared host-memory pool for offloaded training activations.",
+    )
+    parser.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
+    for setting in SETTINGS:
+        parser.add_argument(
+            setting.flag,
+            dest=setting.name,
+            default=None,
+            help=f"{setting.help} [env {setting.env}; default {setting.default()}]",
+        )
+    return parser
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config: {path} is not valid TOML: {e}") from e
+    table = data.get("stormd", data)
+    known = {s.name for s in SETTINGS}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"--config: {path}: unknown settings {unknown}; known: {sorted(known)}")
+    return dict(table)
+
+
+def load_config(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> DaemonConfig:
+    """Resolve every setting with precedence flags > environment > file > defaults."""
+    environ = os.environ if environ is None else environ
+    file_values = _read_file(args.config) if args is not None and args.config else {}
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        flag_value = getattr(args, setting.name, None) if args is not None else None
+        if flag_value is not None:
+            raw, source = flag_value, setting.flag
+        elif setting.env in environ:
+            raw, source = environ[setting.env], setting.env
+        elif setting.name in file_values:
+            raw, source = file_values[setting.name], f"{setting.name} in the config file"
+        else:
+            raw, source = setting.default(), f"default {setting.name}"
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    return DaemonConfig(**values)

@@ -1,0 +1,166 @@
+"""``stormd``: start-up, signals and clean shutdown around :class:`~storm_service.server.Server`.
+
+Start-up order matters: take the endpoint lock first (NOTE [Endpoint lock]), sweep
+what a dead daemon left, create and reserve the pool, pin it where CUDA exists, record
+the segment names, bind, and only then announce readiness. Shutdown (SIGTERM, SIGINT
+or ``stormctl shutdown``) answers queued requests with SHUTTING_DOWN, frees every
+session, unlinks the segments, removes the socket and the lock, and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+import zmq
+
+from storm_service.config import ConfigError, DaemonConfig, build_parser, load_config
+from storm_service.pool import Pool, PoolError, sweep_segments
+from storm_service.runtime import (
+    EndpointLock,
+    LockHeldError,
+    ensure_private_dir,
+    ipc_path,
+    runtime_dir,
+)
+from storm_service.server import Server
+from storm_service.units import format_bytes
+
+__all__ = ["main", "run"]
+
+log = logging.getLogger("stormd")
+
+EXIT_CONFIG = 2
+EXIT_STARTUP = 1
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level),
+        format="%(asctime)s stormd[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _cuda_present() -> bool:
+    # Importing torch costs seconds and hundreds of MB: only where an NVIDIA driver exists.
+    return os.path.exists("/dev/nvidiactl")
+
+
+def _pin(pool: Pool, mode: str) -> None:
+    if mode == "off" or (mode == "auto" and not _cuda_present()):
+        log.info("pool not pinned (pin=%s, CUDA device nodes %s)", mode, "present" if _cuda_present() else "absent")
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        if mode == "on":
+            raise PoolError("--pin on: CUDA is not available to this process")
+        log.info("pool not pinned: torch sees no CUDA device")
+        return
+    seconds = sum(segment.pin() for segment in pool.segments)
+    log.info("pinned %s with cudaHostRegister in %.2f s", format_bytes(pool.size_bytes), seconds)
+
+
+def _prepare_socket_dir(endpoint: str) -> str | None:
+    path = ipc_path(endpoint)
+    if path is None:
+        return None
+    directory = os.path.dirname(os.path.abspath(path))
+    if directory == runtime_dir() or not os.path.exists(directory):
+        ensure_private_dir(directory)
+    elif stat.S_IMODE(os.stat(directory).st_mode) & 0o007:
+        log.warning("socket directory %s is open to other users; anyone there can reach the daemon", directory)
+    return path
+
+
+def run(config: DaemonConfig) -> int:
+    """Run the daemon until stopped; returns the exit status."""
+    try:
+        socket_path = _prepare_socket_dir(config.endpoint)
+    except PermissionError as e:
+        log.error("cannot use the socket directory: %s", e)
+        return EXIT_STARTUP
+    lock = EndpointLock((socket_path or f"/tmp/stormd-{os.getuid()}-tcp") + ".lock")
+    try:
+        lock.acquire()
+    except LockHeldError as e:
+        log.error("refusing to start on %s: %s", config.endpoint, e)
+        return EXIT_STARTUP
+    pool: Pool | None = None
+    server: Server | None = None
+    try:
+        swept = sweep_segments(lock.previous.get("segments"))
+        if swept:
+            log.warning("swept %d segment(s) left by a dead daemon (pid %s)", len(swept), lock.previous.get("pid"))
+        if socket_path is not None and os.path.exists(socket_path):
+            os.unlink(socket_path)
+            log.warning("removed a stale socket %s", socket_path)
+        start = time.perf_counter()
+        pool = Pool.create(config.pool_size, config.segment_size)
+        lock.record([s.name for s in pool.segments])
+        log.info(
+            "pool of %s in %d segment(s) reserved and pre-faulted in %.2f s",
+            format_bytes(pool.size_bytes),
+            len(pool.segments),
+            time.perf_counter() - start,
+        )
+        _pin(pool, config.pin)
+        server = Server(config, pool)
+        server.bind()
+        if socket_path is not None:
+            os.chmod(socket_path, 0o600)
+        _install_signals(server)
+        log.info("serving on %s (heartbeat timeout %.1f s)", config.endpoint, config.heartbeat_timeout)
+        server.serve()
+        log.info("shutting down")
+        return 0
+    except PoolError as e:
+        log.error("%s", e)
+        return EXIT_STARTUP
+    except zmq.ZMQError as e:
+        log.error("cannot bind %s: %s", config.endpoint, e)
+        return EXIT_STARTUP
+    finally:
+        if server is not None:
+            server.close()
+        if pool is not None:
+            pool.close()
+        if socket_path is not None and server is not None:
+            try:
+                os.unlink(socket_path)
+            except FileNotFoundError:
+                pass
+        lock.release()
+        log.info("stopped")
+
+
+def _install_signals(server: Server) -> None:
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if not server.stopping:
+            log.info("received %s", signal.Signals(signum).name)
+        server.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args)
+    except ConfigError as e:
+        print(f"stormd: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    _setup_logging(config.log_level)
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The host pool: POSIX shared-memory segments in /dev/shm plus an allocator per segment.
+
+NOTE [Pool reservation]
+  Creating a file in /dev/shm and mapping it reserves nothing: a pool larger than the
+  free space of /dev/shm maps fine and then kills whoever touches a page past the end
+  with SIGBUS. ``posix_fallocate`` reserves (and zeroes) every page up front, so a
+  too-small /dev/shm is an error at start instead. ``MAP_POPULATE`` then faults the
+  pages into our page table, and clients map with ``MAP_POPULATE`` too, so that no
+  offload pays first-touch faults (measured 5-8x slower than warm copies).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import secrets
+import time
+from dataclasses import dataclass
+
+from storm_service.allocator import ExtentAllocator
+from storm_service.units import format_bytes
+
+__all__ = ["Pool", "PoolError", "Segment", "SHM_DIR", "SEGMENT_PREFIX", "sweep_segments"]
+
+log = logging.getLogger("stormd.pool")
+
+SHM_DIR = "/dev/shm"
+SEGMENT_PREFIX = "storm-"
+ALIGNMENT = 512
+PIN_CHUNK_BYTES = 64 << 30
+"""cudaHostRegister fails on single calls of 512 GiB and more: register in chunks."""
+
+
+class PoolError(RuntimeError):
+    """The pool cannot be created (no room in /dev/shm, a name clash, a bad size)."""
+
+
+@dataclass
+class Segment:
+    name: str
+    size_bytes: int
+    _mm: mmap.mmap
+
+    @property
+    def path(self) -> str:
+        return os.path.join(SHM_DIR, self.name)
+
+    @classmethod
+    def create(cls, size_bytes: int, mode: int = 0o600) -> Segment:
+        """Create, reserve and pre-fault a fresh segment (see NOTE [Pool reservation])."""
+        name = SEGMENT_PREFIX + secrets.token_hex(12)
+        path = os.path.join(SHM_DIR, name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            os.fchmod(fd, mode)  # the umask may have narrowed it; --group widens it on purpose
+            try:
+                os.posix_fallocate(fd, 0, size_bytes)
+            except OSError as e:
+                free = os.statvfs(SHM_DIR)
+                raise PoolError(
+                    f"cannot reserve {format_bytes(size_bytes)} in {SHM_DIR}: "
+                    f"{format_bytes(free.f_bavail * free.f_frsize)} free ({e.strerror}); "
+                    "lower --pool-size or enlarge /dev/shm (docker: --shm-size)"
+                ) from e
+            mm = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        return cls(name=name, size_bytes=size_bytes, _mm=mm)
+
+    def pin(self) -> float:
+        """Page-lock the mapping for CUDA DMA; returns the seconds it took."""
+        import torch  # only where CUDA exists; the daemon otherwise never imports torch
+
+        view = torch.frombuffer(self._mm, dtype=torch.uint8)
+        cudart = torch.cuda.cudart()
+        start = time.perf_counter()
+        for offset in range(0, self.size_bytes, PIN_CHUNK_BYTES):
+            length = min(PIN_CHUNK_BYTES, self.size_bytes - offset)
+            err = cudart.cudaHostRegister(view.data_ptr() + offset, length, 0)
+            if int(err) != 0:
+                raise PoolError(f"cudaHostRegister of {format_bytes(length)} at offset {offset} failed: {err}")
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        """Unmap and unlink. A client that still maps the segment keeps its pages until it unmaps."""
+        try:
+            self._mm.close()
+        except BufferError:
+            log.warning("segment %s still has exported views; leaving it mapped", self.name)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class Pool:
+    """The segments and their allocators. An extent is ``(segment index, offset, length)``."""
+
+    def __init__(self, segments: list[Segment]) -> None:
+        self.segments = segments
+        self.allocators = [ExtentAllocator(s.size_bytes, ALIGNMENT) for s in segments]
+
+    @classmethod
+    def create(cls, pool_size: int, segment_size: int) -> Pool:
+        if pool_size < ALIGNMENT:
+            raise PoolError(f"--pool-size {pool_size} is smaller than {ALIGNMENT} bytes")
+        sizes = []
+        remaining = pool_size
+        while remaining > 0:
+            size = min(remaining, segment_size)
+            sizes.append(size - size % ALIGNMENT or ALIGNMENT)
+            remaining -= size
+        segments: list[Segment] = []
+        try:
+            for size in sizes:
+                segments.append(Segment.create(size))
+        except BaseException:
+            for segment in segments:
+                segment.close()
+            raise
+        return cls(segments)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(a.size_bytes for a in self.allocators)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(a.used_bytes for a in self.allocators)
+
+    @property
+    def free_bytes(self) -> int:
+        return self.size_bytes - self.used_bytes
+
+    @property
+    def largest_free_bytes(self) -> int:
+        return max(a.free_stats().largest_free_bytes for a in self.allocators)
+
+    def allocate(self, size_bytes: int) -> tuple[int, int, int] | None:
+        """Return ``(segment, offset, length)`` of a new extent, or None when nothing fits."""
+        for index, allocator in enumerate(self.allocators):
+            offset = allocator.allocate(size_bytes)
+            if offset is not None:
+                return index, offset, allocator.length_of(offset)
+        return None
+
+    def free(self, segment: int, offset: int) -> int:
+        return self.allocators[segment].free(offset)
+
+    def describe(self) -> list[dict[str, object]]:
+        return [{"name": s.name, "size_bytes": s.size_bytes} for s in self.segments]
+
+    def close(self) -> None:
+        for segment in self.segments:
+            segment.close()
+
+
+def sweep_segments(names: object) -> list[str]:
+    """Unlink STORM segments a dead daemon left behind; returns the names removed."""
+    removed = []
+    for name in names if isinstance(names, list) else []:
+        if not isinstance(name, str) or not name.startswith(SEGMENT_PREFIX) or "/" in name:
+            continue
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed

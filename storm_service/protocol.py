@@ -1,0 +1,288 @@
+"""The STORM wire protocol: every message, its fields and bounds, in one place.
+
+Transport: a ZeroMQ ROUTER in the daemon, one DEALER per client thread. Each message
+is a single frame holding one msgpack map (never pickle)::
+
+    client DEALER ──[ request map ]──▶ ROUTER stormd   (ROUTER sees [identity, map])
+    client DEALER ◀──[  reply map  ]── ROUTER stormd
+
+    request = {"v": 1, "id": <int>, "op": <str>, "token": <str|nil>, <op fields>...}
+    reply   = {"v": 1, "id": <same int>, "ok": true,  "result": {...}}
+            | {"v": 1, "id": <same int|nil>, "ok": false,
+               "error": {"code": <ErrorCode>, "message": <sentence>}}
+
+Request ids are chosen by the client, unique within its session; the daemon echoes
+them so that replies can be matched, and remembers the last replies to mutating ops
+so that a replayed request is answered again instead of being applied twice.
+
+Batched ops (offload, commit, fetch, free) take lists, so a layer's tensors cost one
+message; a single tensor is a list of one. ``docs/protocol.md`` shows one example per
+op. This module imports nothing from the rest of the daemon and nothing from torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import msgpack
+
+from storm_service.errors import ErrorCode, ProtocolError
+
+__all__ = [
+    "MAX_BATCH",
+    "MAX_MESSAGE_BYTES",
+    "MAX_SIZE_BYTES",
+    "PROTOCOL_VERSION",
+    "Invalid",
+    "Op",
+    "Reply",
+    "Request",
+    "decode_reply",
+    "decode_request",
+    "encode_error",
+    "encode_ok",
+    "encode_request",
+]
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 1 << 20
+"""Largest frame either side accepts (also the daemon's ZMQ_MAXMSGSIZE)."""
+MAX_BATCH = 4096
+"""Most items in one batched op."""
+MAX_SIZE_BYTES = 1 << 48
+"""Largest size in bytes any field may carry."""
+MAX_STR = 256
+MAX_ID = (1 << 63) - 1
+
+
+class Op(StrEnum):
+    PING = "ping"
+    REGISTER = "register"
+    UNREGISTER = "unregister"
+    HEARTBEAT = "heartbeat"
+    OFFLOAD = "offload"
+    COMMIT = "commit"
+    FETCH = "fetch"
+    FREE = "free"
+    STATS = "stats"
+    SHUTDOWN = "shutdown"
+
+
+MUTATING_OPS = frozenset({Op.OFFLOAD, Op.COMMIT, Op.FREE})
+"""Ops whose replies the daemon remembers, so that a replayed request is not applied twice."""
+SESSIONLESS_OPS = frozenset({Op.PING, Op.REGISTER, Op.STATS, Op.SHUTDOWN})
+"""Ops that need no session token (stats answers for the whole daemon without one)."""
+
+
+@dataclass(frozen=True)
+class _Int:
+    lo: int
+    hi: int
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class _Str:
+    max_len: int = MAX_STR
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class _IntList:
+    lo: int
+    hi: int
+    max_len: int = MAX_BATCH
+
+
+_Spec = _Int | _Str | _IntList
+_HANDLES = _IntList(1, MAX_ID)
+_LAYER = _Int(-1, (1 << 31) - 1, required=False)
+
+FIELDS: dict[Op, dict[str, _Spec]] = {
+    Op.PING: {},
+    Op.REGISTER: {
+        "pid": _Int(0, (1 << 31) - 1),
+        "name": _Str(required=False),
+        "rank": _Int(0, 1 << 20, required=False),
+        "world_size": _Int(1, 1 << 20, required=False),
+        "quota_bytes": _Int(1, MAX_SIZE_BYTES, required=False),
+        "pid_ns": _Int(0, MAX_ID, required=False),
+    },
+    Op.UNREGISTER: {},
+    Op.HEARTBEAT: {},
+    Op.OFFLOAD: {"sizes": _IntList(1, MAX_SIZE_BYTES), "layer_id": _LAYER},
+    Op.COMMIT: {"handles": _HANDLES},
+    Op.FETCH: {"handles": _HANDLES},
+    Op.FREE: {"handles": _HANDLES},
+    Op.STATS: {},
+    Op.SHUTDOWN: {},
+}
+"""Op fields beyond the envelope (v, id, op, token). Unknown fields are rejected."""
+
+_ENVELOPE = frozenset({"v", "id", "op", "token"})
+
+
+class Invalid(Exception):
+    """A request failed validation; carries the error code and the request id if known."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    op: Op
+    token: str | None
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Reply:
+    id: int | None
+    ok: bool
+    result: dict[str, Any]
+    code: str = ""
+    message: str = ""
+
+
+def _unpack(frame: bytes) -> Any:
+    # Every container and string is bounded by the frame size; keys must be strings.
+    return msgpack.unpackb(
+        frame,
+        raw=False,
+        strict_map_key=True,
+        max_str_len=MAX_MESSAGE_BYTES,
+        max_bin_len=MAX_MESSAGE_BYTES,
+        max_array_len=MAX_BATCH * 4,
+        max_map_len=64,
+        max_ext_len=0,
+    )
+
+
+def _pack(obj: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_field(op: Op, name: str, spec: _Spec, value: Any) -> None:
+    where = f"{op.value}: field {name!r}"
+    if isinstance(spec, _Int):
+        if not _is_int(value):
+            raise ValueError(f"{where} must be an integer, got {type(value).__name__}")
+        if not spec.lo <= value <= spec.hi:
+            raise ValueError(f"{where} = {value} is outside [{spec.lo}, {spec.hi}]")
+    elif isinstance(spec, _Str):
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {type(value).__name__}")
+        if len(value) > spec.max_len:
+            raise ValueError(f"{where} is {len(value)} characters, at most {spec.max_len}")
+    else:
+        if not isinstance(value, list):
+            raise ValueError(f"{where} must be a list, got {type(value).__name__}")
+        if not 1 <= len(value) <= spec.max_len:
+            raise ValueError(f"{where} has {len(value)} items, expected 1 to {spec.max_len}")
+        for item in value:
+            if not _is_int(item) or not spec.lo <= item <= spec.hi:
+                raise ValueError(f"{where} items must be integers in [{spec.lo}, {spec.hi}], got {item!r}")
+
+
+def decode_request(frame: bytes) -> Request:
+    """Decode and validate one request frame; raises :class:`Invalid` on any defect."""
+    if len(frame) > MAX_MESSAGE_BYTES:
+        raise Invalid(ErrorCode.BAD_REQUEST, f"message is {len(frame)} bytes, at most {MAX_MESSAGE_BYTES}")
+    try:
+        msg = _unpack(frame)
+    except Exception as e:  # msgpack raises a zoo of types for malformed input
+        raise Invalid(ErrorCode.BAD_REQUEST, f"message is not valid msgpack: {e}") from e
+    if not isinstance(msg, dict):
+        raise Invalid(ErrorCode.BAD_REQUEST, f"message must be a map, got {type(msg).__name__}")
+    raw_id = msg.get("id")
+    request_id = raw_id if _is_int(raw_id) and 0 <= raw_id <= MAX_ID else None
+    if request_id is None:
+        raise Invalid(ErrorCode.BAD_REQUEST, f"field 'id' must be an integer in [0, {MAX_ID}]")
+    version = msg.get("v")
+    if version != PROTOCOL_VERSION:
+        raise Invalid(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {version!r} is not supported; this daemon speaks {PROTOCOL_VERSION}",
+            request_id,
+        )
+    try:
+        op = Op(msg.get("op"))
+    except ValueError:
+        raise Invalid(ErrorCode.UNKNOWN_OP, f"unknown op {msg.get('op')!r}", request_id) from None
+    token = msg.get("token")
+    if token is not None and (not isinstance(token, str) or len(token) > MAX_STR):
+        raise Invalid(ErrorCode.BAD_REQUEST, f"{op.value}: field 'token' must be a short string", request_id)
+    if token is None and op not in SESSIONLESS_OPS:
+        raise Invalid(ErrorCode.UNKNOWN_SESSION, f"{op.value}: a session token is required", request_id)
+    spec = FIELDS[op]
+    unknown = sorted(set(msg) - _ENVELOPE - set(spec))
+    if unknown:
+        raise Invalid(ErrorCode.BAD_REQUEST, f"{op.value}: unknown fields {unknown}", request_id)
+    args: dict[str, Any] = {}
+    try:
+        for name, field in spec.items():
+            if name not in msg or msg[name] is None:
+                if getattr(field, "required", True):
+                    raise ValueError(f"{op.value}: field {name!r} is required")
+                continue
+            _check_field(op, name, field, msg[name])
+            args[name] = msg[name]
+    except ValueError as e:
+        raise Invalid(ErrorCode.BAD_REQUEST, str(e), request_id) from None
+    return Request(id=request_id, op=op, token=token, args=args)
+
+
+def encode_request(request_id: int, op: Op, token: str | None = None, **fields: Any) -> bytes:
+    """Encode a request map (the client side of :func:`decode_request`)."""
+    msg = {"v": PROTOCOL_VERSION, "id": request_id, "op": op.value, "token": token}
+    msg.update(fields)
+    return _pack(msg)
+
+
+def encode_ok(request_id: int, result: Mapping[str, Any]) -> bytes:
+    return _pack({"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result})
+
+
+def encode_error(request_id: int | None, code: ErrorCode, message: str) -> bytes:
+    error = {"code": code.value, "message": message}
+    return _pack({"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": error})
+
+
+def decode_reply(frame: bytes) -> Reply:
+    """Decode a reply frame (the client side of :func:`encode_ok` / :func:`encode_error`)."""
+    try:
+        msg = _unpack(frame)
+    except Exception as e:
+        raise ProtocolError(f"reply is not valid msgpack: {e}") from e
+    if not isinstance(msg, dict) or not isinstance(msg.get("ok"), bool):
+        raise ProtocolError(f"reply is not a reply map: {msg!r:.200}")
+    request_id = msg.get("id")
+    if request_id is not None and not _is_int(request_id):
+        raise ProtocolError(f"reply id must be an integer, got {request_id!r:.50}")
+    if msg["ok"]:
+        result = msg.get("result")
+        if not isinstance(result, dict):
+            raise ProtocolError("reply 'result' must be a map")
+        return Reply(id=request_id, ok=True, result=result)
+    error = msg.get("error")
+    if not isinstance(error, dict):
+        raise ProtocolError("error reply must carry an 'error' map")
+    return Reply(
+        id=request_id,
+        ok=False,
+        result={},
+        code=str(error.get("code", ErrorCode.INTERNAL.value)),
+        message=str(error.get("message", "")),
+    )

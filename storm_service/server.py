@@ -1,0 +1,314 @@
+"""The serving loop: a ZeroMQ ROUTER, request validation, and one handler per op.
+
+Every frame is decoded and validated by :mod:`storm_service.protocol` before any
+handler runs; exceptions are mapped to error codes in :meth:`Server.dispatch` alone.
+The loop never blocks on a client: sends are non-blocking, and a reply that cannot be
+routed (its client left) is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from storm_service.config import DaemonConfig
+from storm_service.errors import (
+    ErrorCode,
+    NotCommittedError,
+    PoolFullError,
+    QuotaExceededError,
+    RemoteError,
+    ShuttingDownError,
+)
+from storm_service.pool import ALIGNMENT, Pool
+from storm_service.protocol import (
+    MAX_MESSAGE_BYTES,
+    MUTATING_OPS,
+    SESSIONLESS_OPS,
+    Invalid,
+    Op,
+    Request,
+    decode_request,
+    encode_error,
+    encode_ok,
+)
+from storm_service.sessions import Extent, ExtentState, Session, SessionTable, pid_namespace
+from storm_service.units import format_bytes
+
+__all__ = ["Server"]
+
+log = logging.getLogger("stormd.server")
+
+_Handler = Callable[[Request, Session | None], dict[str, Any]]
+TICK_S = 0.1
+"""How often the loop wakes to check for stop requests and stale sessions."""
+MAX_BURST = 256
+"""Messages served per wake-up before housekeeping gets a turn."""
+
+
+class Server:
+    """Owns the ROUTER socket and the session table; :meth:`serve` runs until stopped."""
+
+    def __init__(self, config: DaemonConfig, pool: Pool, context: zmq.Context | None = None) -> None:
+        self.config = config
+        self.pool = pool
+        self.sessions = SessionTable(pool)
+        self.stopping = False
+        self.started = time.time()
+        self.requests: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.dropped_replies = 0
+        self._context = context or zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+        self._next_housekeeping = 0.0
+        self.handlers: dict[Op, _Handler] = {
+            Op.PING: self.handle_ping,
+            Op.REGISTER: self.handle_register,
+            Op.UNREGISTER: self.handle_unregister,
+            Op.HEARTBEAT: self.handle_heartbeat,
+            Op.OFFLOAD: self.handle_offload,
+            Op.COMMIT: self.handle_commit,
+            Op.FETCH: self.handle_fetch,
+            Op.FREE: self.handle_free,
+            Op.STATS: self.handle_stats,
+            Op.SHUTDOWN: self.handle_shutdown,
+        }
+
+    # -- socket and loop ---------------------------------------------------------
+
+    def bind(self) -> None:
+        socket = self._context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable replies raise instead of vanishing
+        socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 1024)
+        socket.setsockopt(zmq.SNDHWM, 10_000)
+        socket.setsockopt(zmq.RCVHWM, 10_000)
+        socket.bind(self.config.endpoint)
+        self._socket = socket
+
+    def serve(self) -> None:
+        """Serve until :attr:`stopping` is set, then answer what is queued with SHUTTING_DOWN."""
+        assert self._socket is not None, "bind() first"
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        while not self.stopping:
+            if poller.poll(TICK_S * 1000):
+                self._serve_burst()
+            now = time.monotonic()
+            if now >= self._next_housekeeping:
+                self._expire_stale(now)
+                self._next_housekeeping = now + min(TICK_S * 5, self.config.heartbeat_timeout / 4)
+        self._serve_burst()
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        for session in list(self.sessions.sessions.values()):
+            self.sessions.close(session)
+
+    def _serve_burst(self) -> None:
+        assert self._socket is not None
+        for _ in range(MAX_BURST):
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            reply = self._reply_frames(frames)
+            try:
+                self._socket.send_multipart(reply, zmq.NOBLOCK)
+            except zmq.ZMQError as e:  # EHOSTUNREACH: the client left; EAGAIN: it stopped reading
+                self.dropped_replies += 1
+                log.debug("dropped a reply: %s", e)
+
+    def _reply_frames(self, frames: list[bytes]) -> list[bytes]:
+        identity = frames[0]
+        # DEALER clients send [body]; REQ clients add an empty delimiter: [b"", body].
+        if len(frames) == 3 and frames[1] == b"":
+            return [identity, b"", self.dispatch(frames[2])]
+        if len(frames) != 2:
+            self.errors[ErrorCode.BAD_REQUEST] += 1
+            return [identity, encode_error(None, ErrorCode.BAD_REQUEST, f"expected one frame, got {len(frames) - 1}")]
+        return [identity, self.dispatch(frames[1])]
+
+    def _expire_stale(self, now: float) -> None:
+        for session in self.sessions.stale(self.config.heartbeat_timeout, now):
+            freed = self.sessions.close(session)
+            self.sessions.expired_total += 1
+            log.warning(
+                "session %d (pid %d, %s) expired after %.1f s of silence; freed %s",
+                session.id,
+                session.pid,
+                session.name or "unnamed",
+                now - session.last_seen,
+                format_bytes(freed),
+            )
+
+    # -- dispatch: the one place where exceptions become error codes -----------
+
+    def dispatch(self, frame: bytes) -> bytes:
+        request_id: int | None = None
+        try:
+            request = decode_request(frame)
+            request_id = request.id
+            self.requests[request.op.value] += 1
+            if self.stopping and request.op is not Op.PING:
+                raise ShuttingDownError(f"{request.op.value}: the daemon is shutting down")
+            session = None
+            if request.op not in SESSIONLESS_OPS or request.token is not None:
+                session = self.sessions.by_token(request.token)
+                session.last_seen = time.monotonic()
+                if request.op in MUTATING_OPS and request.id in session.replies:
+                    return session.replies[request.id]
+            reply = encode_ok(request.id, self.handlers[request.op](request, session))
+            if session is not None and request.op in MUTATING_OPS:
+                session.remember(request.id, reply)
+            return reply
+        except Invalid as e:
+            return self._error(e.request_id, e.code, e.message)
+        except RemoteError as e:
+            return self._error(request_id, e.code, e.message)
+        except Exception as e:
+            log.exception("internal error while serving request %s", request_id)
+            return self._error(request_id, ErrorCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+
+    def _error(self, request_id: int | None, code: ErrorCode, message: str) -> bytes:
+        self.errors[code.value] += 1
+        log.debug("request %s failed: %s %s", request_id, code.value, message)
+        return encode_error(request_id, code, message)
+
+    # -- handlers ----------------------------------------------------------------
+
+    def handle_ping(self, request: Request, session: Session | None) -> dict[str, Any]:
+        return {"pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3)}
+
+    def handle_register(self, request: Request, session: Session | None) -> dict[str, Any]:
+        args = request.args
+        limit = self.config.max_quota or self.pool.size_bytes
+        quota = min(args.get("quota_bytes", self.config.quota or self.pool.size_bytes), limit)
+        session = self.sessions.open(
+            pid=args["pid"],
+            name=args.get("name", ""),
+            quota_bytes=quota,
+            rank=args.get("rank"),
+            world_size=args.get("world_size"),
+            pid_ns=args.get("pid_ns"),
+        )
+        log.info(
+            "session %d registered: pid %d %s rank %s quota %s",
+            session.id,
+            session.pid,
+            session.name or "unnamed",
+            session.rank,
+            format_bytes(quota),
+        )
+        return {
+            "session_id": session.id,
+            "token": session.token,
+            "segments": self.pool.describe(),
+            "alignment": ALIGNMENT,
+            "quota_bytes": quota,
+            "heartbeat_interval_s": self.config.heartbeat_timeout / 3,
+            "heartbeat_timeout_s": self.config.heartbeat_timeout,
+            "daemon_pid": os.getpid(),
+            "pid_ns": pid_namespace(),
+        }
+
+    def handle_unregister(self, request: Request, session: Session | None) -> dict[str, Any]:
+        assert session is not None
+        freed = self.sessions.close(session)
+        log.info("session %d unregistered; freed %s", session.id, format_bytes(freed))
+        return {"freed_bytes": freed}
+
+    def handle_heartbeat(self, request: Request, session: Session | None) -> dict[str, Any]:
+        assert session is not None
+        return {"used_bytes": session.used_bytes}
+
+    def handle_offload(self, request: Request, session: Session | None) -> dict[str, Any]:
+        assert session is not None
+        sizes: list[int] = request.args["sizes"]
+        alignment = ALIGNMENT
+        need = sum(-(-size // alignment) * alignment for size in sizes)
+        if session.used_bytes + need > session.quota_bytes:
+            raise QuotaExceededError(
+                f"offload: {need} bytes requested, {session.quota_bytes - session.used_bytes} "
+                f"left of a {session.quota_bytes}-byte quota"
+            )
+        placed: list[tuple[int, int, int]] = []
+        for size in sizes:
+            where = self.pool.allocate(size)
+            if where is None:
+                for segment, offset, _ in placed:
+                    self.pool.free(segment, offset)
+                raise PoolFullError(
+                    f"offload: {need} bytes requested, {self.pool.free_bytes} free "
+                    f"(largest free extent {self.pool.largest_free_bytes})"
+                )
+            placed.append(where)
+        layer_id = request.args.get("layer_id")
+        extents = [
+            self.sessions.add_extent(session, segment, offset, length, size, layer_id)
+            for (segment, offset, length), size in zip(placed, sizes, strict=True)
+        ]
+        return {"extents": [e.location() for e in extents]}
+
+    def _owned_all(self, request: Request, session: Session) -> list[Extent]:
+        # Validate the whole batch before changing anything, so a bad handle changes nothing.
+        handles = dict.fromkeys(request.args["handles"])
+        return [self.sessions.owned(session, handle, request.op.value) for handle in handles]
+
+    def handle_commit(self, request: Request, session: Session | None) -> dict[str, Any]:
+        assert session is not None
+        extents = self._owned_all(request, session)
+        for extent in extents:
+            extent.state = ExtentState.COMMITTED
+        return {"committed": len(extents)}
+
+    def handle_fetch(self, request: Request, session: Session | None) -> dict[str, Any]:
+        assert session is not None
+        extents = self._owned_all(request, session)
+        for extent in extents:
+            if extent.state is not ExtentState.COMMITTED:
+                raise NotCommittedError(f"fetch: handle {extent.handle} was never committed")
+        session.fetched_bytes += sum(e.size_bytes for e in extents)
+        return {"extents": [e.location() for e in extents]}
+
+    def handle_free(self, request: Request, session: Session | None) -> dict[str, Any]:
+        assert session is not None
+        extents = self._owned_all(request, session)
+        freed = sum(self.sessions.release(session, extent) for extent in extents)
+        return {"freed": len(extents), "freed_bytes": freed}
+
+    def handle_stats(self, request: Request, session: Session | None) -> dict[str, Any]:
+        pool = self.pool
+        result: dict[str, Any] = {
+            "daemon_pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "pool_bytes": pool.size_bytes,
+            "used_bytes": pool.used_bytes,
+            "free_bytes": pool.free_bytes,
+            "largest_free_bytes": pool.largest_free_bytes,
+            "segments": len(pool.segments),
+            "extents": len(self.sessions.extents),
+            "sessions": [s.summary() for s in self.sessions.sessions.values()],
+            "expired_sessions": self.sessions.expired_total,
+            "requests": dict(self.requests),
+            "errors": dict(self.errors),
+            "dropped_replies": self.dropped_replies,
+        }
+        if session is not None:
+            result["session"] = session.summary() | {
+                "layer_bytes": {str(k): v for k, v in sorted(session.layer_bytes.items())}
+            }
+        return result
+
+    def handle_shutdown(self, request: Request, session: Session | None) -> dict[str, Any]:
+        log.info("shutdown requested over the control socket")
+        self.stopping = True
+        return {"stopping": True}

@@ -1,0 +1,206 @@
+"""Sessions (one per registered client) and the extents they hold.
+
+NOTE [Extent lifetime]
+  offload allocates an extent in state WRITING and returns its handle; the client
+  copies its bytes into the mapped segment and then commits (state COMMITTED). Only a
+  committed extent can be fetched, so a reader never sees a half-written activation.
+  free, unregister and session expiry return extents to the pool in either state, so
+  an extent whose writer died before commit is reclaimed with the rest of its session.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from storm_service.errors import ForbiddenError, UnknownHandleError, UnknownSessionError
+from storm_service.pool import Pool
+
+__all__ = ["Extent", "ExtentState", "Session", "SessionTable", "pid_namespace"]
+
+REPLAY_MEMORY = 512
+"""Replies to mutating requests remembered per session, for replayed requests."""
+
+
+class ExtentState(enum.Enum):
+    WRITING = "writing"
+    COMMITTED = "committed"
+
+
+@dataclass
+class Extent:
+    handle: int
+    session_id: int
+    segment: int
+    offset: int
+    size_bytes: int
+    """Bytes requested by the client (the allocator's length may be larger)."""
+    length: int
+    layer_id: int | None
+    state: ExtentState = ExtentState.WRITING
+
+    def location(self) -> dict[str, int]:
+        return {
+            "handle": self.handle,
+            "segment": self.segment,
+            "offset": self.offset,
+            "size_bytes": self.size_bytes,
+        }
+
+
+@dataclass
+class Session:
+    id: int
+    token: str
+    pid: int
+    name: str
+    rank: int | None
+    world_size: int | None
+    quota_bytes: int
+    pid_ns: int | None
+    last_seen: float
+    handles: set[int] = field(default_factory=set)
+    used_bytes: int = 0
+    peak_bytes: int = 0
+    offloaded_bytes: int = 0
+    fetched_bytes: int = 0
+    layer_bytes: dict[int, int] = field(default_factory=dict)
+    replies: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+
+    def remember(self, request_id: int, reply: bytes) -> None:
+        self.replies[request_id] = reply
+        if len(self.replies) > REPLAY_MEMORY:
+            self.replies.popitem(last=False)
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "name": self.name,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "used_bytes": self.used_bytes,
+            "peak_bytes": self.peak_bytes,
+            "quota_bytes": self.quota_bytes,
+            "handles": len(self.handles),
+            "offloaded_bytes": self.offloaded_bytes,
+            "fetched_bytes": self.fetched_bytes,
+            "idle_s": round(time.monotonic() - self.last_seen, 3),
+        }
+
+
+class SessionTable:
+    """Every live session and every extent, with ownership checks on each access."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.sessions: dict[int, Session] = {}
+        self._by_token: dict[str, Session] = {}
+        self.extents: dict[int, Extent] = {}
+        self._session_ids = itertools.count(1)
+        self._handles = itertools.count(1)
+        self.expired_total = 0
+
+    def open(
+        self,
+        pid: int,
+        name: str,
+        quota_bytes: int,
+        rank: int | None = None,
+        world_size: int | None = None,
+        pid_ns: int | None = None,
+    ) -> Session:
+        session = Session(
+            id=next(self._session_ids),
+            token=secrets.token_urlsafe(24),
+            pid=pid,
+            name=name,
+            rank=rank,
+            world_size=world_size,
+            quota_bytes=quota_bytes,
+            pid_ns=pid_ns,
+            last_seen=time.monotonic(),
+        )
+        self.sessions[session.id] = session
+        self._by_token[session.token] = session
+        return session
+
+    def by_token(self, token: str | None) -> Session:
+        session = self._by_token.get(token) if token is not None else None
+        if session is None:
+            raise UnknownSessionError("the token names no live session (expired, unregistered, or never registered)")
+        return session
+
+    def owned(self, session: Session, handle: int, op: str) -> Extent:
+        extent = self.extents.get(handle)
+        if extent is None:
+            raise UnknownHandleError(f"{op}: handle {handle} names no extent")
+        if extent.session_id != session.id:
+            raise ForbiddenError(f"{op}: handle {handle} belongs to another session")
+        return extent
+
+    def add_extent(
+        self, session: Session, segment: int, offset: int, length: int, size_bytes: int, layer_id: int | None
+    ) -> Extent:
+        extent = Extent(next(self._handles), session.id, segment, offset, size_bytes, length, layer_id)
+        self.extents[extent.handle] = extent
+        session.handles.add(extent.handle)
+        session.used_bytes += length
+        session.peak_bytes = max(session.peak_bytes, session.used_bytes)
+        session.offloaded_bytes += size_bytes
+        if layer_id is not None:
+            session.layer_bytes[layer_id] = session.layer_bytes.get(layer_id, 0) + length
+        return extent
+
+    def release(self, session: Session, extent: Extent) -> int:
+        """Free one extent back to the pool; returns its length."""
+        del self.extents[extent.handle]
+        session.handles.discard(extent.handle)
+        session.used_bytes -= extent.length
+        if extent.layer_id is not None:
+            left = session.layer_bytes.get(extent.layer_id, 0) - extent.length
+            if left > 0:
+                session.layer_bytes[extent.layer_id] = left
+            else:
+                session.layer_bytes.pop(extent.layer_id, None)
+        return self.pool.free(extent.segment, extent.offset)
+
+    def close(self, session: Session) -> int:
+        """Drop a session and free everything it held; returns the bytes freed."""
+        freed = 0
+        for handle in list(session.handles):
+            freed += self.release(session, self.extents[handle])
+        del self.sessions[session.id]
+        del self._by_token[session.token]
+        return freed
+
+    def stale(self, timeout_s: float, now: float) -> list[Session]:
+        """Sessions silent for longer than ``timeout_s``, or whose same-host process is gone."""
+        own_ns = pid_namespace()
+        return [
+            s
+            for s in self.sessions.values()
+            if now - s.last_seen > timeout_s or (s.pid_ns is not None and s.pid_ns == own_ns and not _alive(s.pid))
+        ]
+
+
+def pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs in our pid namespace (a zombie, killed but not reaped, is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
