@@ -114,7 +114,7 @@ SETTINGS: tuple[_Setting, ...] = (
     ),
     _Setting("quota", _non_negative(parse_size), lambda: "0", "default bytes per session (0: whole pool)"),
     _Setting(
-        "max_quota", _non_negative(parse_size), lambda: "0", "largest quota a session may request (0: whole pool)"
+        "max_quota", _non_negative(parse_size), lambda: "0", "largest quota a session may ask for (0: whole pool)"
     ),
     _Setting("pin", _choice(PIN_MODES), lambda: "auto", "page-lock the pool for CUDA: auto, on, off"),
     _Setting("log_level", _choice(LOG_LEVELS), lambda: "INFO", "DEBUG, INFO, WARNING or ERROR"),

@@ -123,6 +123,7 @@ FIELDS: dict[Op, dict[str, _Spec]] = {
 """Op fields beyond the envelope (v, id, op, token). Unknown fields are rejected."""
 
 _ENVELOPE = frozenset({"v", "id", "op", "token"})
+_OP_NAMES = frozenset(op.value for op in Op)
 
 
 class Invalid(Exception):
@@ -207,9 +208,9 @@ def decode_request(frame: bytes) -> Request:
     if not isinstance(msg, dict):
         raise Invalid(ErrorCode.BAD_REQUEST, f"message must be a map, got {type(msg).__name__}")
     raw_id = msg.get("id")
-    request_id = raw_id if _is_int(raw_id) and 0 <= raw_id <= MAX_ID else None
-    if request_id is None:
+    if not (isinstance(raw_id, int) and not isinstance(raw_id, bool) and 0 <= raw_id <= MAX_ID):
         raise Invalid(ErrorCode.BAD_REQUEST, f"field 'id' must be an integer in [0, {MAX_ID}]")
+    request_id: int = raw_id
     version = msg.get("v")
     if version != PROTOCOL_VERSION:
         raise Invalid(
@@ -217,10 +218,10 @@ def decode_request(frame: bytes) -> Request:
             f"protocol version {version!r} is not supported; this daemon speaks {PROTOCOL_VERSION}",
             request_id,
         )
-    try:
-        op = Op(msg.get("op"))
-    except ValueError:
-        raise Invalid(ErrorCode.UNKNOWN_OP, f"unknown op {msg.get('op')!r}", request_id) from None
+    raw_op = msg.get("op")
+    if not isinstance(raw_op, str) or raw_op not in _OP_NAMES:
+        raise Invalid(ErrorCode.UNKNOWN_OP, f"unknown op {raw_op!r:.64}", request_id)
+    op = Op(raw_op)
     token = msg.get("token")
     if token is not None and (not isinstance(token, str) or len(token) > MAX_STR):
         raise Invalid(ErrorCode.BAD_REQUEST, f"{op.value}: field 'token' must be a short string", request_id)

@@ -98,7 +98,7 @@ class Server:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         while not self.stopping:
-            if poller.poll(TICK_S * 1000):
+            if poller.poll(int(TICK_S * 1000)):
                 self._serve_burst()
             now = time.monotonic()
             if now >= self._next_housekeeping:
