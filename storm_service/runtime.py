@@ -23,6 +23,8 @@ __all__ = [
     "default_endpoint",
     "ensure_private_dir",
     "ipc_path",
+    "pid_alive",
+    "pid_namespace",
     "runtime_dir",
 ]
 
@@ -116,3 +118,25 @@ def _read_record(fd: int) -> dict[str, object]:
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
+
+
+def pid_namespace() -> int | None:
+    """This process's pid namespace (the inode of /proc/self/ns/pid), or None if unknown.
+
+    Two processes may compare pids only when their namespaces are equal; containers
+    usually differ, and then liveness falls back to heartbeats.
+    """
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs in our pid namespace (a zombie, killed but not reaped, is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")

@@ -38,7 +38,8 @@ from storm_service.protocol import (
     encode_error,
     encode_ok,
 )
-from storm_service.sessions import Extent, ExtentState, Session, SessionTable, pid_namespace
+from storm_service.runtime import pid_namespace
+from storm_service.sessions import Extent, ExtentState, Session, SessionTable
 from storm_service.units import format_bytes
 
 __all__ = ["Server"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import enum
 import itertools
-import os
 import secrets
 import time
 from collections import OrderedDict
@@ -20,8 +19,9 @@ from dataclasses import dataclass, field
 
 from storm_service.errors import ForbiddenError, UnknownHandleError, UnknownSessionError
 from storm_service.pool import Pool
+from storm_service.runtime import pid_alive, pid_namespace
 
-__all__ = ["Extent", "ExtentState", "Session", "SessionTable", "pid_namespace"]
+__all__ = ["Extent", "ExtentState", "Session", "SessionTable"]
 
 REPLAY_MEMORY = 512
 """Replies to mutating requests remembered per session, for replayed requests."""
@@ -185,22 +185,5 @@ class SessionTable:
         return [
             s
             for s in self.sessions.values()
-            if now - s.last_seen > timeout_s or (s.pid_ns is not None and s.pid_ns == own_ns and not _alive(s.pid))
+            if now - s.last_seen > timeout_s or (s.pid_ns is not None and s.pid_ns == own_ns and not pid_alive(s.pid))
         ]
-
-
-def pid_namespace() -> int | None:
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return None
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs in our pid namespace (a zombie, killed but not reaped, is dead)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in (b"Z", b"X")

@@ -1,0 +1,447 @@
+"""The transfer engine: one thread that moves activations between tensors and the pool.
+
+NOTE [Transfer engine]
+  The training thread never waits on the daemon to offload. ``offload`` queues a job
+  and returns; the engine thread takes every job queued so far as one batch, sends
+  one ``offload`` request per layer in it, copies each tensor into its extent (a copy
+  thread on CPU, since torch copies release the GIL; the D2H stream on CUDA), and
+  posts one ``commit`` whose reply nobody waits for. Fetches are batched the same way
+  (one ``fetch`` request to check ownership and commit, then the copies back), and so
+  are frees. Within a batch, offloads run before fetches and fetches before frees, so
+  a handle's jobs keep their order. Backward prefetches: when a handle is fetched, the
+  engine also fetches the handles offloaded just before it (backward runs in reverse)
+  until ``prefetch_bytes`` of fetched-but-unused tensors are in flight.
+
+  CUDA ordering uses events, not ``record_stream``: the D2H copy waits on an event
+  recorded on the producer's stream, and the source is dropped only after the copy's
+  event completes; the H2D destination is allocated on the consumer's stream, the H2D
+  stream waits for that allocation, and the consumer waits on the copy's event.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from client.handle import Handle
+from client.segments import MappedSegment
+from client.transport import Channel
+from storm_service.errors import (
+    PoolFullError,
+    QuotaExceededError,
+    StormError,
+    StormTimeoutError,
+    StormUnavailableError,
+)
+from storm_service.protocol import MAX_BATCH, Op
+
+__all__ = ["EngineStats", "TransferEngine"]
+
+log = logging.getLogger("storm.client")
+
+POLICIES = ("keep", "wait", "error")
+
+
+@dataclass
+class EngineStats:
+    offloaded_tensors: int = 0
+    offloaded_bytes: int = 0
+    fetched_tensors: int = 0
+    fetched_bytes: int = 0
+    prefetch_hits: int = 0
+    """Fetches whose bytes were already back when asked for."""
+    prefetch_waits: int = 0
+    """Fetches that had been prefetched but were still copying when asked for."""
+    fetch_misses: int = 0
+    """Fetches nothing had asked for in advance."""
+    fetch_wait_s: float = 0.0
+    kept_tensors: int = 0
+    kept_bytes: int = 0
+    engine_round_trips: int = 0
+    freed_tensors: int = 0
+
+
+@dataclass
+class _Offload:
+    handle: Handle
+    tensor: torch.Tensor
+    producer: Any  # torch.cuda.Event on CUDA, else None
+    consumer_stream: Any
+
+
+@dataclass
+class _Fetch:
+    handle: Handle
+    consumer_stream: Any
+
+
+@dataclass
+class _Free:
+    handle: Handle
+
+
+@dataclass
+class _Flush:
+    done: threading.Event
+
+
+_STOP = object()
+
+
+class TransferEngine:
+    """Owns the copy thread, its DEALER channel, and the CUDA transfer streams."""
+
+    def __init__(
+        self,
+        *,
+        new_channel: Callable[[], Channel],
+        token: str,
+        segments: list[MappedSegment],
+        policy: str,
+        wait_timeout_s: float,
+        prefetch_bytes: int,
+        timeout_s: float,
+        cuda: bool,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.token = token
+        self.segments = segments
+        self.policy = policy
+        self.wait_timeout_s = wait_timeout_s
+        self.prefetch_bytes = prefetch_bytes
+        self.timeout_s = timeout_s
+        self.stats = EngineStats()
+        self.failure: BaseException | None = None
+        self.pending_errors: deque[BaseException] = deque(maxlen=64)
+        self._new_channel = new_channel
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._backlog: deque[object] = deque()
+        self._lock = threading.Lock()
+        self._live: dict[int, Handle] = {}
+        self._inflight_prefetch_bytes = 0
+        self.d2h_stream = torch.cuda.Stream() if cuda else None
+        self.h2d_stream = torch.cuda.Stream() if cuda else None
+        self._thread = threading.Thread(target=self._run, name="storm-transfer", daemon=True)
+        self._thread.start()
+
+    # -- called from training threads ------------------------------------------
+
+    def submit_offload(self, handle: Handle, tensor: torch.Tensor) -> None:
+        producer = consumer = None
+        if tensor.is_cuda:
+            consumer = torch.cuda.current_stream(tensor.device)
+            producer = torch.cuda.Event()
+            producer.record(consumer)
+        with self._lock:
+            self._live[handle.seq] = handle
+        self._queue.put(_Offload(handle, tensor, producer, consumer))
+
+    def take(self, handle: Handle, timeout_s: float) -> torch.Tensor:
+        """Return the fetched tensor for ``handle``, fetching it now if nothing did (see NOTE)."""
+        if handle.freed:
+            raise StormError(f"fetch: {handle!r} was already freed")
+        started = time.perf_counter()
+        with self._lock:
+            if not handle.fetch_requested:
+                self.stats.fetch_misses += 1
+                self._request_fetch(handle, prefetch=False)
+            elif handle.fetch_done.is_set():
+                self.stats.prefetch_hits += 1
+            else:
+                self.stats.prefetch_waits += 1
+            self._prefetch_before(handle)
+        self._wait(handle.fetch_done, timeout_s, f"fetch of {handle!r}")
+        with self._lock:
+            error, tensor = handle.error, handle.fetched
+            handle.fetched = None
+            handle.fetch_requested = False
+            handle.fetch_done.clear()
+            if handle.prefetched:
+                self._inflight_prefetch_bytes -= handle.size_bytes
+                handle.prefetched = False
+        self.stats.fetch_wait_s += time.perf_counter() - started
+        if error is not None:
+            raise error
+        assert tensor is not None
+        if handle.copy_event is not None:
+            torch.cuda.current_stream(tensor.device).wait_event(handle.copy_event)  # type: ignore[arg-type]
+        self.stats.fetched_tensors += 1
+        self.stats.fetched_bytes += handle.size_bytes
+        return tensor
+
+    def submit_free(self, handle: Handle) -> None:
+        with self._lock:
+            if handle.freed:
+                return
+            handle.freed = True
+            self._live.pop(handle.seq, None)
+            if handle.prefetched:
+                self._inflight_prefetch_bytes -= handle.size_bytes
+                handle.prefetched = False
+        self._queue.put(_Free(handle))
+
+    def flush(self, timeout_s: float) -> None:
+        """Wait until every job queued so far is done and the daemon has answered it."""
+        done = threading.Event()
+        self._queue.put(_Flush(done))
+        self._wait(done, timeout_s, "flush")
+
+    def close(self, timeout_s: float) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout_s)
+
+    def _request_fetch(self, handle: Handle, prefetch: bool) -> None:
+        handle.fetch_requested = True
+        handle.prefetched = prefetch
+        if prefetch:
+            self._inflight_prefetch_bytes += handle.size_bytes
+        consumer = torch.cuda.current_stream(handle.device) if handle.device.type == "cuda" else None
+        self._queue.put(_Fetch(handle, consumer))
+
+    def _prefetch_before(self, handle: Handle) -> None:
+        # Backward consumes activations in reverse order of offload: warm the ones before.
+        if self.prefetch_bytes <= 0:
+            return
+        for other in reversed(self._live.values()):
+            if self._inflight_prefetch_bytes >= self.prefetch_bytes:
+                return
+            if other.seq >= handle.seq or other.fetch_requested:
+                continue
+            if self._inflight_prefetch_bytes + other.size_bytes > self.prefetch_bytes:
+                return
+            self._request_fetch(other, prefetch=True)
+
+    def _wait(self, event: threading.Event, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not event.wait(0.05):
+            if not self._thread.is_alive():
+                raise StormUnavailableError(f"{what}: the transfer thread has stopped ({self.failure!r})")
+            if time.monotonic() > deadline:
+                raise StormTimeoutError(f"{what}: not done within {timeout_s:g} s")
+
+    # -- the engine thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        channel = self._new_channel()
+        try:
+            while True:
+                batch = [self._backlog.popleft() if self._backlog else self._queue.get()]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._backlog.popleft() if self._backlog else self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if self._serve(channel, batch):
+                    return
+        except BaseException as e:  # keep the reason; waiters see the thread gone
+            self.failure = e
+            log.exception("the transfer thread failed")
+        finally:
+            channel.close()
+
+    def _serve(self, channel: Channel, batch: list[object]) -> bool:
+        offloads = [job for job in batch if isinstance(job, _Offload)]
+        fetches = [job for job in batch if isinstance(job, _Fetch)]
+        frees = [job.handle for job in batch if isinstance(job, _Free)]
+        flushes = [job for job in batch if isinstance(job, _Flush)]
+        if offloads:
+            self._guard(offloads, lambda: self._offload(channel, offloads))
+        if fetches:
+            self._guard(fetches, lambda: self._fetch(channel, fetches))
+        if frees:
+            self._free(channel, frees)
+        if flushes:
+            try:
+                channel.settle(self.timeout_s)
+            except StormError as e:
+                self.pending_errors.append(e)
+            for job in flushes:
+                job.done.set()
+        channel.drain()
+        return _STOP in batch
+
+    def _guard(self, jobs: list[Any], work: Callable[[], None]) -> None:
+        """Run ``work``; if it raises, fail every handle of ``jobs`` that is not done yet."""
+        try:
+            work()
+        except Exception as e:
+            log.error("transfer failed: %s", e)
+            for job in jobs:
+                handle = job.handle
+                if isinstance(job, _Offload) and not handle.stored.is_set():
+                    handle.error = e
+                    handle.stored.set()
+                if isinstance(job, _Fetch) and not handle.fetch_done.is_set():
+                    handle.error = handle.error or e
+                    handle.fetch_done.set()
+
+    # offload --------------------------------------------------------------------
+
+    def _offload(self, channel: Channel, jobs: list[_Offload]) -> None:
+        for layer_jobs in _runs_by_layer(jobs):
+            placed = self._allocate(channel, layer_jobs)
+            copies = [job for job in placed if job.handle.id is not None]
+            done_event = None
+            for job in copies:
+                handle = job.handle
+                dst = self.segments[handle.segment].view(handle.offset, handle.size_bytes)
+                dst = dst.view(handle.dtype).view(handle.shape)
+                if job.producer is not None:
+                    assert self.d2h_stream is not None
+                    with torch.cuda.stream(self.d2h_stream):
+                        self.d2h_stream.wait_event(job.producer)
+                        dst.copy_(job.tensor, non_blocking=True)
+                    done_event = torch.cuda.Event()
+                    done_event.record(self.d2h_stream)
+                else:
+                    dst.copy_(job.tensor)
+            if done_event is not None:
+                done_event.synchronize()  # sources may be dropped only once their copies are done
+            if copies:
+                channel.post(Op.COMMIT, self.token, handles=[job.handle.id for job in copies])
+            for job in layer_jobs:
+                job.tensor = None  # type: ignore[assignment]
+                job.handle.stored.set()
+
+    def _allocate(self, channel: Channel, jobs: list[_Offload]) -> list[_Offload]:
+        """Place every job's handle in the pool, or apply the pressure policy to it."""
+        layer_id = jobs[0].handle.layer_id
+        try:
+            extents = self._call(channel, Op.OFFLOAD, sizes=[j.handle.size_bytes for j in jobs], layer_id=layer_id)
+        except (PoolFullError, QuotaExceededError):
+            if len(jobs) > 1:
+                return [placed for job in jobs for placed in self._allocate(channel, [job])]
+            return self._under_pressure(channel, jobs[0])
+        for job, extent in zip(jobs, extents["extents"], strict=True):
+            self._place(job, extent)
+        return jobs
+
+    def _under_pressure(self, channel: Channel, job: _Offload) -> list[_Offload]:
+        handle = job.handle
+        deadline = time.monotonic() + self.wait_timeout_s
+        while self.policy == "wait":
+            self._serve_frees(channel)
+            try:
+                extent = self._call(channel, Op.OFFLOAD, sizes=[handle.size_bytes], layer_id=handle.layer_id)
+            except (PoolFullError, QuotaExceededError) as e:
+                if time.monotonic() > deadline:
+                    handle.error = e
+                    self.pending_errors.append(e)
+                    return [job]
+                time.sleep(0.01)
+                continue
+            self._place(job, extent["extents"][0])
+            return [job]
+        if self.policy == "keep":
+            handle.kept = job.tensor
+            self.stats.kept_tensors += 1
+            self.stats.kept_bytes += handle.size_bytes
+            return [job]
+        try:
+            self._call(channel, Op.OFFLOAD, sizes=[handle.size_bytes], layer_id=handle.layer_id)
+        except (PoolFullError, QuotaExceededError) as e:
+            handle.error = e
+            self.pending_errors.append(e)
+        return [job]
+
+    def _place(self, job: _Offload, extent: dict[str, int]) -> None:
+        handle = job.handle
+        handle.id, handle.segment, handle.offset = extent["handle"], extent["segment"], extent["offset"]
+        self.stats.offloaded_tensors += 1
+        self.stats.offloaded_bytes += handle.size_bytes
+
+    def _serve_frees(self, channel: Channel) -> None:
+        """While waiting for room, run the frees queued behind us (they may make the room)."""
+        frees: list[Handle] = []
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(job, _Free):
+                frees.append(job.handle)
+            else:
+                self._backlog.append(job)
+        if frees:
+            self._free(channel, frees)
+
+    # fetch ----------------------------------------------------------------------
+
+    def _fetch(self, channel: Channel, jobs: list[_Fetch]) -> None:
+        wanted = []
+        for job in jobs:
+            handle = job.handle
+            handle.stored.wait()  # its offload ran earlier in this thread: already set
+            if handle.freed or handle.fetch_done.is_set():
+                continue
+            if handle.kept is not None or handle.error is not None:
+                handle.fetched = handle.kept
+                handle.fetch_done.set()
+            else:
+                wanted.append(job)
+        if not wanted:
+            return
+        # The daemon confirms each extent is ours and committed before a byte is read.
+        self._call(channel, Op.FETCH, handles=[job.handle.id for job in wanted])
+        for job in wanted:
+            handle = job.handle
+            src = self.segments[handle.segment].view(handle.offset, handle.size_bytes)
+            src = src.view(handle.dtype).view(handle.shape)
+            if job.consumer_stream is not None:
+                assert self.h2d_stream is not None
+                with torch.cuda.stream(job.consumer_stream):
+                    out = torch.empty(handle.shape, dtype=handle.dtype, device=handle.device)
+                    allocated = torch.cuda.Event()
+                    allocated.record(job.consumer_stream)
+                self.h2d_stream.wait_event(allocated)
+                with torch.cuda.stream(self.h2d_stream):
+                    out.copy_(src, non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record(self.h2d_stream)
+                handle.copy_event = copied
+            else:
+                out = torch.empty(handle.shape, dtype=handle.dtype)
+                out.copy_(src)
+            handle.fetched = out
+            handle.fetch_done.set()
+
+    # free -----------------------------------------------------------------------
+
+    def _free(self, channel: Channel, handles: list[Handle]) -> None:
+        ids = []
+        for handle in handles:
+            if isinstance(handle.copy_event, torch.cuda.Event):
+                handle.copy_event.synchronize()  # the extent may be reused once freed
+            handle.fetched = handle.kept = None
+            if handle.id is not None:
+                ids.append(handle.id)
+        self.stats.freed_tensors += len(handles)
+        for start in range(0, len(ids), MAX_BATCH):
+            try:
+                channel.post(Op.FREE, self.token, handles=ids[start : start + MAX_BATCH])
+            except StormError as e:
+                self.pending_errors.append(e)
+
+    def _call(self, channel: Channel, op: Op, **fields: Any) -> dict[str, Any]:
+        self.stats.engine_round_trips += 1
+        return channel.call(op, self.token, self.timeout_s, **fields)
+
+
+def _runs_by_layer(jobs: list[_Offload]) -> list[list[_Offload]]:
+    """Split jobs into consecutive runs that share a layer id (one offload request each)."""
+    runs: list[list[_Offload]] = []
+    for job in jobs:
+        if runs and runs[-1][0].handle.layer_id == job.handle.layer_id:
+            runs[-1].append(job)
+        else:
+            runs.append([job])
+    return runs

@@ -1,0 +1,263 @@
+"""StormSystem: one training process's session with the host daemon."""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import os
+import threading
+import weakref
+from typing import Any
+
+import torch
+import zmq
+
+from client.engine import TransferEngine
+from client.handle import Handle
+from client.segments import MappedSegment, PinnedMemoryBuffer
+from client.transport import DEFAULT_TIMEOUT_S, Channel
+from storm_service.errors import StormError, StormUnavailableError
+from storm_service.protocol import Op
+from storm_service.runtime import default_endpoint, pid_alive, pid_namespace
+
+__all__ = ["StormSystem"]
+
+log = logging.getLogger("storm.client")
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value and value.isdigit() else None
+
+
+class StormSystem:
+    """A registered session with ``stormd``: mapped pool, heartbeat, transfer engine.
+
+    ``offload(tensor)`` returns a :class:`Handle` at once and copies in the background;
+    ``fetch(handle)`` returns a tensor equal to the one offloaded (same device, dtype,
+    shape and values); ``free(handle)`` gives the space back. Any thread may call these
+    (autograd runs backward on its own threads): each thread that talks to the daemon
+    gets its own DEALER socket, since ZeroMQ sockets are not thread-safe.
+
+    ``policy`` says what happens when the pool or the quota is full: ``keep`` leaves the
+    tensor where it is (counted in ``stats()["kept_tensors"]``), ``wait`` retries for up
+    to ``wait_timeout_s`` and then fails, ``error`` fails at once; failures surface as
+    :class:`PoolFullError` / :class:`QuotaExceededError` from the next ``offload`` or the
+    handle's ``fetch``.
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        name: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        quota_bytes: int | None = None,
+        policy: str = "keep",
+        wait_timeout_s: float = 30.0,
+        prefetch_bytes: int = 128 << 20,
+        fetch_timeout_s: float = 120.0,
+    ) -> None:
+        self.endpoint = endpoint or os.environ.get("STORM_ENDPOINT") or default_endpoint()
+        self.timeout_s = timeout_s
+        self.fetch_timeout_s = fetch_timeout_s
+        self.blocking_round_trips = 0
+        self._closed = False
+        self._context = zmq.Context()
+        self._ids = itertools.count(1)
+        self._local = threading.local()
+        self._channels: list[Channel] = []
+        self._channels_lock = threading.Lock()
+        self._seq = itertools.count()
+        self._daemon_alive: Any = None
+        try:
+            reply = self._call(
+                Op.REGISTER,
+                pid=os.getpid(),
+                name=(name or f"pid-{os.getpid()}")[:256],
+                pid_ns=pid_namespace() or 0,
+                **_register_extras(quota_bytes),
+            )
+        except StormUnavailableError:
+            self._context.destroy(linger=0)
+            raise
+        self.session_id: int = reply["session_id"]
+        self.token: str = reply["token"]
+        self.quota_bytes: int = reply["quota_bytes"]
+        if reply.get("pid_ns") is not None and reply["pid_ns"] == pid_namespace():
+            daemon_pid = reply["daemon_pid"]
+            self._daemon_alive = lambda: pid_alive(daemon_pid)
+        cuda = torch.cuda.is_available()
+        self.segments = [MappedSegment(s["name"], s["size_bytes"], pin=cuda) for s in reply["segments"]]
+        self._engine = TransferEngine(
+            new_channel=self._new_channel,
+            token=self.token,
+            segments=self.segments,
+            policy=policy,
+            wait_timeout_s=wait_timeout_s,
+            prefetch_bytes=prefetch_bytes,
+            timeout_s=timeout_s,
+            cuda=cuda,
+        )
+        self._stop_heartbeat = threading.Event()
+        self._heartbeat = threading.Thread(
+            target=self._beat, args=(float(reply["heartbeat_interval_s"]),), name="storm-heartbeat", daemon=True
+        )
+        self._heartbeat.start()
+        self.lost: StormError | None = None
+        atexit.register(_close_at_exit, weakref.ref(self))
+        log.info("registered with stormd at %s as session %d", self.endpoint, self.session_id)
+
+    # -- the public API -------------------------------------------------------------
+
+    @property
+    def transfer_d2h_stream(self) -> torch.cuda.Stream | None:
+        """The CUDA stream that carries device-to-pool copies (None without CUDA)."""
+        return self._engine.d2h_stream
+
+    @property
+    def transfer_h2d_stream(self) -> torch.cuda.Stream | None:
+        """The CUDA stream that carries pool-to-device copies (None without CUDA)."""
+        return self._engine.h2d_stream
+
+    def offload(self, tensor: torch.Tensor, layer_id: int | None = None) -> Handle:
+        """Start moving ``tensor`` into the pool; returns its handle at once.
+
+        The caller must not change ``tensor`` in place until the copy is done (autograd
+        never does to a saved tensor it still needs).
+        """
+        self._check_open("offload")
+        if self._engine.pending_errors:
+            raise self._engine.pending_errors.popleft()
+        if tensor.layout is not torch.strided:
+            raise TypeError(f"offload: only strided tensors can be offloaded, got {tensor.layout}")
+        handle = Handle(
+            shape=tuple(tensor.shape),
+            dtype=tensor.dtype,
+            device=tensor.device,
+            size_bytes=tensor.numel() * tensor.element_size(),
+            layer_id=layer_id,
+            seq=next(self._seq),
+        )
+        if handle.size_bytes == 0:
+            handle.kept = tensor
+            handle.stored.set()
+            return handle
+        self._engine.submit_offload(handle, tensor.detach())
+        return handle
+
+    def fetch(self, handle: Handle) -> torch.Tensor:
+        """Return a tensor equal to the one offloaded (waits for any copy in flight)."""
+        self._check_open("fetch")
+        if handle.kept is not None and handle.id is None:
+            return handle.kept
+        return self._engine.take(handle, self.fetch_timeout_s)
+
+    def free(self, handle: Handle) -> None:
+        """Give the handle's extent back to the pool (asynchronous; safe to call twice)."""
+        if not self._closed:
+            self._engine.submit_free(handle)
+
+    def buffer(self, handle: Handle) -> PinnedMemoryBuffer:
+        """The pool extent that holds ``handle`` (once its offload is done)."""
+        handle.stored.wait(self.fetch_timeout_s)
+        if handle.id is None:
+            raise StormError(f"buffer: {handle!r} holds no extent")
+        return PinnedMemoryBuffer(self.segments[handle.segment], handle.offset, handle.size_bytes)
+
+    def flush(self) -> None:
+        """Wait until every queued offload, fetch and free is done and acknowledged."""
+        self._check_open("flush")
+        self._engine.flush(self.fetch_timeout_s)
+
+    def stats(self) -> dict[str, Any]:
+        """The daemon's view of this session plus this client's transfer counters."""
+        self.flush()
+        reply = self._call(Op.STATS)
+        session = reply["session"]
+        engine = self._engine.stats
+        return {
+            "session_id": self.session_id,
+            "endpoint": self.endpoint,
+            "used_bytes": session["used_bytes"],
+            "peak_bytes": session["peak_bytes"],
+            "quota_bytes": session["quota_bytes"],
+            "handles": session["handles"],
+            "layer_bytes": {int(k): v for k, v in session["layer_bytes"].items()},
+            "pool_bytes": reply["pool_bytes"],
+            "pool_used_bytes": reply["used_bytes"],
+            "blocking_round_trips": self.blocking_round_trips,
+            **vars(engine),
+        }
+
+    def close(self) -> None:
+        """Unregister (the daemon frees everything this session held) and unmap the pool."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_heartbeat.set()
+        self._engine.close(self.timeout_s)
+        try:
+            self._call(Op.UNREGISTER)
+        except StormError as e:
+            log.warning("unregister failed (the daemon frees the session when it expires): %s", e)
+        self._heartbeat.join(self.timeout_s)
+        for segment in self.segments:
+            segment.close()
+        self._context.destroy(linger=0)
+
+    def __enter__(self) -> StormSystem:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def _check_open(self, op: str) -> None:
+        if self._closed:
+            raise StormError(f"{op}: this StormSystem is closed")
+        if self.lost is not None:
+            raise self.lost
+
+    def _new_channel(self) -> Channel:
+        channel = Channel(self._context, self.endpoint, self._ids, alive=self._daemon_alive)
+        with self._channels_lock:
+            self._channels.append(channel)
+        return channel
+
+    def _channel(self) -> Channel:
+        channel: Channel | None = getattr(self._local, "channel", None)
+        if channel is None:
+            channel = self._local.channel = self._new_channel()
+        return channel
+
+    def _call(self, op: Op, **fields: Any) -> dict[str, Any]:
+        self.blocking_round_trips += 1
+        token = None if op is Op.REGISTER else self.token
+        return self._channel().call(op, token, self.timeout_s, **fields)
+
+    def _beat(self, interval_s: float) -> None:
+        channel = self._new_channel()
+        try:
+            while not self._stop_heartbeat.wait(interval_s):
+                try:
+                    channel.call(Op.HEARTBEAT, self.token, self.timeout_s)
+                except StormError as e:
+                    self.lost = StormUnavailableError(f"the session with stormd at {self.endpoint} was lost: {e}")
+                    log.error("%s", self.lost)
+                    return
+        finally:
+            channel.close()
+
+
+def _register_extras(quota_bytes: int | None) -> dict[str, int]:
+    extras = {"rank": _env_int("RANK"), "world_size": _env_int("WORLD_SIZE"), "quota_bytes": quota_bytes}
+    return {k: v for k, v in extras.items() if v is not None}
+
+
+def _close_at_exit(ref: weakref.ref[StormSystem]) -> None:
+    system = ref()
+    if system is not None:
+        system.close()
