@@ -1,0 +1,92 @@
+"""A private stormd for one run, started when no daemon answers (the embedded default)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from types import TracebackType
+
+import zmq
+
+from client.transport import Channel
+from storm_service.errors import StormError
+from storm_service.protocol import Op
+
+__all__ = ["EmbeddedDaemon", "daemon_answers"]
+
+
+def daemon_answers(endpoint: str, timeout_s: float = 0.5) -> bool:
+    """Whether a daemon answers a ping at ``endpoint`` within ``timeout_s``."""
+    context = zmq.Context()
+    channel = Channel(context, endpoint, itertools.count(1))
+    try:
+        channel.call(Op.PING, timeout_s=timeout_s)
+        return True
+    except StormError:
+        return False
+    finally:
+        channel.close()
+        context.term()
+
+
+class EmbeddedDaemon:
+    """``stormd`` as a child process on a private ipc socket; stopped (SIGTERM) on exit."""
+
+    def __init__(self, pool_size: str, heartbeat_timeout: str = "5s", start_timeout_s: float = 30.0) -> None:
+        self._dir = tempfile.mkdtemp(prefix="storm-")
+        self.endpoint = f"ipc://{os.path.join(self._dir, 'stormd.sock')}"
+        self._log = open(os.path.join(self._dir, "stormd.log"), "w+b")  # noqa: SIM115 (closed in stop)
+        self._proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "storm_service.daemon",
+                "--endpoint",
+                self.endpoint,
+                "--pool-size",
+                pool_size,
+                "--heartbeat-timeout",
+                heartbeat_timeout,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+        )
+        deadline = time.monotonic() + start_timeout_s
+        while not daemon_answers(self.endpoint, timeout_s=0.2):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                log = self.log_tail()
+                self.stop()
+                raise RuntimeError(f"the embedded stormd did not start:\n{log}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        self._log.flush()
+        self._log.seek(0)
+        return b"\n".join(self._log.read().splitlines()[-lines:]).decode(errors="replace")
+
+    def stop(self, timeout_s: float = 10.0) -> int:
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._log.close()
+        for name in os.listdir(self._dir):
+            os.unlink(os.path.join(self._dir, name))
+        os.rmdir(self._dir)
+        return self._proc.returncode
+
+    def __enter__(self) -> EmbeddedDaemon:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,222 @@
+"""``storm-worker``: a training job that keeps its activations in the host's stormd.
+
+setup (daemon, model, data) -> train (progress on a terminal, log lines otherwise)
+-> summary (JSON to stdout or --summary FILE) -> cleanup. With no endpoint given and
+no daemon answering at the default one, it runs a private daemon for its own run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import zmq
+from torch import nn
+
+from client.hooks import offload_saved_tensors
+from client.system import StormSystem
+from client.transport import Channel
+from storm_service.errors import StormError
+from storm_service.protocol import Op
+from storm_service.runtime import default_endpoint
+from storm_service.units import format_bytes
+from worker.embedded import EmbeddedDaemon, daemon_answers
+from worker.models import TeacherData, TransformerRegressor, build_model
+from worker.progress import Progress
+
+__all__ = ["main"]
+
+log = logging.getLogger("storm.worker")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="storm-worker", description="Train a model with activations offloaded to stormd.")
+    p.add_argument("--endpoint", default=os.environ.get("STORM_ENDPOINT"), help="daemon endpoint [env STORM_ENDPOINT]")
+    p.add_argument("--model", choices=("mlp", "transformer"), default="mlp")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--output-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=16, help="sequence length (transformer)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--no-offload", action="store_true", help="train the same model without STORM")
+    p.add_argument("--min-bytes", type=int, default=64 << 10, help="smallest saved tensor to offload")
+    p.add_argument("--pool-size", default="1GiB", help="pool of the embedded daemon, if one is started")
+    p.add_argument("--summary", metavar="FILE", help="write the JSON summary here instead of stdout")
+    p.add_argument(
+        "--linger-until-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after training, wait up to SECONDS until the daemon holds no sessions (for compose runs)",
+    )
+    p.add_argument("--log-level", default="WARNING")
+    return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in ("steps", "batch", "hidden", "layers", "input_size", "output_size", "seq_len"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"storm-worker: --{name.replace('_', '-')} must be at least 1")
+    if args.lr <= 0:
+        raise SystemExit("storm-worker: --lr must be positive")
+
+
+@contextlib.contextmanager
+def _daemon_endpoint(args: argparse.Namespace) -> Iterator[tuple[str | None, bool]]:
+    """Yield ``(endpoint, embedded)``: the given one, the default one, or a private daemon's."""
+    if args.no_offload:
+        yield None, False
+    elif args.endpoint:
+        yield args.endpoint, False
+    elif daemon_answers(default_endpoint()):
+        yield default_endpoint(), False
+    else:
+        log.warning("no stormd at %s: starting a private one for this run", default_endpoint())
+        with EmbeddedDaemon(args.pool_size) as daemon:
+            yield daemon.endpoint, True
+
+
+def _forward(model: nn.Module, x: torch.Tensor, system: StormSystem | None, min_bytes: int) -> torch.Tensor:
+    if system is not None and isinstance(model, TransformerRegressor):
+        with offload_saved_tensors(system, min_bytes=min_bytes, module=model.encoder.layers):
+            return model(x)
+    return model(x)  # StormModel offloads by itself
+
+
+def train(args: argparse.Namespace, system: StormSystem | None) -> dict[str, Any]:
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    model = build_model(args.model, args.input_size, args.hidden, args.output_size, args.layers, args.seed, system)
+    model.to(device)
+    data = TeacherData(args.model, args.input_size, args.output_size, args.batch, args.seq_len, args.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    loss_fn = nn.MSELoss()
+    progress = Progress(args.steps, sys.stderr)
+    losses: list[float] = []
+    peak_pool = 0
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        x, y = data.next(device)
+        loss = loss_fn(_forward(model, x, system, args.min_bytes), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        pool = None
+        if system is not None and progress.due(step):
+            pool = system.stats()["peak_bytes"]
+            peak_pool = max(peak_pool, pool)
+        progress.update(step, losses[-1], step / (time.perf_counter() - start), pool)
+    elapsed = time.perf_counter() - start
+    progress.close()
+    summary: dict[str, Any] = {
+        "model": args.model,
+        "offload": system is not None,
+        "seed": args.seed,
+        "steps": args.steps,
+        "device": str(device),
+        "losses": losses,
+        "first_loss": losses[0],
+        "final_loss": losses[-1],
+        "steps_per_s": args.steps / elapsed,
+        "bytes_offloaded": 0,
+        "peak_pool_bytes": 0,
+    }
+    if system is not None:
+        stats = system.stats()
+        fetches = stats["prefetch_hits"] + stats["prefetch_waits"] + stats["fetch_misses"]
+        summary.update(
+            bytes_offloaded=stats["offloaded_bytes"],
+            peak_pool_bytes=max(peak_pool, stats["peak_bytes"]),
+            session_used_bytes_after=stats["used_bytes"],
+            kept_tensors=stats["kept_tensors"],
+            prefetch_hit_rate=stats["prefetch_hits"] / fetches if fetches else None,
+            blocking_round_trips=stats["blocking_round_trips"],
+        )
+    return summary
+
+
+def _linger(endpoint: str, timeout_s: float, summary: dict[str, Any]) -> None:
+    """Wait until the daemon holds no sessions (the other jobs are done), recording what it holds."""
+    context = zmq.Context()
+    channel = Channel(context, endpoint, itertools.count(1))
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            stats = channel.call(Op.STATS)
+            summary["daemon_used_bytes_after"] = stats["used_bytes"]
+            summary["daemon_sessions_after"] = len(stats["sessions"])
+            if not stats["sessions"] or time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
+    finally:
+        channel.close()
+        context.term()
+
+
+def _emit(summary: dict[str, Any], path: str | None) -> None:
+    text = json.dumps(summary, indent=2)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text, flush=True)
+
+
+def _exit_cleanly_on_sigterm(summary: dict[str, Any], path: str | None) -> None:
+    """Training is done: a stop request (compose stopping its peers) is a normal end."""
+
+    def stop(signum: int, frame: object) -> None:
+        _emit(summary, path)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _check(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s storm-worker %(levelname)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        with _daemon_endpoint(args) as (endpoint, embedded):
+            system = StormSystem(endpoint, name=f"storm-worker seed {args.seed}") if endpoint else None
+            try:
+                summary = train(args, system)
+            finally:
+                if system is not None:
+                    system.close()
+            summary["endpoint"], summary["embedded_daemon"] = endpoint, embedded
+            if args.linger_until_idle > 0 and endpoint:
+                _exit_cleanly_on_sigterm(summary, args.summary)
+                _linger(endpoint, args.linger_until_idle, summary)
+    except StormError as e:
+        print(f"storm-worker: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    _emit(summary, args.summary)
+    if summary["offload"]:
+        log.info("offloaded %s; pool peak %s", format_bytes(summary["bytes_offloaded"]), summary["peak_pool_bytes"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
