@@ -1,21 +1,19 @@
-"""``stormctl``: talk to a running stormd (ping, stats, shutdown)."""
+"""``stormctl``: talk to a running stormd (ping, stats, shutdown) and make CURVE keys."""
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import zmq
-
-from client.transport import DEFAULT_TIMEOUT_S, Channel
+from client.transport import DEFAULT_TIMEOUT_S, connect
 from storm_service.errors import StormError
 from storm_service.protocol import Op
-from storm_service.runtime import default_endpoint
+from storm_service.runtime import AUTHORIZED_DIR, default_endpoint
 from storm_service.units import format_bytes
 
 __all__ = ["main"]
@@ -34,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", help="pool occupancy and sessions")
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     commands.add_parser("shutdown", help="ask the daemon to stop cleanly")
+    keygen = commands.add_parser("keygen", help="create CURVE keys for a tcp:// daemon and one client")
+    keygen.add_argument("directory", help="where to write server.key(_secret), client.key(_secret), authorized/")
     return parser
 
 
@@ -51,30 +51,59 @@ def _print_stats(stats: dict[str, Any]) -> None:
         print("errors    " + ", ".join(f"{code} {n}" for code, n in sorted(stats["errors"].items())))
 
 
+def command_ping(args: argparse.Namespace) -> int:
+    with connect(args.endpoint) as channel:
+        result = channel.call(Op.PING, timeout_s=args.timeout)
+    print(f"stormd pid {result['pid']} answered on {args.endpoint} (up {result['uptime_s']:.0f} s)")
+    return 0
+
+
+def command_stats(args: argparse.Namespace) -> int:
+    with connect(args.endpoint) as channel:
+        stats = channel.call(Op.STATS, timeout_s=args.timeout)
+    if args.json:
+        print(json.dumps(stats, sort_keys=True))
+    else:
+        _print_stats(stats)
+    return 0
+
+
+def command_shutdown(args: argparse.Namespace) -> int:
+    with connect(args.endpoint) as channel:
+        channel.call(Op.SHUTDOWN, timeout_s=args.timeout)
+    print(f"stormd on {args.endpoint} is shutting down")
+    return 0
+
+
+def command_keygen(args: argparse.Namespace) -> int:
+    from zmq.auth import create_certificates
+
+    authorized = os.path.join(args.directory, AUTHORIZED_DIR)
+    os.makedirs(authorized, mode=0o700, exist_ok=True)
+    create_certificates(args.directory, "server")
+    client_public, _ = create_certificates(args.directory, "client")
+    shutil.copy(client_public, authorized)
+    print(f"stormd --endpoint tcp://127.0.0.1:PORT --curve-dir {args.directory}")
+    print(f"clients: STORM_CURVE_SERVER_KEY={os.path.join(args.directory, 'server.key')}")
+    print(f"         STORM_CURVE_CLIENT_KEY={os.path.join(args.directory, 'client.key_secret')}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "ping": command_ping,
+    "stats": command_stats,
+    "shutdown": command_shutdown,
+    "keygen": command_keygen,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    context = zmq.Context()
-    channel = Channel(context, args.endpoint, itertools.count(1))
     try:
-        if args.command == "ping":
-            result = channel.call(Op.PING, timeout_s=args.timeout)
-            print(f"stormd pid {result['pid']} answered on {args.endpoint} (up {result['uptime_s']:.0f} s)")
-        elif args.command == "stats":
-            stats = channel.call(Op.STATS, timeout_s=args.timeout)
-            if args.json:
-                print(json.dumps(stats, sort_keys=True))
-            else:
-                _print_stats(stats)
-        else:
-            channel.call(Op.SHUTDOWN, timeout_s=args.timeout)
-            print(f"stormd on {args.endpoint} is shutting down")
-        return 0
+        return COMMANDS[args.command](args)
     except StormError as e:
         print(f"stormctl: {e}", file=sys.stderr)
         return 1
-    finally:
-        channel.close()
-        context.term()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import zmq
 from client.engine import TransferEngine
 from client.handle import Handle
 from client.segments import MappedSegment, PinnedMemoryBuffer
-from client.transport import DEFAULT_TIMEOUT_S, Channel
+from client.transport import DEFAULT_TIMEOUT_S, Channel, CurveKeys
 from storm_service.errors import StormError, StormUnavailableError
 from storm_service.protocol import Op
 from storm_service.runtime import default_endpoint, pid_alive, pid_namespace
@@ -67,21 +67,26 @@ class StormSystem:
         self._context = zmq.Context()
         self._ids = itertools.count(1)
         self._local = threading.local()
-        self._channels: list[Channel] = []
-        self._channels_lock = threading.Lock()
         self._seq = itertools.count()
         self._daemon_alive: Any = None
+        self._curve = CurveKeys.from_env()
+        registration = self._new_channel()
         try:
-            reply = self._call(
+            self.blocking_round_trips += 1
+            reply = registration.call(
                 Op.REGISTER,
+                None,
+                timeout_s,
                 pid=os.getpid(),
                 name=(name or f"pid-{os.getpid()}")[:256],
                 pid_ns=pid_namespace() or 0,
                 **_register_extras(quota_bytes),
             )
-        except StormUnavailableError:
+        except StormError:
             self._context.destroy(linger=0)
             raise
+        finally:
+            registration.close()
         self.session_id: int = reply["session_id"]
         self.token: str = reply["token"]
         self.quota_bytes: int = reply["quota_bytes"]
@@ -222,10 +227,7 @@ class StormSystem:
             raise self.lost
 
     def _new_channel(self) -> Channel:
-        channel = Channel(self._context, self.endpoint, self._ids, alive=self._daemon_alive)
-        with self._channels_lock:
-            self._channels.append(channel)
-        return channel
+        return Channel(self._context, self.endpoint, self._ids, alive=self._daemon_alive, curve=self._curve)
 
     def _channel(self) -> Channel:
         channel: Channel | None = getattr(self._local, "channel", None)
@@ -235,8 +237,7 @@ class StormSystem:
 
     def _call(self, op: Op, **fields: Any) -> dict[str, Any]:
         self.blocking_round_trips += 1
-        token = None if op is Op.REGISTER else self.token
-        return self._channel().call(op, token, self.timeout_s, **fields)
+        return self._channel().call(op, self.token, self.timeout_s, **fields)
 
     def _beat(self, interval_s: float) -> None:
         channel = self._new_channel()

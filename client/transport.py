@@ -12,9 +12,13 @@ This module imports no torch, so that ``stormctl`` starts fast.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -22,12 +26,36 @@ import zmq
 from storm_service.errors import ProtocolError, StormTimeoutError, StormUnavailableError, error_for_code
 from storm_service.protocol import Op, Reply, decode_reply, encode_request
 
-__all__ = ["Channel", "DEFAULT_TIMEOUT_S"]
+__all__ = ["Channel", "CurveKeys", "DEFAULT_TIMEOUT_S", "connect"]
 
 log = logging.getLogger("storm.client")
 
 DEFAULT_TIMEOUT_S = 2.0
 _POLL_SLICE_S = 0.1
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """A client's CURVE identity and the daemon's public key (for ``tcp://`` endpoints)."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def from_env(cls) -> CurveKeys | None:
+        """Keys named by ``STORM_CURVE_SERVER_KEY`` and ``STORM_CURVE_CLIENT_KEY`` (zmq certificate files)."""
+        server_file = os.environ.get("STORM_CURVE_SERVER_KEY")
+        client_file = os.environ.get("STORM_CURVE_CLIENT_KEY")
+        if not server_file or not client_file:
+            return None
+        from zmq.auth import load_certificate
+
+        server_public, _ = load_certificate(server_file)
+        public, secret = load_certificate(client_file)
+        if secret is None:
+            raise ValueError(f"STORM_CURVE_CLIENT_KEY: {client_file} holds no secret key")
+        return cls(server_public, public, secret)
 
 
 class Channel:
@@ -46,6 +74,7 @@ class Channel:
         *,
         alive: Callable[[], bool] | None = None,
         on_async_error: Callable[[Exception], None] | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._ids = request_ids
@@ -55,6 +84,10 @@ class Channel:
         self._posted: dict[int, str] = {}
         self._socket = context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            self._socket.curve_serverkey = curve.server_public
+            self._socket.curve_publickey = curve.public
+            self._socket.curve_secretkey = curve.secret
         self._socket.connect(endpoint)
 
     def send(self, op: Op, token: str | None = None, **fields: Any) -> int:
@@ -138,3 +171,15 @@ class Channel:
         if self._alive is not None and self._alive():
             return StormTimeoutError(f"{op.value}: no reply from the daemon at {self.endpoint} within {timeout_s:g} s")
         return StormUnavailableError(f"{op.value}: no daemon answered at {self.endpoint} within {timeout_s:g} s")
+
+
+@contextlib.contextmanager
+def connect(endpoint: str) -> Iterator[Channel]:
+    """A channel of its own (context included) for a few sessionless calls: ping, stats, shutdown."""
+    context = zmq.Context()
+    channel = Channel(context, endpoint, itertools.count(1), curve=CurveKeys.from_env())
+    try:
+        yield channel
+    finally:
+        channel.close()
+        context.term()

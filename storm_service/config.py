@@ -8,13 +8,14 @@ Values are validated once, at start, with messages that name the setting.
 from __future__ import annotations
 
 import argparse
+import grp
 import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from storm_service.runtime import default_endpoint
+from storm_service.runtime import SERVER_SECRET_FILE, default_endpoint
 from storm_service.units import parse_duration, parse_size
 
 __all__ = ["ConfigError", "DaemonConfig", "build_parser", "load_config"]
@@ -43,6 +44,10 @@ class DaemonConfig:
     pin: str
     """Whether to page-lock the pool with cudaHostRegister: auto (if CUDA exists), on, off."""
     log_level: str
+    group: str
+    """A group whose members may use the daemon too (socket dir 0750, socket and segments 0660)."""
+    curve_dir: str
+    """Directory with server.key_secret and authorized/*.key: required for tcp:// endpoints."""
 
 
 def _choice(options: Sequence[str]) -> Callable[[str], str]:
@@ -61,8 +66,23 @@ def _endpoint(text: str) -> str:
     value = str(text)
     if not value.startswith(("ipc://", "tcp://")):
         raise ValueError(f"{text!r} is not an ipc:// or tcp:// endpoint")
-    if value.startswith("tcp://"):
-        raise ValueError(f"{text!r}: tcp endpoints are refused unless CURVE keys are configured")
+    return value
+
+
+def _group(text: str) -> str:
+    value = str(text).strip()
+    if value:
+        try:
+            grp.getgrnam(value)
+        except KeyError:
+            raise ValueError(f"{text!r} is not a group on this host") from None
+    return value
+
+
+def _curve_dir(text: str) -> str:
+    value = str(text).strip()
+    if value and not os.path.isfile(os.path.join(value, SERVER_SECRET_FILE)):
+        raise ValueError(f"{text!r} holds no {SERVER_SECRET_FILE} (create keys with `stormctl keygen DIR`)")
     return value
 
 
@@ -118,6 +138,8 @@ SETTINGS: tuple[_Setting, ...] = (
     ),
     _Setting("pin", _choice(PIN_MODES), lambda: "auto", "page-lock the pool for CUDA: auto, on, off"),
     _Setting("log_level", _choice(LOG_LEVELS), lambda: "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    _Setting("group", _group, lambda: "", "share the socket and pool with this group (default: owner only)"),
+    _Setting("curve_dir", _curve_dir, lambda: "", "CURVE keys (server.key_secret, authorized/*.key) for tcp://"),
 )
 
 
@@ -172,4 +194,8 @@ def load_config(args: argparse.Namespace | None = None, environ: Mapping[str, st
             values[setting.name] = setting.parse(raw)
         except ValueError as e:
             raise ConfigError(f"{source}: {e}") from None
+    if values["endpoint"].startswith("tcp://") and not values["curve_dir"]:
+        raise ConfigError(
+            f"endpoint {values['endpoint']!r}: tcp endpoints are refused unless CURVE keys are configured (--curve-dir)"
+        )
     return DaemonConfig(**values)

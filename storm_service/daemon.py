@@ -9,13 +9,16 @@ session, unlinks the segments, removes the socket and the lock, and exits 0.
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
+import re
 import signal
 import stat
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import FrameType
 
 import zmq
@@ -68,26 +71,49 @@ def _pin(pool: Pool, mode: str) -> None:
     log.info("pinned %s with cudaHostRegister in %.2f s", format_bytes(pool.size_bytes), seconds)
 
 
-def _prepare_socket_dir(endpoint: str) -> str | None:
+@dataclass(frozen=True)
+class _Access:
+    """Who may reach the daemon: the owner only, or the owner and one group."""
+
+    gid: int
+    dir_mode: int
+    file_mode: int
+
+    @classmethod
+    def of(cls, group: str) -> _Access:
+        if not group:
+            return cls(gid=-1, dir_mode=0o700, file_mode=0o600)
+        return cls(gid=grp.getgrnam(group).gr_gid, dir_mode=0o750, file_mode=0o660)
+
+
+def _prepare_socket_dir(endpoint: str, access: _Access) -> str | None:
     path = ipc_path(endpoint)
     if path is None:
         return None
     directory = os.path.dirname(os.path.abspath(path))
     if directory == runtime_dir() or not os.path.exists(directory):
-        ensure_private_dir(directory)
+        ensure_private_dir(directory, access.dir_mode, access.gid)
     elif stat.S_IMODE(os.stat(directory).st_mode) & 0o007:
         log.warning("socket directory %s is open to other users; anyone there can reach the daemon", directory)
     return path
 
 
+def _lock_path(endpoint: str, socket_path: str | None) -> str:
+    if socket_path is not None:
+        return socket_path + ".lock"
+    ensure_private_dir(runtime_dir())
+    return os.path.join(runtime_dir(), re.sub(r"[^A-Za-z0-9]+", "_", endpoint) + ".lock")
+
+
 def run(config: DaemonConfig) -> int:
     """Run the daemon until stopped; returns the exit status."""
+    access = _Access.of(config.group)
     try:
-        socket_path = _prepare_socket_dir(config.endpoint)
+        socket_path = _prepare_socket_dir(config.endpoint, access)
     except PermissionError as e:
         log.error("cannot use the socket directory: %s", e)
         return EXIT_STARTUP
-    lock = EndpointLock((socket_path or f"/tmp/stormd-{os.getuid()}-tcp") + ".lock")
+    lock = EndpointLock(_lock_path(config.endpoint, socket_path))
     try:
         lock.acquire()
     except LockHeldError as e:
@@ -103,7 +129,7 @@ def run(config: DaemonConfig) -> int:
             os.unlink(socket_path)
             log.warning("removed a stale socket %s", socket_path)
         start = time.perf_counter()
-        pool = Pool.create(config.pool_size, config.segment_size)
+        pool = Pool.create(config.pool_size, config.segment_size, access.file_mode, access.gid)
         lock.record([s.name for s in pool.segments])
         log.info(
             "pool of %s in %d segment(s) reserved and pre-faulted in %.2f s",
@@ -115,7 +141,8 @@ def run(config: DaemonConfig) -> int:
         server = Server(config, pool)
         server.bind()
         if socket_path is not None:
-            os.chmod(socket_path, 0o600)
+            os.chown(socket_path, -1, access.gid)
+            os.chmod(socket_path, access.file_mode)
         _install_signals(server)
         log.info("serving on %s (heartbeat timeout %.1f s)", config.endpoint, config.heartbeat_timeout)
         server.serve()

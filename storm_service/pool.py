@@ -47,12 +47,13 @@ class Segment:
         return os.path.join(SHM_DIR, self.name)
 
     @classmethod
-    def create(cls, size_bytes: int, mode: int = 0o600) -> Segment:
+    def create(cls, size_bytes: int, mode: int = 0o600, gid: int = -1) -> Segment:
         """Create, reserve and pre-fault a fresh segment (see NOTE [Pool reservation])."""
         name = SEGMENT_PREFIX + secrets.token_hex(12)
         path = os.path.join(SHM_DIR, name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         try:
+            os.fchown(fd, -1, gid)
             os.fchmod(fd, mode)  # the umask may have narrowed it; --group widens it on purpose
             try:
                 os.posix_fallocate(fd, 0, size_bytes)
@@ -105,7 +106,7 @@ class Pool:
         self.allocators = [ExtentAllocator(s.size_bytes, ALIGNMENT) for s in segments]
 
     @classmethod
-    def create(cls, pool_size: int, segment_size: int) -> Pool:
+    def create(cls, pool_size: int, segment_size: int, mode: int = 0o600, gid: int = -1) -> Pool:
         if pool_size < ALIGNMENT:
             raise PoolError(f"--pool-size {pool_size} is smaller than {ALIGNMENT} bytes")
         sizes = []
@@ -117,7 +118,7 @@ class Pool:
         segments: list[Segment] = []
         try:
             for size in sizes:
-                segments.append(Segment.create(size))
+                segments.append(Segment.create(size, mode, gid))
         except BaseException:
             for segment in segments:
                 segment.close()

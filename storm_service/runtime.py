@@ -18,6 +18,7 @@ import stat
 from dataclasses import dataclass, field
 
 __all__ = [
+    "AUTHORIZED_DIR",
     "EndpointLock",
     "LockHeldError",
     "default_endpoint",
@@ -26,9 +27,12 @@ __all__ = [
     "pid_alive",
     "pid_namespace",
     "runtime_dir",
+    "SERVER_SECRET_FILE",
 ]
 
 SOCKET_NAME = "stormd.sock"
+SERVER_SECRET_FILE = "server.key_secret"
+AUTHORIZED_DIR = "authorized"
 
 
 def runtime_dir() -> str:
@@ -48,17 +52,20 @@ def ipc_path(endpoint: str) -> str | None:
     return endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else None
 
 
-def ensure_private_dir(path: str, mode: int = 0o700) -> None:
+def ensure_private_dir(path: str, mode: int = 0o700, gid: int = -1) -> None:
     """Create ``path`` with ``mode``, or check that an existing one is ours and not wider.
 
     Raises PermissionError naming the directory when another user owns it or when
     its mode lets others in, since the socket inside would then be reachable by them.
+    With ``gid``, the directory is handed to that group (``mode`` then opens it to it).
     """
     try:
         os.mkdir(path, mode)
-        os.chmod(path, mode)  # mkdir's mode is masked by the umask
     except FileExistsError:
         pass
+    if os.stat(path).st_uid == os.getuid():
+        os.chown(path, -1, gid)
+        os.chmod(path, mode)  # mkdir's mode is masked by the umask; a reused dir is narrowed
     info = os.stat(path)
     if not stat.S_ISDIR(info.st_mode):
         raise PermissionError(f"{path} exists and is not a directory")

@@ -38,7 +38,7 @@ from storm_service.protocol import (
     encode_error,
     encode_ok,
 )
-from storm_service.runtime import pid_namespace
+from storm_service.runtime import AUTHORIZED_DIR, SERVER_SECRET_FILE, pid_namespace
 from storm_service.sessions import Extent, ExtentState, Session, SessionTable
 from storm_service.units import format_bytes
 
@@ -67,6 +67,7 @@ class Server:
         self.dropped_replies = 0
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
+        self._authenticator: Any = None
         self._next_housekeeping = 0.0
         self.handlers: dict[Op, _Handler] = {
             Op.PING: self.handle_ping,
@@ -90,8 +91,23 @@ class Server:
         socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 1024)
         socket.setsockopt(zmq.SNDHWM, 10_000)
         socket.setsockopt(zmq.RCVHWM, 10_000)
+        if self.config.curve_dir:
+            self._enable_curve(socket)
         socket.bind(self.config.endpoint)
         self._socket = socket
+
+    def _enable_curve(self, socket: zmq.Socket) -> None:
+        """CURVE encryption, and ZAP admitting only the public keys in ``authorized/``."""
+        from zmq.auth import load_certificate
+        from zmq.auth.thread import ThreadAuthenticator
+
+        public, secret = load_certificate(os.path.join(self.config.curve_dir, SERVER_SECRET_FILE))
+        self._authenticator = ThreadAuthenticator(self._context)
+        self._authenticator.start()
+        self._authenticator.configure_curve(domain="*", location=os.path.join(self.config.curve_dir, AUTHORIZED_DIR))
+        socket.curve_publickey = public
+        socket.curve_secretkey = secret
+        socket.curve_server = True
 
     def serve(self) -> None:
         """Serve until :attr:`stopping` is set, then answer what is queued with SHUTTING_DOWN."""
@@ -108,6 +124,8 @@ class Server:
         self._serve_burst()
 
     def close(self) -> None:
+        if self._authenticator is not None:
+            self._authenticator.stop()
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
@@ -236,7 +254,8 @@ class Server:
         sizes: list[int] = request.args["sizes"]
         alignment = ALIGNMENT
         need = sum(-(-size // alignment) * alignment for size in sizes)
-        if session.used_bytes + need > session.quota_bytes:
+        # A quota as large as the pool never binds before the pool does: that is POOL_FULL.
+        if session.used_bytes + need > session.quota_bytes < self.pool.size_bytes:
             raise QuotaExceededError(
                 f"offload: {need} bytes requested, {session.quota_bytes - session.used_bytes} "
                 f"left of a {session.quota_bytes}-byte quota"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import subprocess
@@ -11,9 +10,7 @@ import tempfile
 import time
 from types import TracebackType
 
-import zmq
-
-from client.transport import Channel
+from client.transport import connect
 from storm_service.errors import StormError
 from storm_service.protocol import Op
 
@@ -22,16 +19,12 @@ __all__ = ["EmbeddedDaemon", "daemon_answers"]
 
 def daemon_answers(endpoint: str, timeout_s: float = 0.5) -> bool:
     """Whether a daemon answers a ping at ``endpoint`` within ``timeout_s``."""
-    context = zmq.Context()
-    channel = Channel(context, endpoint, itertools.count(1))
     try:
-        channel.call(Op.PING, timeout_s=timeout_s)
+        with connect(endpoint) as channel:
+            channel.call(Op.PING, timeout_s=timeout_s)
         return True
     except StormError:
         return False
-    finally:
-        channel.close()
-        context.term()
 
 
 class EmbeddedDaemon:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import logging
 import os
@@ -20,12 +19,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-import zmq
 from torch import nn
 
 from client.hooks import offload_saved_tensors
 from client.system import StormSystem
-from client.transport import Channel
+from client.transport import connect
 from storm_service.errors import StormError
 from storm_service.protocol import Op
 from storm_service.runtime import default_endpoint
@@ -156,10 +154,8 @@ def train(args: argparse.Namespace, system: StormSystem | None) -> dict[str, Any
 
 def _linger(endpoint: str, timeout_s: float, summary: dict[str, Any]) -> None:
     """Wait until the daemon holds no sessions (the other jobs are done), recording what it holds."""
-    context = zmq.Context()
-    channel = Channel(context, endpoint, itertools.count(1))
     deadline = time.monotonic() + timeout_s
-    try:
+    with connect(endpoint) as channel:
         while True:
             stats = channel.call(Op.STATS)
             summary["daemon_used_bytes_after"] = stats["used_bytes"]
@@ -167,9 +163,6 @@ def _linger(endpoint: str, timeout_s: float, summary: dict[str, Any]) -> None:
             if not stats["sessions"] or time.monotonic() > deadline:
                 return
             time.sleep(0.2)
-    finally:
-        channel.close()
-        context.term()
 
 
 def _emit(summary: dict[str, Any], path: str | None) -> None:

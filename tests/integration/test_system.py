@@ -1,0 +1,248 @@
+"""StormSystem against a real daemon: round trips, threads, leaks and pool pressure."""
+
+from __future__ import annotations
+
+import gc
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from client import (
+    PoolFullError,
+    StormError,
+    StormModel,
+    StormSystem,
+    StormUnavailableError,
+    fetch_activation_from_cpu,
+    offload_activation_to_cpu,
+    offload_saved_tensors,
+)
+
+
+def _wait_for(predicate, timeout_s: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def system(daemon):
+    with StormSystem(daemon.endpoint) as system:
+        yield system
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.randn(300, 70),
+        torch.randn(64, 33).t(),  # non-contiguous
+        torch.randn(4, 5, 6, dtype=torch.float64),
+        torch.randn(1000).to(torch.float16),
+        torch.randn(1000).to(torch.bfloat16),
+        torch.randint(-(2**40), 2**40, (123,)),
+        torch.rand(77) > 0.5,
+        torch.randn(10, 10, dtype=torch.complex64),
+        torch.tensor(3.5),
+        torch.empty(0, 8),
+    ],
+    ids=["f32", "transposed", "f64", "f16", "bf16", "i64", "bool", "c64", "scalar", "empty"],
+)
+def test_fetch_returns_tensor_offloaded(system, tensor):
+    handle = system.offload(tensor, layer_id=1)
+    back = system.fetch(handle)
+    assert back.dtype == tensor.dtype and back.shape == tensor.shape and back.device == tensor.device
+    assert torch.equal(back, tensor)
+    system.free(handle)
+    assert system.stats()["used_bytes"] == 0
+
+
+def test_offload_free_functions_round_trip(system):
+    activation = torch.randn(256, 256)
+    handle = offload_activation_to_cpu(activation, layer_id=5, system=system)
+    stats = system.stats()
+    assert stats["layer_bytes"] == {5: stats["used_bytes"]} and stats["used_bytes"] >= activation.nbytes
+    assert torch.equal(fetch_activation_from_cpu(handle, system=system), activation)
+    assert system.stats()["used_bytes"] == 0
+    with pytest.raises(StormError, match="freed"):
+        system.fetch(handle)
+
+
+def test_buffer_views_the_pool_bytes(system):
+    tensor = torch.arange(1024, dtype=torch.float32)
+    handle = system.offload(tensor)
+    buffer = system.buffer(handle)
+    assert torch.equal(buffer.as_tensor(torch.float32, (1024,)), tensor)
+    system.free(handle)
+
+
+def test_threads_offload_and_fetch_concurrently(system):
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            generator = torch.Generator().manual_seed(seed)
+            for _ in range(25):
+                tensors = [torch.randn(int(n), generator=generator) for n in torch.randint(1, 50_000, (4,))]
+                handles = [system.offload(t, layer_id=seed) for t in tensors]
+                for t, h in zip(tensors, handles, strict=True):
+                    assert torch.equal(system.fetch(h), t)
+                    system.free(h)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert system.stats()["used_bytes"] == 0
+
+
+def test_session_holds_nothing_after_backward(system):
+    model = StormModel(32, 128, 4, num_layers=5, system=system)
+    loss = model(torch.randn(64, 32)).sum()
+    assert system.stats()["used_bytes"] > 0
+    loss.backward()
+    assert system.stats()["used_bytes"] == 0
+
+
+def test_graph_dropped_without_backward_frees_its_handles(system):
+    model = StormModel(32, 128, 4, num_layers=5, system=system)
+    out = model(torch.randn(64, 32))
+    assert system.stats()["used_bytes"] > 0
+    del out
+    gc.collect()
+    assert system.stats()["used_bytes"] == 0
+
+    def failing_forward() -> None:
+        with offload_saved_tensors(system, min_bytes=0):
+            hidden = torch.randn(64, 64, requires_grad=True).exp()
+            raise RuntimeError(f"boom {hidden.shape}")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        failing_forward()
+    gc.collect()
+    assert system.stats()["used_bytes"] == 0
+
+
+def test_retain_graph_backward_twice_gives_same_gradients(system):
+    layer = nn.Linear(16, 16)
+    x = torch.randn(8, 16, requires_grad=True)
+    with offload_saved_tensors(system, min_bytes=0):
+        loss = torch.tanh(layer(x)).sum()
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    x.grad = None
+    loss.backward()
+    assert torch.equal(first, x.grad)
+    del loss
+    gc.collect()
+    assert system.stats()["used_bytes"] == 0
+
+
+def test_views_and_tensors_saved_twice_are_offloaded_once(system):
+    x = torch.randn(64, 256, requires_grad=True)
+    with offload_saved_tensors(system, min_bytes=0) as moved:
+        y = x * 2
+        z = (y * y).sum() + (y.view(256, 64) ** 2).sum()  # y saved by mul twice and by pow through a view
+    assert moved.shared_packs == 2  # y saved by mul twice and by pow through a view: one storage
+    assert moved.offloaded_storages == 1 and moved.offloaded_bytes == y.nbytes
+    z.backward()
+    assert torch.equal(x.grad, 2 * (2 * 2 * y.detach() + 2 * y.detach()))
+
+
+def test_keep_policy_leaves_tensors_in_place_when_pool_is_full(daemon_factory):
+    daemon = daemon_factory(pool_size="1MiB")
+    with StormSystem(daemon.endpoint, policy="keep") as system:
+        big = torch.randn(512, 1024)  # 2 MiB: cannot fit
+        handle = system.offload(big)
+        assert torch.equal(system.fetch(handle), big)
+        assert system.stats()["kept_tensors"] == 1
+        system.free(handle)
+
+
+def test_error_policy_raises_pool_full_with_numbers(daemon_factory):
+    daemon = daemon_factory(pool_size="1MiB")
+    with StormSystem(daemon.endpoint, policy="error") as system:
+        handle = system.offload(torch.randn(512, 1024))
+        with pytest.raises(PoolFullError, match=r"offload: \d+ bytes requested, \d+ free"):
+            system.fetch(handle)
+
+
+def test_wait_policy_succeeds_once_space_is_freed(daemon_factory):
+    daemon = daemon_factory(pool_size="4MiB")
+    with StormSystem(daemon.endpoint, policy="wait", wait_timeout_s=20) as system:
+        first = torch.randn(768, 1024)  # 3 MiB
+        h1 = system.offload(first)
+        system.flush()
+        h2 = system.offload(torch.ones(768, 1024))  # waits: only 1 MiB free
+        threading.Timer(0.3, system.free, args=(h1,)).start()
+        assert torch.equal(system.fetch(h2), torch.ones(768, 1024))
+        assert system.stats()["kept_tensors"] == 0
+
+
+def test_process_exit_without_close_leaves_nothing_in_the_daemon(daemon):
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from client import StormSystem
+        system = StormSystem({daemon.endpoint!r})
+        handles = [system.offload(torch.randn(1000, 100)) for _ in range(5)]
+        system.flush()
+        print(system.stats()["used_bytes"])
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.strip()) > 0
+    _wait_for(lambda: daemon.stats()["used_bytes"] == 0 and not daemon.stats()["sessions"], what="release")
+
+
+def test_killed_client_memory_returns_to_pool(daemon):
+    script = textwrap.dedent(
+        f"""
+        import sys, time, torch
+        from client import StormSystem
+        system = StormSystem({daemon.endpoint!r})
+        system.offload(torch.randn(1000, 1000))
+        system.flush()
+        print("ready", flush=True)
+        time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    assert daemon.stats()["used_bytes"] > 0
+    proc.kill()
+    proc.wait()
+    _wait_for(lambda: daemon.stats()["used_bytes"] == 0, timeout_s=8, what="the killed client's extents")
+
+
+def test_daemon_death_raises_unavailable_quickly(daemon_factory):
+    daemon = daemon_factory()
+    system = StormSystem(daemon.endpoint)
+    handle = system.offload(torch.randn(100, 100))
+    system.flush()
+    daemon.kill()
+    started = time.monotonic()
+    with pytest.raises(StormUnavailableError, match=re.escape(daemon.endpoint)):
+        system.stats()
+    assert time.monotonic() - started < 2.0
+    with pytest.raises(StormError):
+        system.fetch(handle)
+    system.close()
+
+
+def test_unavailable_daemon_fails_register_with_endpoint(tmp_path):
+    endpoint = f"ipc://{tmp_path}/nobody.sock"
+    with pytest.raises(StormUnavailableError, match=r"nobody\.sock"):
+        StormSystem(endpoint, timeout_s=0.5)
