@@ -40,6 +40,7 @@ from storm_service.errors import (
     StormError,
     StormTimeoutError,
     StormUnavailableError,
+    UnknownSessionError,
 )
 from storm_service.protocol import MAX_BATCH, Op
 
@@ -110,6 +111,7 @@ class TransferEngine:
         prefetch_bytes: int,
         timeout_s: float,
         cuda: bool,
+        on_lost: Callable[[BaseException], None],
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -123,6 +125,7 @@ class TransferEngine:
         self.failure: BaseException | None = None
         self.pending_errors: deque[BaseException] = deque(maxlen=64)
         self._new_channel = new_channel
+        self._on_lost = on_lost
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._backlog: deque[object] = deque()
         self._lock = threading.Lock()
@@ -275,6 +278,8 @@ class TransferEngine:
             work()
         except Exception as e:
             log.error("transfer failed: %s", e)
+            if isinstance(e, StormUnavailableError | StormTimeoutError | UnknownSessionError):
+                self._on_lost(e)
             for job in jobs:
                 handle = job.handle
                 if isinstance(job, _Offload) and not handle.stored.is_set():

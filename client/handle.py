@@ -28,6 +28,8 @@ class Handle:
     size_bytes: int
     layer_id: int | None
     seq: int
+    generation: int = 0
+    """The registration of the StormSystem that offloaded it (see StormSystem.generation)."""
     id: int | None = None
     segment: int = -1
     offset: int = -1

@@ -17,7 +17,7 @@ from client.engine import TransferEngine
 from client.handle import Handle
 from client.segments import MappedSegment, PinnedMemoryBuffer
 from client.transport import DEFAULT_TIMEOUT_S, Channel, CurveKeys
-from storm_service.errors import StormError, StormUnavailableError
+from storm_service.errors import StormError, StormTimeoutError, StormUnavailableError, UnknownSessionError
 from storm_service.protocol import Op
 from storm_service.runtime import default_endpoint, pid_alive, pid_namespace
 
@@ -60,31 +60,43 @@ class StormSystem:
         fetch_timeout_s: float = 120.0,
     ) -> None:
         self.endpoint = endpoint or os.environ.get("STORM_ENDPOINT") or default_endpoint()
+        self.name = (name or f"pid-{os.getpid()}")[:256]
         self.timeout_s = timeout_s
         self.fetch_timeout_s = fetch_timeout_s
         self.blocking_round_trips = 0
+        self.generation = 0
+        """How many times this system has registered; a handle from an older one is lost."""
+        self.lost: StormError | None = None
+        self._quota_bytes = quota_bytes
+        self._engine_settings = {"policy": policy, "wait_timeout_s": wait_timeout_s, "prefetch_bytes": prefetch_bytes}
         self._closed = False
         self._context = zmq.Context()
         self._ids = itertools.count(1)
-        self._local = threading.local()
         self._seq = itertools.count()
-        self._daemon_alive: Any = None
         self._curve = CurveKeys.from_env()
+        try:
+            self._register()
+        except BaseException:
+            self._context.destroy(linger=0)
+            raise
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    def _register(self) -> None:
+        """Register a session, map its pool, start the transfer engine and the heartbeat."""
+        self._daemon_alive: Any = None
+        self._local = threading.local()
         registration = self._new_channel()
         try:
             self.blocking_round_trips += 1
             reply = registration.call(
                 Op.REGISTER,
                 None,
-                timeout_s,
+                self.timeout_s,
                 pid=os.getpid(),
-                name=(name or f"pid-{os.getpid()}")[:256],
+                name=self.name,
                 pid_ns=pid_namespace() or 0,
-                **_register_extras(quota_bytes),
+                **_register_extras(self._quota_bytes),
             )
-        except StormError:
-            self._context.destroy(linger=0)
-            raise
         finally:
             registration.close()
         self.session_id: int = reply["session_id"]
@@ -99,20 +111,32 @@ class StormSystem:
             new_channel=self._new_channel,
             token=self.token,
             segments=self.segments,
-            policy=policy,
-            wait_timeout_s=wait_timeout_s,
-            prefetch_bytes=prefetch_bytes,
-            timeout_s=timeout_s,
+            timeout_s=self.timeout_s,
             cuda=cuda,
+            on_lost=self._mark_lost,
+            **self._engine_settings,  # type: ignore[arg-type]
         )
         self._stop_heartbeat = threading.Event()
         self._heartbeat = threading.Thread(
             target=self._beat, args=(float(reply["heartbeat_interval_s"]),), name="storm-heartbeat", daemon=True
         )
         self._heartbeat.start()
-        self.lost: StormError | None = None
-        atexit.register(_close_at_exit, weakref.ref(self))
+        self.generation += 1
+        self.lost = None
         log.info("registered with stormd at %s as session %d", self.endpoint, self.session_id)
+
+    def _release(self, unregister: bool) -> None:
+        """Stop the heartbeat and the engine, optionally unregister, and unmap the pool."""
+        self._stop_heartbeat.set()
+        self._engine.close(self.timeout_s)
+        if unregister:
+            try:
+                self._call(Op.UNREGISTER)
+            except StormError as e:
+                log.warning("unregister failed (the daemon frees the session when it expires): %s", e)
+        self._heartbeat.join(self.timeout_s)
+        for segment in self.segments:
+            segment.close()
 
     # -- the public API -------------------------------------------------------------
 
@@ -132,7 +156,7 @@ class StormSystem:
         The caller must not change ``tensor`` in place until the copy is done (autograd
         never does to a saved tensor it still needs).
         """
-        self._check_open("offload")
+        self._check_open("offload", reconnect=True)
         if self._engine.pending_errors:
             raise self._engine.pending_errors.popleft()
         if tensor.layout is not torch.strided:
@@ -144,6 +168,7 @@ class StormSystem:
             size_bytes=tensor.numel() * tensor.element_size(),
             layer_id=layer_id,
             seq=next(self._seq),
+            generation=self.generation,
         )
         if handle.size_bytes == 0:
             handle.kept = tensor
@@ -154,6 +179,11 @@ class StormSystem:
 
     def fetch(self, handle: Handle) -> torch.Tensor:
         """Return a tensor equal to the one offloaded (waits for any copy in flight)."""
+        if handle.generation != self.generation:
+            raise StormUnavailableError(
+                f"fetch: {handle!r} was held by an earlier session with stormd at {self.endpoint}, "
+                "which was lost; the activation is gone"
+            )
         self._check_open("fetch")
         if handle.kept is not None and handle.id is None:
             return handle.kept
@@ -161,7 +191,7 @@ class StormSystem:
 
     def free(self, handle: Handle) -> None:
         """Give the handle's extent back to the pool (asynchronous; safe to call twice)."""
-        if not self._closed:
+        if not self._closed and handle.generation == self.generation:
             self._engine.submit_free(handle)
 
     def buffer(self, handle: Handle) -> PinnedMemoryBuffer:
@@ -201,15 +231,7 @@ class StormSystem:
         if self._closed:
             return
         self._closed = True
-        self._stop_heartbeat.set()
-        self._engine.close(self.timeout_s)
-        try:
-            self._call(Op.UNREGISTER)
-        except StormError as e:
-            log.warning("unregister failed (the daemon frees the session when it expires): %s", e)
-        self._heartbeat.join(self.timeout_s)
-        for segment in self.segments:
-            segment.close()
+        self._release(unregister=self.lost is None)
         self._context.destroy(linger=0)
 
     def __enter__(self) -> StormSystem:
@@ -220,11 +242,27 @@ class StormSystem:
 
     # -- plumbing -------------------------------------------------------------------
 
-    def _check_open(self, op: str) -> None:
+    def _check_open(self, op: str, reconnect: bool = False) -> None:
+        """Raise if closed or lost; with ``reconnect``, a lost system first tries to register anew."""
         if self._closed:
             raise StormError(f"{op}: this StormSystem is closed")
-        if self.lost is not None:
+        if self.lost is None:
+            return
+        if not reconnect:
             raise self.lost
+        lost = self.lost
+        self._release(unregister=False)
+        try:
+            self._register()
+        except StormError as e:
+            self.lost = lost
+            raise StormUnavailableError(f"{op}: {lost}; registering again failed: {e}") from e
+        log.warning("stormd at %s was lost and is back: registered again as session %d", self.endpoint, self.session_id)
+
+    def _mark_lost(self, error: BaseException) -> None:
+        if self.lost is None:
+            self.lost = StormUnavailableError(f"the session with stormd at {self.endpoint} was lost: {error}")
+            log.error("%s", self.lost)
 
     def _new_channel(self) -> Channel:
         return Channel(self._context, self.endpoint, self._ids, alive=self._daemon_alive, curve=self._curve)
@@ -237,7 +275,11 @@ class StormSystem:
 
     def _call(self, op: Op, **fields: Any) -> dict[str, Any]:
         self.blocking_round_trips += 1
-        return self._channel().call(op, self.token, self.timeout_s, **fields)
+        try:
+            return self._channel().call(op, self.token, self.timeout_s, **fields)
+        except (StormUnavailableError, StormTimeoutError, UnknownSessionError) as e:
+            self._mark_lost(e)
+            raise
 
     def _beat(self, interval_s: float) -> None:
         channel = self._new_channel()
@@ -246,8 +288,7 @@ class StormSystem:
                 try:
                     channel.call(Op.HEARTBEAT, self.token, self.timeout_s)
                 except StormError as e:
-                    self.lost = StormUnavailableError(f"the session with stormd at {self.endpoint} was lost: {e}")
-                    log.error("%s", self.lost)
+                    self._mark_lost(e)
                     return
         finally:
             channel.close()
