@@ -48,6 +48,10 @@ class DaemonConfig:
     """A group whose members may use the daemon too (socket dir 0750, socket and segments 0660)."""
     curve_dir: str
     """Directory with server.key_secret and authorized/*.key: required for tcp:// endpoints."""
+    metrics_port: int
+    """Serve Prometheus metrics on this port (0: off)."""
+    metrics_host: str
+    """Address the metrics endpoint binds (loopback unless told otherwise)."""
 
 
 def _choice(options: Sequence[str]) -> Callable[[str], str]:
@@ -66,6 +70,13 @@ def _endpoint(text: str) -> str:
     value = str(text)
     if not value.startswith(("ipc://", "tcp://")):
         raise ValueError(f"{text!r} is not an ipc:// or tcp:// endpoint")
+    return value
+
+
+def _port(text: str | int) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{text!r} is not a port number (0 to 65535)")
     return value
 
 
@@ -140,6 +151,8 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("log_level", _choice(LOG_LEVELS), lambda: "INFO", "DEBUG, INFO, WARNING or ERROR"),
     _Setting("group", _group, lambda: "", "share the socket and pool with this group (default: owner only)"),
     _Setting("curve_dir", _curve_dir, lambda: "", "CURVE keys (server.key_secret, authorized/*.key) for tcp://"),
+    _Setting("metrics_port", _port, lambda: "0", "serve Prometheus metrics on this port (0: off)"),
+    _Setting("metrics_host", str, lambda: "127.0.0.1", "address of the metrics endpoint"),
 )
 
 

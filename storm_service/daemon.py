@@ -24,6 +24,7 @@ from types import FrameType
 import zmq
 
 from storm_service.config import ConfigError, DaemonConfig, build_parser, load_config
+from storm_service.metrics import Metrics
 from storm_service.pool import Pool, PoolError, sweep_segments
 from storm_service.runtime import (
     EndpointLock,
@@ -140,6 +141,10 @@ def run(config: DaemonConfig) -> int:
         _pin(pool, config.pin)
         server = Server(config, pool)
         server.bind()
+        if config.metrics_port:
+            server.metrics = Metrics(server)
+            server.metrics.serve(config.metrics_host, config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
         if socket_path is not None:
             os.chown(socket_path, -1, access.gid)
             os.chmod(socket_path, access.file_mode)
@@ -154,8 +159,13 @@ def run(config: DaemonConfig) -> int:
     except zmq.ZMQError as e:
         log.error("cannot bind %s: %s", config.endpoint, e)
         return EXIT_STARTUP
+    except (OSError, RuntimeError) as e:
+        log.error("cannot start: %s", e)
+        return EXIT_STARTUP
     finally:
         if server is not None:
+            if server.metrics is not None:
+                server.metrics.close()
             server.close()
         if pool is not None:
             pool.close()

@@ -26,6 +26,7 @@ from storm_service.errors import (
     RemoteError,
     ShuttingDownError,
 )
+from storm_service.metrics import Metrics
 from storm_service.pool import ALIGNMENT, Pool
 from storm_service.protocol import (
     MAX_MESSAGE_BYTES,
@@ -69,6 +70,8 @@ class Server:
         self._socket: zmq.Socket | None = None
         self._authenticator: Any = None
         self._next_housekeeping = 0.0
+        self.metrics: Metrics | None = None
+        self._last_op = "invalid"
         self.handlers: dict[Op, _Handler] = {
             Op.PING: self.handle_ping,
             Op.REGISTER: self.handle_register,
@@ -172,9 +175,18 @@ class Server:
     # -- dispatch: the one place where exceptions become error codes -----------
 
     def dispatch(self, frame: bytes) -> bytes:
+        started = time.perf_counter()
+        reply = self._dispatch(frame)
+        if self.metrics is not None:
+            self.metrics.latency.labels(self._last_op).observe(time.perf_counter() - started)
+        return reply
+
+    def _dispatch(self, frame: bytes) -> bytes:
         request_id: int | None = None
+        self._last_op = "invalid"
         try:
             request = decode_request(frame)
+            self._last_op = request.op.value
             request_id = request.id
             self.requests[request.op.value] += 1
             if self.stopping and request.op is not Op.PING:
@@ -271,6 +283,8 @@ class Server:
                     f"(largest free extent {self.pool.largest_free_bytes})"
                 )
             placed.append(where)
+        if self.metrics is not None:
+            self.metrics.offloaded.inc(need)
         layer_id = request.args.get("layer_id")
         extents = [
             self.sessions.add_extent(session, segment, offset, length, size, layer_id)
@@ -287,7 +301,7 @@ class Server:
         assert session is not None
         extents = self._owned_all(request, session)
         for extent in extents:
-            extent.state = ExtentState.COMMITTED
+            self.sessions.commit(extent)
         return {"committed": len(extents)}
 
     def handle_fetch(self, request: Request, session: Session | None) -> dict[str, Any]:
@@ -296,7 +310,10 @@ class Server:
         for extent in extents:
             if extent.state is not ExtentState.COMMITTED:
                 raise NotCommittedError(f"fetch: handle {extent.handle} was never committed")
-        session.fetched_bytes += sum(e.size_bytes for e in extents)
+        fetched = sum(e.size_bytes for e in extents)
+        session.fetched_bytes += fetched
+        if self.metrics is not None:
+            self.metrics.fetched.inc(fetched)
         return {"extents": [e.location() for e in extents]}
 
     def handle_free(self, request: Request, session: Session | None) -> dict[str, Any]:
@@ -312,6 +329,7 @@ class Server:
             "uptime_s": round(time.time() - self.started, 3),
             "pool_bytes": pool.size_bytes,
             "used_bytes": pool.used_bytes,
+            "writing_bytes": self.sessions.writing_bytes,
             "free_bytes": pool.free_bytes,
             "largest_free_bytes": pool.largest_free_bytes,
             "segments": len(pool.segments),

@@ -21,7 +21,7 @@ from storm_service.errors import ForbiddenError, UnknownHandleError, UnknownSess
 from storm_service.pool import Pool
 from storm_service.runtime import pid_alive, pid_namespace
 
-__all__ = ["Extent", "ExtentState", "Session", "SessionTable"]
+__all__ = ["Extent", "ExtentState", "Session", "SessionTable", "Totals"]
 
 REPLAY_MEMORY = 512
 """Replies to mutating requests remembered per session, for replayed requests."""
@@ -94,6 +94,12 @@ class Session:
         }
 
 
+@dataclass(frozen=True)
+class Totals:
+    sessions: int
+    writing_bytes: int
+
+
 class SessionTable:
     """Every live session and every extent, with ownership checks on each access."""
 
@@ -105,6 +111,8 @@ class SessionTable:
         self._session_ids = itertools.count(1)
         self._handles = itertools.count(1)
         self.expired_total = 0
+        self.writing_bytes = 0
+        """Bytes of extents allocated but not yet committed (NOTE [Extent lifetime])."""
 
     def open(
         self,
@@ -149,6 +157,7 @@ class SessionTable:
     ) -> Extent:
         extent = Extent(next(self._handles), session.id, segment, offset, size_bytes, length, layer_id)
         self.extents[extent.handle] = extent
+        self.writing_bytes += length
         session.handles.add(extent.handle)
         session.used_bytes += length
         session.peak_bytes = max(session.peak_bytes, session.used_bytes)
@@ -157,9 +166,16 @@ class SessionTable:
             session.layer_bytes[layer_id] = session.layer_bytes.get(layer_id, 0) + length
         return extent
 
+    def commit(self, extent: Extent) -> None:
+        if extent.state is ExtentState.WRITING:
+            extent.state = ExtentState.COMMITTED
+            self.writing_bytes -= extent.length
+
     def release(self, session: Session, extent: Extent) -> int:
         """Free one extent back to the pool; returns its length."""
         del self.extents[extent.handle]
+        if extent.state is ExtentState.WRITING:
+            self.writing_bytes -= extent.length
         session.handles.discard(extent.handle)
         session.used_bytes -= extent.length
         if extent.layer_id is not None:
@@ -178,6 +194,9 @@ class SessionTable:
         del self.sessions[session.id]
         del self._by_token[session.token]
         return freed
+
+    def totals(self) -> Totals:
+        return Totals(sessions=len(self.sessions), writing_bytes=self.writing_bytes)
 
     def stale(self, timeout_s: float, now: float) -> list[Session]:
         """Sessions silent for longer than ``timeout_s``, or whose same-host process is gone."""

@@ -1,0 +1,104 @@
+"""Prometheus metrics for stormd (``--metrics-port``; needs the ``metrics`` extra).
+
+Counters and histograms are updated by the serving loop as it works; pool and session
+gauges are read from the server when Prometheus scrapes (the exporter runs on its own
+thread, and reads only plain integers and C-level dict copies, which the GIL makes
+atomic with respect to the loop). ``docs/operations.md`` lists every metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from storm_service.server import Server
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 50e-3, 0.25, 1.0)
+
+
+class Metrics:
+    """The daemon's metrics registry and its HTTP exporter."""
+
+    def __init__(self, server: Server) -> None:
+        try:
+            from prometheus_client import CollectorRegistry, Counter, Histogram
+        except ImportError as e:
+            raise RuntimeError("--metrics-port needs prometheus-client: pip install 'storm-offload[metrics]'") from e
+        self.registry = CollectorRegistry()
+        self.latency = Histogram(
+            "storm_request_seconds",
+            "Time to serve one request, by op.",
+            ["op"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.offloaded = Counter(
+            "storm_offloaded_bytes", "Bytes of extents allocated by offload.", registry=self.registry
+        )
+        self.fetched = Counter("storm_fetched_bytes", "Bytes located by fetch.", registry=self.registry)
+        self.registry.register(_ServerCollector(server))
+        self._httpd: Any = None
+
+    def serve(self, host: str, port: int) -> None:
+        from prometheus_client import start_http_server
+
+        self._httpd, _ = start_http_server(port, addr=host, registry=self.registry)
+
+    def close(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd = None
+
+
+class _ServerCollector:
+    """Gauges and counters read from the server at scrape time."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        server = self.server
+        pool = server.pool
+        stats = server.sessions.totals()
+        for name, doc, value in (
+            ("storm_pool_bytes", "Size of the host pool.", pool.size_bytes),
+            (
+                "storm_pool_used_bytes",
+                "Bytes held by sessions (committed or being written).",
+                pool.used_bytes,
+            ),
+            ("storm_pool_writing_bytes", "Bytes allocated but not yet committed.", stats.writing_bytes),
+            ("storm_pool_free_bytes", "Free bytes in the pool.", pool.free_bytes),
+            (
+                "storm_pool_largest_free_bytes",
+                "Largest free extent (shows fragmentation).",
+                pool.largest_free_bytes,
+            ),
+            ("storm_sessions", "Live sessions.", stats.sessions),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+        held = GaugeMetricFamily(
+            "storm_session_used_bytes", "Bytes held by one session.", labels=["session", "pid", "rank", "name"]
+        )
+        for session in list(server.sessions.sessions.values()):
+            rank = "" if session.rank is None else str(session.rank)
+            held.add_metric([str(session.id), str(session.pid), rank, session.name], session.used_bytes)
+        yield held
+        requests = CounterMetricFamily("storm_requests", "Requests served, by op.", labels=["op"])
+        for op, count in dict(server.requests).items():
+            requests.add_metric([op], count)
+        yield requests
+        errors = CounterMetricFamily("storm_errors", "Error replies, by code.", labels=["code"])
+        for code, count in dict(server.errors).items():
+            errors.add_metric([code], count)
+        yield errors
+        yield CounterMetricFamily(
+            "storm_expired_sessions",
+            "Sessions expired for silence or a dead process.",
+            value=server.sessions.expired_total,
+        )
