@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from client.status import watch
 from client.transport import DEFAULT_TIMEOUT_S, connect
 from storm_service.errors import StormError
 from storm_service.protocol import Op
@@ -31,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("ping", help="check that the daemon answers")
     stats = commands.add_parser("stats", help="pool occupancy and sessions")
     stats.add_argument("--json", action="store_true", help="print one JSON object")
+    status = commands.add_parser("status", help="a live view of the pool and the sessions (Ctrl-C quits)")
+    status.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    status.add_argument("--json", action="store_true", help="one JSON object per refresh")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     commands.add_parser("shutdown", help="ask the daemon to stop cleanly")
     keygen = commands.add_parser("keygen", help="create CURVE keys for a tcp:// daemon and one client")
     keygen.add_argument("directory", help="where to write server.key(_secret), client.key(_secret), authorized/")
@@ -68,6 +73,11 @@ def command_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_status(args: argparse.Namespace) -> int:
+    with connect(args.endpoint) as channel:
+        return watch(channel, args.interval, args.once, args.json)
+
+
 def command_shutdown(args: argparse.Namespace) -> int:
     with connect(args.endpoint) as channel:
         channel.call(Op.SHUTDOWN, timeout_s=args.timeout)
@@ -92,6 +102,7 @@ def command_keygen(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ping": command_ping,
     "stats": command_stats,
+    "status": command_status,
     "shutdown": command_shutdown,
     "keygen": command_keygen,
 }

@@ -200,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     system.close()
             summary["endpoint"], summary["embedded_daemon"] = endpoint, embedded
             if args.linger_until_idle > 0 and endpoint:
+                summary["daemon_used_bytes_after"] = summary["daemon_sessions_after"] = None
                 _exit_cleanly_on_sigterm(summary, args.summary)
                 _linger(endpoint, args.linger_until_idle, summary)
     except StormError as e:
