@@ -28,6 +28,7 @@ from storm_service.errors import StormError
 from storm_service.protocol import Op
 from storm_service.runtime import default_endpoint
 from storm_service.units import format_bytes
+from worker.distributed import Rank, init_from_env, shutdown, wrap
 from worker.embedded import EmbeddedDaemon, daemon_answers
 from worker.models import TeacherData, TransformerRegressor, build_model
 from worker.progress import Progress
@@ -55,7 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-offload", action="store_true", help="train the same model without STORM")
     p.add_argument("--min-bytes", type=int, default=64 << 10, help="smallest saved tensor to offload")
     p.add_argument("--pool-size", default="1GiB", help="pool of the embedded daemon, if one is started")
-    p.add_argument("--summary", metavar="FILE", help="write the JSON summary here instead of stdout")
+    p.add_argument(
+        "--summary",
+        metavar="FILE",
+        help="write the JSON summary here instead of stdout ({rank} is replaced by the rank)",
+    )
+    p.add_argument("--save-params", metavar="FILE", help="save the trained parameters (torch.save; rank 0)")
     p.add_argument(
         "--linger-until-idle",
         type=float,
@@ -84,6 +90,11 @@ def _daemon_endpoint(args: argparse.Namespace) -> Iterator[tuple[str | None, boo
         yield args.endpoint, False
     elif daemon_answers(default_endpoint()):
         yield default_endpoint(), False
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(
+            f"storm-worker: no stormd answers at {default_endpoint()}; under torchrun every rank uses the "
+            "host's daemon: start stormd first or pass --endpoint"
+        )
     else:
         log.warning("no stormd at %s: starting a private one for this run", default_endpoint())
         with EmbeddedDaemon(args.pool_size) as daemon:
@@ -91,20 +102,29 @@ def _daemon_endpoint(args: argparse.Namespace) -> Iterator[tuple[str | None, boo
 
 
 def _forward(model: nn.Module, x: torch.Tensor, system: StormSystem | None, min_bytes: int) -> torch.Tensor:
-    if system is not None and isinstance(model, TransformerRegressor):
-        with offload_saved_tensors(system, min_bytes=min_bytes, module=model.encoder.layers):
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if system is not None and isinstance(inner, TransformerRegressor):
+        with offload_saved_tensors(system, min_bytes=min_bytes, module=inner.encoder.layers):
             return model(x)
     return model(x)  # StormModel offloads by itself
 
 
-def train(args: argparse.Namespace, system: StormSystem | None) -> dict[str, Any]:
+def _device(args: argparse.Namespace) -> torch.device:
     if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+def train(args: argparse.Namespace, system: StormSystem | None, rank: Rank | None) -> dict[str, Any]:
+    device = _device(args)
+    if rank is not None and device.type == "cuda":
+        device = torch.device("cuda", rank.local_rank)
     model = build_model(args.model, args.input_size, args.hidden, args.output_size, args.layers, args.seed, system)
     model.to(device)
-    data = TeacherData(args.model, args.input_size, args.output_size, args.batch, args.seq_len, args.seed)
+    if rank is not None:
+        model = wrap(model, device)
+    data_seed = args.seed + (rank.rank if rank is not None else 0)
+    data = TeacherData(args.model, args.input_size, args.output_size, args.batch, args.seq_len, data_seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     loss_fn = nn.MSELoss()
     progress = Progress(args.steps, sys.stderr)
@@ -125,10 +145,15 @@ def train(args: argparse.Namespace, system: StormSystem | None) -> dict[str, Any
         progress.update(step, losses[-1], step / (time.perf_counter() - start), pool)
     elapsed = time.perf_counter() - start
     progress.close()
+    if args.save_params and (rank is None or rank.rank == 0):
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        torch.save([p.detach().cpu() for p in inner.parameters()], args.save_params)
     summary: dict[str, Any] = {
         "model": args.model,
         "offload": system is not None,
         "seed": args.seed,
+        "rank": rank.rank if rank is not None else 0,
+        "world_size": rank.world_size if rank is not None else 1,
         "steps": args.steps,
         "device": str(device),
         "losses": losses,
@@ -190,14 +215,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s storm-worker %(levelname)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    rank = init_from_env(_device(args))
+    if args.summary and "{rank}" in args.summary:
+        args.summary = args.summary.format(rank=rank.rank if rank is not None else 0)
     try:
         with _daemon_endpoint(args) as (endpoint, embedded):
             system = StormSystem(endpoint, name=f"storm-worker seed {args.seed}") if endpoint else None
             try:
-                summary = train(args, system)
+                summary = train(args, system, rank)
             finally:
                 if system is not None:
                     system.close()
+                shutdown()
             summary["endpoint"], summary["embedded_daemon"] = endpoint, embedded
             if args.linger_until_idle > 0 and endpoint:
                 summary["daemon_used_bytes_after"] = summary["daemon_sessions_after"] = None
