@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import itertools
 import logging
 import os
@@ -24,6 +25,32 @@ from storm_service.runtime import default_endpoint, pid_alive, pid_namespace
 __all__ = ["StormSystem"]
 
 log = logging.getLogger("storm.client")
+
+
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def _return_freed_memory_to_the_os() -> None:
+    """Make glibc serve allocations of 1 MiB and more with mmap, so freeing them unmaps them.
+
+    NOTE [Freed activations leave the process]
+      glibc raises its mmap threshold each time a large mmapped block is freed (up to
+      32 MiB), after which activation-sized tensors come from the heap, and freeing an
+      offloaded activation no longer shrinks the process: the memory STORM moved to the
+      pool would stay private to the trainer. A fixed threshold turns that adaptation
+      off. ``STORM_MMAP_THRESHOLD=0`` leaves glibc alone.
+    """
+    threshold = int(os.environ.get("STORM_MMAP_THRESHOLD", MMAP_THRESHOLD_BYTES))
+    if threshold <= 0:
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):
+        log.debug("mallopt is not available; freed activations may stay in the heap")
+
+
+_M_MMAP_THRESHOLD = -3
 
 
 def _env_int(name: str) -> int | None:
@@ -56,7 +83,7 @@ class StormSystem:
         quota_bytes: int | None = None,
         policy: str = "keep",
         wait_timeout_s: float = 30.0,
-        prefetch_bytes: int = 128 << 20,
+        prefetch_bytes: int = 64 << 20,
         fetch_timeout_s: float = 120.0,
     ) -> None:
         self.endpoint = endpoint or os.environ.get("STORM_ENDPOINT") or default_endpoint()
@@ -74,6 +101,7 @@ class StormSystem:
         self._ids = itertools.count(1)
         self._seq = itertools.count()
         self._curve = CurveKeys.from_env()
+        _return_freed_memory_to_the_os()
         try:
             self._register()
         except BaseException:

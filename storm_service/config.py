@@ -73,6 +73,17 @@ def _endpoint(text: str) -> str:
     return value
 
 
+MIN_SEGMENT_BYTES = 1 << 20
+PAGE_BYTES = 4096
+
+
+def _segment_size(text: str | int) -> int:
+    value = parse_size(text)
+    if value < MIN_SEGMENT_BYTES or value % PAGE_BYTES:
+        raise ValueError(f"{text!r} must be at least 1MiB and a multiple of 4096 bytes")
+    return value
+
+
 def _port(text: str | int) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -136,7 +147,7 @@ class _Setting:
 SETTINGS: tuple[_Setting, ...] = (
     _Setting("endpoint", _endpoint, default_endpoint, "ZeroMQ endpoint to bind (ipc://PATH)"),
     _Setting("pool_size", _positive(parse_size), lambda: "1GiB", "host pool size (e.g. 512MiB, 8GiB)"),
-    _Setting("segment_size", _positive(parse_size), lambda: "64GiB", "largest shared-memory segment of the pool"),
+    _Setting("segment_size", _segment_size, lambda: "64GiB", "largest shared-memory segment of the pool"),
     _Setting(
         "heartbeat_timeout",
         _positive(parse_duration),

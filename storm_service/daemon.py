@@ -16,6 +16,7 @@ import re
 import signal
 import stat
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,6 +110,8 @@ def _lock_path(endpoint: str, socket_path: str | None) -> str:
 def run(config: DaemonConfig) -> int:
     """Run the daemon until stopped; returns the exit status."""
     access = _Access.of(config.group)
+    stop = threading.Event()
+    _install_signals(stop)
     try:
         socket_path = _prepare_socket_dir(config.endpoint, access)
     except PermissionError as e:
@@ -130,8 +133,7 @@ def run(config: DaemonConfig) -> int:
             os.unlink(socket_path)
             log.warning("removed a stale socket %s", socket_path)
         start = time.perf_counter()
-        pool = Pool.create(config.pool_size, config.segment_size, access.file_mode, access.gid)
-        lock.record([s.name for s in pool.segments])
+        pool = Pool.create(config.pool_size, config.segment_size, access.file_mode, access.gid, lock.record)
         log.info(
             "pool of %s in %d segment(s) reserved and pre-faulted in %.2f s",
             format_bytes(pool.size_bytes),
@@ -139,7 +141,7 @@ def run(config: DaemonConfig) -> int:
             time.perf_counter() - start,
         )
         _pin(pool, config.pin)
-        server = Server(config, pool)
+        server = Server(config, pool, stop=stop)
         server.bind()
         if config.metrics_port:
             server.metrics = Metrics(server)
@@ -148,9 +150,8 @@ def run(config: DaemonConfig) -> int:
         if socket_path is not None:
             os.chown(socket_path, -1, access.gid)
             os.chmod(socket_path, access.file_mode)
-        _install_signals(server)
         log.info("serving on %s (heartbeat timeout %.1f s)", config.endpoint, config.heartbeat_timeout)
-        server.serve()
+        server.serve()  # returns at once if a signal came during start-up
         log.info("shutting down")
         return 0
     except PoolError as e:
@@ -178,14 +179,14 @@ def run(config: DaemonConfig) -> int:
         log.info("stopped")
 
 
-def _install_signals(server: Server) -> None:
-    def stop(signum: int, frame: FrameType | None) -> None:
-        if not server.stopping:
+def _install_signals(stop: threading.Event) -> None:
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if not stop.is_set():
             log.info("received %s", signal.Signals(signum).name)
-        server.stopping = True
+        stop.set()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import mmap
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from storm_service.allocator import ExtentAllocator
@@ -47,9 +48,8 @@ class Segment:
         return os.path.join(SHM_DIR, self.name)
 
     @classmethod
-    def create(cls, size_bytes: int, mode: int = 0o600, gid: int = -1) -> Segment:
+    def create(cls, name: str, size_bytes: int, mode: int = 0o600, gid: int = -1) -> Segment:
         """Create, reserve and pre-fault a fresh segment (see NOTE [Pool reservation])."""
-        name = SEGMENT_PREFIX + secrets.token_hex(12)
         path = os.path.join(SHM_DIR, name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         try:
@@ -106,19 +106,40 @@ class Pool:
         self.allocators = [ExtentAllocator(s.size_bytes, ALIGNMENT) for s in segments]
 
     @classmethod
-    def create(cls, pool_size: int, segment_size: int, mode: int = 0o600, gid: int = -1) -> Pool:
+    def create(
+        cls,
+        pool_size: int,
+        segment_size: int,
+        mode: int = 0o600,
+        gid: int = -1,
+        announce: Callable[[list[str]], None] = lambda names: None,
+    ) -> Pool:
+        """Create every segment; ``announce`` gets their names before any file exists.
+
+        The daemon records the names in its lock file through ``announce``, so that a
+        daemon killed while creating the pool still leaves nothing a later sweep misses.
+        """
         if pool_size < ALIGNMENT:
             raise PoolError(f"--pool-size {pool_size} is smaller than {ALIGNMENT} bytes")
+        shm = os.statvfs(SHM_DIR)
+        if pool_size > shm.f_bavail * shm.f_frsize:
+            raise PoolError(
+                f"cannot reserve {format_bytes(pool_size)} in {SHM_DIR}: "
+                f"{format_bytes(shm.f_bavail * shm.f_frsize)} free; "
+                "lower --pool-size or enlarge /dev/shm (docker: --shm-size)"
+            )
         sizes = []
         remaining = pool_size
         while remaining > 0:
             size = min(remaining, segment_size)
             sizes.append(size - size % ALIGNMENT or ALIGNMENT)
             remaining -= size
+        names = [SEGMENT_PREFIX + secrets.token_hex(12) for _ in sizes]
+        announce(names)
         segments: list[Segment] = []
         try:
-            for size in sizes:
-                segments.append(Segment.create(size, mode, gid))
+            for name, size in zip(names, sizes, strict=True):
+                segments.append(Segment.create(name, size, mode, gid))
         except BaseException:
             for segment in segments:
                 segment.close()

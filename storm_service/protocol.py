@@ -207,12 +207,14 @@ def decode_request(frame: bytes) -> Request:
         raise Invalid(ErrorCode.BAD_REQUEST, f"message is not valid msgpack: {e}") from e
     if not isinstance(msg, dict):
         raise Invalid(ErrorCode.BAD_REQUEST, f"message must be a map, got {type(msg).__name__}")
+    if not all(isinstance(key, str) for key in msg):
+        raise Invalid(ErrorCode.BAD_REQUEST, "message keys must be strings")
     raw_id = msg.get("id")
     if not (isinstance(raw_id, int) and not isinstance(raw_id, bool) and 0 <= raw_id <= MAX_ID):
         raise Invalid(ErrorCode.BAD_REQUEST, f"field 'id' must be an integer in [0, {MAX_ID}]")
     request_id: int = raw_id
     version = msg.get("v")
-    if version != PROTOCOL_VERSION:
+    if not _is_int(version) or version != PROTOCOL_VERSION:
         raise Invalid(
             ErrorCode.UNSUPPORTED_VERSION,
             f"protocol version {version!r} is not supported; this daemon speaks {PROTOCOL_VERSION}",

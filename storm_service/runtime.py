@@ -88,15 +88,19 @@ class EndpointLock:
     previous: dict[str, object] = field(default_factory=dict)
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_record(fd).get("pid", "unknown")
-            os.close(fd)
-            raise LockHeldError(
-                f"another stormd (pid {holder}) already serves this endpoint; lock file {self.path}"
-            ) from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_record(fd).get("pid", "unknown")
+                os.close(fd)
+                raise LockHeldError(
+                    f"another stormd (pid {holder}) already serves this endpoint; lock file {self.path}"
+                ) from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # we locked a file its last owner had just unlinked: take the new one
         self.previous = _read_record(fd)
         self._fd = fd
 
@@ -116,6 +120,15 @@ class EndpointLock:
             pass
         os.close(self._fd)
         self._fd = -1
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
 def _read_record(fd: int) -> dict[str, object]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -57,11 +58,18 @@ MAX_BURST = 256
 class Server:
     """Owns the ROUTER socket and the session table; :meth:`serve` runs until stopped."""
 
-    def __init__(self, config: DaemonConfig, pool: Pool, context: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        pool: Pool,
+        context: zmq.Context | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.config = config
         self.pool = pool
         self.sessions = SessionTable(pool)
-        self.stopping = False
+        self.stop = stop or threading.Event()
+        """Set (by a signal, ``stormctl shutdown`` or the caller) to end :meth:`serve`."""
         self.started = time.time()
         self.requests: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
@@ -113,11 +121,11 @@ class Server:
         socket.curve_server = True
 
     def serve(self) -> None:
-        """Serve until :attr:`stopping` is set, then answer what is queued with SHUTTING_DOWN."""
+        """Serve until :attr:`stop` is set, then answer what is queued with SHUTTING_DOWN."""
         assert self._socket is not None, "bind() first"
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
-        while not self.stopping:
+        while not self.stop.is_set():
             if poller.poll(int(TICK_S * 1000)):
                 self._serve_burst()
             now = time.monotonic()
@@ -189,7 +197,7 @@ class Server:
             self._last_op = request.op.value
             request_id = request.id
             self.requests[request.op.value] += 1
-            if self.stopping and request.op is not Op.PING:
+            if self.stop.is_set() and request.op is not Op.PING:
                 raise ShuttingDownError(f"{request.op.value}: the daemon is shutting down")
             session = None
             if request.op not in SESSIONLESS_OPS or request.token is not None:
@@ -348,5 +356,5 @@ class Server:
 
     def handle_shutdown(self, request: Request, session: Session | None) -> dict[str, Any]:
         log.info("shutdown requested over the control socket")
-        self.stopping = True
+        self.stop.set()
         return {"stopping": True}

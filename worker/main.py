@@ -30,6 +30,7 @@ from storm_service.runtime import default_endpoint
 from storm_service.units import format_bytes
 from worker.distributed import Rank, init_from_env, shutdown, wrap
 from worker.embedded import EmbeddedDaemon, daemon_answers
+from worker.memplot import plot_traces, trace
 from worker.models import TeacherData, TransformerRegressor, build_model
 from worker.progress import Progress
 
@@ -68,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="SECONDS",
         help="after training, wait up to SECONDS until the daemon holds no sessions (for compose runs)",
+    )
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also train a few steps without and with STORM and plot private memory and pool bytes",
     )
     p.add_argument("--log-level", default="WARNING")
     return p
@@ -177,6 +183,23 @@ def train(args: argparse.Namespace, system: StormSystem | None, rank: Rank | Non
     return summary
 
 
+def _discard(summary: dict[str, Any]) -> None:
+    """The plot needs only the memory trace of a run, not its summary."""
+
+
+def _plot(args: argparse.Namespace, endpoint: str) -> None:
+    """Trace a few steps without and then with STORM, and draw both (see worker/memplot.py)."""
+    short = argparse.Namespace(**{**vars(args), "steps": min(args.steps, 5), "save_params": None})
+    with StormSystem(endpoint, name="storm-worker --plot") as system:
+        traces = [
+            trace("without offload", lambda: _discard(train(short, None, None)), endpoint),
+            trace("with STORM", lambda: _discard(train(short, system, None)), endpoint),
+        ]
+    title = f"{args.model}: {args.layers} layers, hidden {args.hidden}, batch {args.batch}, {short.steps} steps each"
+    plot_traces(traces, args.plot, title)
+    log.warning("memory plot written to %s", args.plot)
+
+
 def _linger(endpoint: str, timeout_s: float, summary: dict[str, Any]) -> None:
     """Wait until the daemon holds no sessions (the other jobs are done), recording what it holds."""
     deadline = time.monotonic() + timeout_s
@@ -228,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     system.close()
                 shutdown()
             summary["endpoint"], summary["embedded_daemon"] = endpoint, embedded
+            if args.plot and endpoint:
+                _plot(args, endpoint)
             if args.linger_until_idle > 0 and endpoint:
                 summary["daemon_used_bytes_after"] = summary["daemon_sessions_after"] = None
                 _exit_cleanly_on_sigterm(summary, args.summary)

@@ -1,0 +1,108 @@
+"""Tables, PASS/FAIL lines and the plot of benchmarks.step_time (kept apart to keep that script short)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.common import MiB, print_table, target
+
+VARIANTS = ("a", "b", "c", "d")
+NAMES = {"a": "no offload", "b": "save_on_cpu", "c": "copy floor", "d": "STORM"}
+
+
+def cpu(r: dict[str, Any]) -> float:
+    return float(r["daemon_cpu_s_per_step"])
+
+
+def report(results: dict[str, Any]) -> None:
+    models = results["models"]
+    rows = []
+    for name, r in models.items():
+        m = r["median_s"]
+        rows.append([name, *(m[v] for v in VARIANTS), r["ratio_d_c"], r["ratio_d_a"], r["ratio_b_a"]])
+    print_table(["model", *(f"{v} {NAMES[v]} s" for v in VARIANTS), "d/c", "d/a", "b/a"], rows, "median step time")
+    rows = [
+        [
+            name,
+            r["storm_offloaded_bytes_per_step"] / MiB,
+            r["floor_copied_bytes_per_step"] / MiB,
+            r["blocking_round_trips_per_step"],
+            r["engine_round_trips_per_step"],
+            r["prefetch_hit_rate"],
+            r["fetch_wait_s_per_step"] * 1e3,
+            r["median_fwd_s"]["c"],
+            r["median_fwd_s"]["d"],
+            r["median_bwd_s"]["c"],
+            r["median_bwd_s"]["d"],
+            r["max_abs_loss_diff_d_a"],
+        ]
+        for name, r in models.items()
+    ]
+    heads = ["model", "STORM MiB/step", "floor MiB/step", "blocking RT/step", "engine RT/step", "hit rate"]
+    heads += ["fetch wait ms", "fwd c s", "fwd d s", "bwd c s", "bwd d s", "|loss d-a|"]
+    print_table(heads, rows, "STORM traffic (per measured step)")
+    rows = [
+        [
+            name,
+            *(r["median_process_cpu_s"][v] for v in VARIANTS),
+            r["transfer_thread_cpu_s_per_step"],
+            r["daemon_cpu_s_per_step"],
+        ]
+        for name, r in models.items()
+    ]
+    heads = ["model", *(f"cpu {v} s" for v in VARIANTS), "d: transfer thread s", "d: stormd s"]
+    print_table(heads, rows, "CPU seconds per step (process: all threads; stormd is extra, in its own process)")
+    rows = []
+    for name, r in models.items():
+        for env, mem in r["memory"].items():
+            a, d = mem["a"], mem["d"]
+            rows.append([name, env, a["fwd_peak_growth"] / MiB, d["fwd_peak_growth"] / MiB])
+            rows[-1] += [a["bwd_peak_growth"] / MiB, d["bwd_peak_growth"] / MiB]
+            rows[-1] += [(a["base"] + a["fwd_peak_growth"]) / MiB, (d["base"] + d["fwd_peak_growth"]) / MiB]
+            rows[-1] += [a["step_s"], d["step_s"]]
+    heads = ["model", "malloc", "fwd a MiB", "fwd d MiB", "bwd a MiB", "bwd d MiB", "abs fwd peak a", "abs d"]
+    heads += ["probe a s", "probe d s"]
+    print_table(heads, rows, "peak private memory (RssAnon) growth over the pre-forward value")
+    print()
+    checks = []
+    for name in ("heavy_mlp", "transformer"):
+        if name in models:
+            ratio = models[name]["ratio_d_c"]
+            checks.append(target(f"{name}: STORM step <= 1.05 x copy floor", ratio <= 1.05, f"d/c = {ratio:.3f}"))
+    for env, mem in models.get("heavy_mlp", {}).get("memory", {}).items():
+        a, d = mem["a"]["fwd_peak_growth"], mem["d"]["fwd_peak_growth"]
+        label = f"heavy_mlp ({env}): STORM forward private growth <= 20% of no offload"
+        base = f"pre-forward RssAnon {mem['a']['base'] / MiB:.0f} MiB (a) vs {mem['d']['base'] / MiB:.0f} MiB (d)"
+        if a < 16 * MiB:  # the no-offload run grew by less than one activation: glibc reused its heap
+            checks.append(target(label, None, f"a grew {a / MiB:.1f} MiB, d {d / MiB:.1f} MiB; {base}"))
+        else:
+            detail = f"{d / MiB:.0f} MiB vs {a / MiB:.0f} MiB = {d / a:.0%}; {base}"
+            checks.append(target(label, d <= 0.2 * a, detail))
+    results["targets"] = checks
+
+
+def plot(plt: Any, results: dict[str, Any]) -> None:
+    models = results["models"]
+    _fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.2
+    for i, v in enumerate(VARIANTS):
+        xs = [j + (i - 1.5) * width for j in range(len(models))]
+        meds = [r["median_s"][v] for r in models.values()]
+        lo = [m - min(r["all_s"][v]) for m, r in zip(meds, models.values(), strict=True)]
+        hi = [max(r["all_s"][v]) - m for m, r in zip(meds, models.values(), strict=True)]
+        ax1.bar(xs, meds, width, yerr=[lo, hi], capsize=2, label=f"{v}: {NAMES[v]}")
+    ax1.set_xticks(range(len(models)), list(models))
+    ax1.set_ylabel("step time, s (median, min-max)")
+    ax1.legend(fontsize=8)
+    labels, a_vals, d_vals = [], [], []
+    for name, r in models.items():
+        for env, mem in r["memory"].items():
+            labels.append(f"{name}\n{'default' if env == 'default_malloc' else 'mmap 1MiB'}")
+            a_vals.append(mem["a"]["fwd_peak_growth"] / MiB)
+            d_vals.append(mem["d"]["fwd_peak_growth"] / MiB)
+    xs = list(range(len(labels)))
+    ax2.bar([x - 0.2 for x in xs], a_vals, 0.4, label="a: no offload")
+    ax2.bar([x + 0.2 for x in xs], d_vals, 0.4, label="d: STORM")
+    ax2.set_xticks(xs, labels, fontsize=7)
+    ax2.set_ylabel("peak RssAnon growth in forward, MiB")
+    ax2.legend(fontsize=8)

@@ -1,0 +1,455 @@
+"""stormd as a client sees it: a real daemon process, real ipc:// sockets, real /dev/shm."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import mmap
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import pytest
+import zmq
+
+from client.transport import Channel
+from storm_service.errors import (
+    ForbiddenError,
+    NotCommittedError,
+    PoolFullError,
+    QuotaExceededError,
+    ShuttingDownError,
+    StormError,
+    UnknownHandleError,
+    UnknownSessionError,
+)
+from storm_service.protocol import MAX_MESSAGE_BYTES, MAX_SIZE_BYTES, Op, Reply, decode_reply, encode_request
+
+if TYPE_CHECKING:
+    from conftest import DaemonProcess, StartDaemon
+
+RAW_IDS = iter(range(10**12, 10**13))  # far from the channels' ids, so raw requests never look like replays
+
+
+def storm_segments() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("storm-")}
+
+
+def _unmapped(names: set[str]) -> set[str]:
+    """Those of ``names`` that no live process maps (other test sessions' daemons map theirs)."""
+    mapped: set[str] = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as f:
+            mapped.update(os.path.basename(line.split()[-1]) for line in f if "/dev/shm/storm-" in line)
+    return names - mapped
+
+
+def _register(channel: Channel, **fields: Any) -> dict[str, Any]:
+    return channel.call(Op.REGISTER, pid=os.getpid(), **fields)
+
+
+def _wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+@contextlib.contextmanager
+def _raw_socket(daemon: DaemonProcess) -> Iterator[zmq.Socket]:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.endpoint)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def _exchange(sock: zmq.Socket, *frames: bytes, timeout_s: float = 5.0) -> Reply:
+    sock.send_multipart(list(frames))
+    assert sock.poll(int(timeout_s * 1000)), f"no reply within {timeout_s} s"
+    return decode_reply(sock.recv())
+
+
+def _ctl(endpoint: str, *args: str, timeout_s: float = 30) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "client.ctl", "--endpoint", endpoint, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
+
+
+def _stormd(endpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a daemon expected to fail at start, to completion."""
+    command = [sys.executable, "-m", "storm_service.daemon", "--endpoint", endpoint, "--pin", "off", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+# -- the data path ------------------------------------------------------------------
+
+
+def test_fetch_returns_bytes_offloaded(daemon: DaemonProcess) -> None:
+    channel = daemon.channel()
+    session = _register(channel, name="roundtrip")
+    token = session["token"]
+    sizes = [1000, 70_000, 3]
+    extents = channel.call(Op.OFFLOAD, token, sizes=sizes, layer_id=0)["extents"]
+    payloads = [os.urandom(size) for size in sizes]
+    segment_names = [s["name"] for s in session["segments"]]
+    with open(f"/dev/shm/{segment_names[0]}", "r+b") as f, mmap.mmap(f.fileno(), 0) as pool:
+        for extent, payload in zip(extents, payloads, strict=True):
+            assert extent["segment"] == 0 and extent["size_bytes"] == len(payload)
+            pool[extent["offset"] : extent["offset"] + len(payload)] = payload
+        handles = [e["handle"] for e in extents]
+        assert daemon.stats()["writing_bytes"] == 1024 + 70_144 + 512  # allocated, not yet committed
+        assert channel.call(Op.COMMIT, token, handles=handles) == {"committed": 3}
+        assert daemon.stats()["writing_bytes"] == 0
+        fetched = channel.call(Op.FETCH, token, handles=handles[::-1])["extents"]
+        assert fetched == extents[::-1]
+        for extent, payload in zip(fetched[::-1], payloads, strict=True):
+            assert pool[extent["offset"] : extent["offset"] + extent["size_bytes"]] == payload
+    assert daemon.stats()["used_bytes"] == 1024 + 70_144 + 512
+    freed = channel.call(Op.FREE, token, handles=handles)
+    assert freed == {"freed": 3, "freed_bytes": 1024 + 70_144 + 512}
+    stats = daemon.stats()
+    assert (stats["used_bytes"], stats["extents"], stats["free_bytes"]) == (0, 0, stats["pool_bytes"])
+    assert stats["largest_free_bytes"] == stats["pool_bytes"]
+    channel.close()
+
+
+def test_fetch_before_commit_is_refused(daemon: DaemonProcess) -> None:
+    channel = daemon.channel()
+    token = _register(channel)["token"]
+    handles = [e["handle"] for e in channel.call(Op.OFFLOAD, token, sizes=[4096, 4096])["extents"]]
+    channel.call(Op.COMMIT, token, handles=handles[:1])
+    with pytest.raises(NotCommittedError, match=f"handle {handles[1]}"):
+        channel.call(Op.FETCH, token, handles=handles)
+    with pytest.raises(UnknownHandleError, match="999999"):
+        channel.call(Op.FETCH, token, handles=[999_999])
+    channel.close()
+
+
+def test_batched_offload_returns_aligned_disjoint_extents(daemon: DaemonProcess) -> None:
+    channel = daemon.channel()
+    session = _register(channel)
+    alignment, segment_bytes = session["alignment"], session["segments"][0]["size_bytes"]
+    sizes = [1, 511, 512, 513, 4096, 100_000, 1 << 20]
+    extents = channel.call(Op.OFFLOAD, session["token"], sizes=sizes)["extents"]
+    assert [e["size_bytes"] for e in extents] == sizes
+    assert len({e["handle"] for e in extents}) == len(sizes)
+    spans = sorted((e["offset"], e["offset"] + -(-e["size_bytes"] // alignment) * alignment) for e in extents)
+    for (start, end), (next_start, _) in itertools.pairwise(spans):
+        assert start % alignment == 0 and end <= next_start
+    assert spans[-1][1] <= segment_bytes
+    assert daemon.stats()["used_bytes"] == sum(end - start for start, end in spans)
+    channel.close()
+
+
+# -- sessions and ownership -----------------------------------------------------------
+
+
+def test_a_session_cannot_touch_another_sessions_handles(daemon: DaemonProcess) -> None:
+    owner, other = daemon.channel(), daemon.channel()
+    a = _register(owner, name="a")
+    b = _register(other, name="b")
+    handles = [e["handle"] for e in owner.call(Op.OFFLOAD, a["token"], sizes=[4096, 8192])["extents"]]
+    for op in (Op.FETCH, Op.FREE, Op.COMMIT):
+        with pytest.raises(ForbiddenError, match=f"{op.value}: handle {handles[0]} belongs to another session"):
+            other.call(op, b["token"], handles=handles)
+    view = other.call(Op.STATS, b["token"])["session"]
+    assert (view["id"], view["handles"], view["used_bytes"], view["layer_bytes"]) == (b["session_id"], 0, 0, {})
+    owner.call(Op.COMMIT, a["token"], handles=handles)  # the refused calls changed nothing
+    assert len(owner.call(Op.FETCH, a["token"], handles=handles)["extents"]) == 2
+    assert owner.call(Op.STATS, a["token"])["session"]["handles"] == 2
+    with pytest.raises(UnknownSessionError):
+        other.call(Op.HEARTBEAT, "not-a-token")
+    owner.close()
+    other.close()
+
+
+def test_unregister_frees_everything(daemon: DaemonProcess) -> None:
+    channel = daemon.channel()
+    token = _register(channel)["token"]
+    channel.call(Op.OFFLOAD, token, sizes=[4096] * 10, layer_id=1)
+    channel.call(Op.OFFLOAD, token, sizes=[1 << 20])
+    assert channel.call(Op.UNREGISTER, token) == {"freed_bytes": 10 * 4096 + (1 << 20)}
+    stats = daemon.stats()
+    assert (stats["used_bytes"], stats["sessions"], stats["expired_sessions"]) == (0, [], 0)
+    with pytest.raises(UnknownSessionError):
+        channel.call(Op.HEARTBEAT, token)
+    channel.close()
+
+
+def test_quota_exceeded_names_the_numbers(daemon: DaemonProcess) -> None:
+    channel = daemon.channel()
+    session = _register(channel, quota_bytes=8192)
+    assert session["quota_bytes"] == 8192
+    channel.call(Op.OFFLOAD, session["token"], sizes=[4096])
+    with pytest.raises(QuotaExceededError, match="offload: 8192 bytes requested, 4096 left of a 8192-byte quota"):
+        channel.call(Op.OFFLOAD, session["token"], sizes=[4096, 4096])
+    assert daemon.stats()["used_bytes"] == 4096
+    big = _register(channel, quota_bytes=MAX_SIZE_BYTES)
+    assert big["quota_bytes"] == daemon.stats()["pool_bytes"]  # capped at the pool
+    channel.close()
+
+
+def test_pool_full_leaks_nothing_from_a_partial_batch(daemon_factory: StartDaemon) -> None:
+    daemon = daemon_factory(pool_size="1MiB")
+    holder, channel = daemon.channel(), daemon.channel()
+    holder.call(Op.OFFLOAD, _register(holder)["token"], sizes=[512 << 10])
+    token = _register(channel)["token"]  # its quota (the whole pool) is not what stops it
+    with pytest.raises(PoolFullError, match=r"offload: 524800 bytes requested, 524288 free"):
+        channel.call(Op.OFFLOAD, token, sizes=[256 << 10, 256 << 10, 1])
+    stats = daemon.stats()
+    assert (stats["used_bytes"], stats["extents"], stats["largest_free_bytes"]) == (512 << 10, 1, 512 << 10)
+    assert channel.call(Op.STATS, token)["session"]["used_bytes"] == 0
+    assert len(channel.call(Op.OFFLOAD, token, sizes=[512 << 10])["extents"]) == 1  # the rest is still whole
+    holder.close()
+    channel.close()
+
+
+# -- bad input ------------------------------------------------------------------------
+
+BAD_FRAMES = {
+    "garbage": ([b"\xc1\xff\x00garbage"], "BAD_REQUEST", None),
+    "not-a-map": ([msgpack.packb([1, 2, 3])], "BAD_REQUEST", None),
+    "multi-frame": ([encode_request(7, Op.PING), b"second"], "BAD_REQUEST", None),
+    "wrong-type": ([encode_request(7, Op.REGISTER, pid="1")], "BAD_REQUEST", 7),
+    "bool-for-int": ([encode_request(7, Op.REGISTER, pid=True)], "BAD_REQUEST", 7),
+    "unknown-op": ([msgpack.packb({"v": 1, "id": 7, "op": "format_disk"})], "UNKNOWN_OP", 7),
+    "op-is-a-list": ([msgpack.packb({"v": 1, "id": 7, "op": ["ping"]})], "UNKNOWN_OP", 7),
+    "old-version": ([msgpack.packb({"v": 0, "id": 7, "op": "ping"})], "UNSUPPORTED_VERSION", 7),
+    "oversized-value": ([encode_request(7, Op.OFFLOAD, "t", sizes=[MAX_SIZE_BYTES + 1])], "BAD_REQUEST", 7),
+    "oversized-batch": ([encode_request(7, Op.FREE, "t", handles=[1] * 4097)], "BAD_REQUEST", 7),
+    "just-over-max": ([b"\x00" * (MAX_MESSAGE_BYTES + 10)], "BAD_REQUEST", None),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FRAMES))
+def test_bad_input_gets_an_error_reply_and_is_counted(daemon: DaemonProcess, name: str) -> None:
+    frames, code, request_id = BAD_FRAMES[name]
+    with _raw_socket(daemon) as sock:
+        reply = _exchange(sock, *frames)
+        assert (reply.ok, reply.code, reply.id) == (False, code, request_id)
+        assert reply.message
+        assert _exchange(sock, encode_request(8, Op.PING)).ok  # the same connection still works
+    assert daemon.stats()["errors"] == {code: 1}
+
+
+def test_mixed_key_types_are_a_bad_request_not_internal(daemon: DaemonProcess) -> None:
+    frame = msgpack.packb({"v": 1, "id": 7, "op": "ping", b"x": 1, "y": 2}, use_bin_type=True)
+    with _raw_socket(daemon) as sock:
+        reply = _exchange(sock, frame)
+    assert daemon.channel().call(Op.PING)  # served either way
+    assert reply.code == "BAD_REQUEST"
+
+
+def test_frame_over_maxmsgsize_drops_only_that_connection(daemon: DaemonProcess) -> None:
+    with _raw_socket(daemon) as sock:
+        sock.send(b"\x00" * (2 * MAX_MESSAGE_BYTES))
+        # ZMQ_MAXMSGSIZE: the daemon's ROUTER disconnects the peer; no reply ever comes.
+        assert not sock.poll(500)
+        # The DEALER reconnects by itself, and the fresh connection is served.
+        assert _exchange(sock, encode_request(next(RAW_IDS), Op.PING)).ok
+    channel = daemon.channel()
+    assert channel.call(Op.PING)["pid"] == daemon.proc.pid
+    channel.close()
+
+
+def test_replayed_requests_are_not_applied_twice(daemon: DaemonProcess) -> None:
+    channel = daemon.channel()
+    token = _register(channel)["token"]
+    channel.close()
+    with _raw_socket(daemon) as sock:
+        offload = encode_request(next(RAW_IDS), Op.OFFLOAD, token, sizes=[4096, 4096])
+        first = _exchange(sock, offload)
+        assert _exchange(sock, offload) == first  # same handles, nothing new allocated
+        assert daemon.stats()["used_bytes"] == 8192
+        handles = [e["handle"] for e in first.result["extents"]]
+        free = encode_request(next(RAW_IDS), Op.FREE, token, handles=handles)
+        freed = _exchange(sock, free)
+        assert freed.result == {"freed": 2, "freed_bytes": 8192}
+        assert _exchange(sock, free) == freed  # a replayed free is answered, not re-applied
+        assert daemon.stats()["used_bytes"] == 0
+        again = _exchange(sock, encode_request(next(RAW_IDS), Op.FREE, token, handles=handles))
+        assert (again.ok, again.code) == (False, "UNKNOWN_HANDLE")
+        other = _exchange(sock, encode_request(next(RAW_IDS), Op.OFFLOAD, token, sizes=[4096]))
+        assert other.result["extents"][0]["handle"] not in handles
+
+
+# -- dead clients -----------------------------------------------------------------------
+
+
+def test_silent_session_expires_and_its_memory_returns(daemon_factory: StartDaemon) -> None:
+    daemon = daemon_factory(heartbeat_timeout="1s")
+    channel = daemon.channel()
+    token = _register(channel)["token"]
+    channel.call(Op.OFFLOAD, token, sizes=[1 << 20])
+    assert daemon.stats()["used_bytes"] == 1 << 20
+    stats = _wait_for(lambda: (s := daemon.stats())["expired_sessions"] and s, 10, "the session to expire")
+    assert (stats["sessions"], stats["used_bytes"], stats["expired_sessions"]) == ([], 0, 1)
+    with pytest.raises(UnknownSessionError):
+        channel.call(Op.HEARTBEAT, token)
+    assert "expired" in daemon.log()
+    channel.close()
+
+
+def test_heartbeats_keep_a_session_alive(daemon_factory: StartDaemon) -> None:
+    daemon = daemon_factory(heartbeat_timeout="1s")
+    channel = daemon.channel()
+    token = _register(channel)["token"]
+    until = time.monotonic() + 2.0  # twice the timeout
+    while time.monotonic() < until:
+        assert channel.call(Op.HEARTBEAT, token) == {"used_bytes": 0}
+        time.sleep(0.2)  # the client's heartbeat interval, not a readiness wait
+    assert daemon.stats()["expired_sessions"] == 0
+    channel.close()
+
+
+def test_dead_client_process_expires_before_the_heartbeat_timeout(daemon_factory: StartDaemon) -> None:
+    daemon = daemon_factory(heartbeat_timeout="60s")
+    child = subprocess.Popen(["sleep", "60"])
+    channel = daemon.channel()
+    pid_ns = os.stat("/proc/self/ns/pid").st_ino
+    token = channel.call(Op.REGISTER, pid=child.pid, pid_ns=pid_ns)["token"]
+    channel.call(Op.OFFLOAD, token, sizes=[4096])
+    child.kill()
+    child.wait()
+    stats = _wait_for(lambda: (s := daemon.stats())["expired_sessions"] and s, 5, "the dead client's session to expire")
+    assert (stats["sessions"], stats["used_bytes"]) == ([], 0)
+    channel.close()
+
+
+# -- start and stop -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["sigterm", "stormctl"])
+def test_shutdown_exits_zero_and_leaves_nothing(daemon: DaemonProcess, how: str) -> None:
+    channel = daemon.channel()
+    session = _register(channel)
+    channel.call(Op.OFFLOAD, session["token"], sizes=[4096])
+    channel.close()
+    names = [s["name"] for s in session["segments"]]
+    assert all(os.path.exists(f"/dev/shm/{name}") for name in names)
+    if how == "sigterm":
+        assert daemon.stop() == 0
+    else:
+        result = _ctl(daemon.endpoint, "shutdown")
+        assert (result.returncode, "is shutting down" in result.stdout) == (0, True), result.stderr
+        assert daemon.proc.wait(timeout=10) == 0
+    assert not any(os.path.exists(f"/dev/shm/{name}") for name in names)
+    assert os.listdir(daemon.socket_dir) == ["stormd.log"]  # no socket, no lock file
+    assert "stopped" in daemon.log()
+
+
+def test_requests_during_shutdown_are_answered_or_dropped(daemon: DaemonProcess) -> None:
+    channel = daemon.channel()
+    token = _register(channel)["token"]
+    ids = [channel.send(Op.HEARTBEAT, token) for _ in range(20)]
+    daemon.proc.send_signal(signal.SIGTERM)
+    ids += [channel.send(Op.STATS, token) for _ in range(20)]
+    outcomes: set[str] = set()
+    for request_id in ids:
+        started = time.monotonic()
+        try:
+            channel.wait(request_id, Op.STATS, timeout_s=3)
+            outcomes.add("ok")
+        except ShuttingDownError:
+            outcomes.add("shutting-down")
+        except StormError as e:  # the daemon exited first: a typed error, never a hang
+            outcomes.add(type(e).__name__)
+        assert time.monotonic() - started < 4, "a request outlived its timeout"
+    assert outcomes <= {"ok", "shutting-down", "StormUnavailableError", "StormTimeoutError"}
+    assert daemon.proc.wait(timeout=10) == 0
+    channel.close()
+
+
+def test_second_daemon_on_the_same_endpoint_refuses_to_start(daemon: DaemonProcess) -> None:
+    with open(daemon.socket_path + ".lock") as f:
+        record = json.load(f)
+    result = _stormd(daemon.endpoint, "--pool-size", "1MiB")
+    assert result.returncode != 0
+    assert "already serves" in result.stderr and f"pid {daemon.proc.pid}" in result.stderr
+    assert "reserved" not in result.stderr  # refused before it made a pool
+    with open(daemon.socket_path + ".lock") as f:
+        assert json.load(f) == record  # the first daemon's record is untouched
+    channel = daemon.channel()
+    assert channel.call(Op.PING)["pid"] == daemon.proc.pid  # the first one still owns the endpoint
+    channel.close()
+
+
+def test_pool_larger_than_dev_shm_fails_at_start() -> None:
+    socket_dir = tempfile.mkdtemp(prefix="stormt-", dir="/tmp")
+    before = storm_segments()
+    try:
+        result = _stormd(f"ipc://{socket_dir}/stormd.sock", "--pool-size", "100TiB")
+        assert result.returncode != 0
+        assert "/dev/shm" in result.stderr
+        assert not _unmapped(storm_segments() - before)
+        assert os.listdir(socket_dir) == []  # no socket, no lock file
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def test_killed_daemon_segment_is_swept_by_the_next(daemon_factory: StartDaemon) -> None:
+    first = daemon_factory()
+    channel = first.channel()
+    names = [s["name"] for s in _register(channel)["segments"]]
+    channel.close()
+    first.kill()
+    assert all(os.path.exists(f"/dev/shm/{name}") for name in names)  # SIGKILL cleans nothing
+    second = daemon_factory(endpoint=first.endpoint)
+    assert not any(os.path.exists(f"/dev/shm/{name}") for name in names)
+    assert "swept 1 segment(s)" in second.log()
+    assert "removed a stale socket" in second.log()
+
+
+# -- stormctl and permissions -----------------------------------------------------------
+
+
+def test_stormctl_stats_json_prints_one_object(daemon: DaemonProcess) -> None:
+    channel = daemon.channel()
+    session = _register(channel, name="ctl")
+    channel.call(Op.OFFLOAD, session["token"], sizes=[4096])
+    result = _ctl(daemon.endpoint, "stats", "--json")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip().splitlines()) == 1
+    stats = json.loads(result.stdout)
+    assert stats["pool_bytes"] == 64 << 20 and stats["used_bytes"] == 4096
+    assert stats["free_bytes"] == stats["pool_bytes"] - 4096
+    assert stats["largest_free_bytes"] == stats["free_bytes"]
+    [listed] = stats["sessions"]
+    assert (listed["id"], listed["pid"], listed["used_bytes"]) == (session["session_id"], os.getpid(), 4096)
+    channel.close()
+
+
+def test_stormctl_ping_without_a_daemon_names_the_endpoint() -> None:
+    endpoint = f"ipc:///tmp/stormt-none-{os.getpid()}/stormd.sock"
+    result = _ctl(endpoint, "--timeout", "0.5", "ping")
+    assert result.returncode == 1
+    assert endpoint in result.stderr
+
+
+def test_socket_directory_and_files_are_private(daemon_factory: StartDaemon) -> None:
+    parent = tempfile.mkdtemp(prefix="stormt-", dir="/tmp")
+    try:
+        socket_dir = os.path.join(parent, "run")  # missing: the daemon creates it
+        daemon = daemon_factory(endpoint=f"ipc://{socket_dir}/stormd.sock")
+        channel = daemon.channel()
+        [segment] = _register(channel)["segments"]
+        channel.close()
+        assert stat.S_IMODE(os.stat(socket_dir).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(f"/dev/shm/{segment['name']}").st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(f"{socket_dir}/stormd.sock").st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(f"{socket_dir}/stormd.sock.lock").st_mode) == 0o600
+        assert daemon.stop() == 0
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
