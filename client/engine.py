@@ -12,10 +12,15 @@ NOTE [Transfer engine]
   engine also fetches the handles offloaded just before it (backward runs in reverse)
   until ``prefetch_bytes`` of fetched-but-unused tensors are in flight.
 
+  Fetch destinations are allocated by the thread that asks (backward's), not by the
+  engine: on CUDA that puts them on the consumer's stream, and on the CPU it keeps
+  them in the training thread's malloc arena, where they are reused step after step
+  (a second thread's arena would hold its own freed blocks).
+
   CUDA ordering uses events, not ``record_stream``: the D2H copy waits on an event
   recorded on the producer's stream, and the source is dropped only after the copy's
-  event completes; the H2D destination is allocated on the consumer's stream, the H2D
-  stream waits for that allocation, and the consumer waits on the copy's event.
+  event completes; the H2D stream waits on an event recorded after the destination
+  was allocated, and the consumer waits on the copy's event.
 """
 
 from __future__ import annotations
@@ -81,7 +86,9 @@ class _Offload:
 @dataclass
 class _Fetch:
     handle: Handle
-    consumer_stream: Any
+    out: torch.Tensor
+    """The destination, allocated on the thread that asked (see NOTE [Transfer engine])."""
+    allocated: Any  # CUDA: event recorded on the consumer's stream after allocating ``out``
 
 
 @dataclass
@@ -207,8 +214,12 @@ class TransferEngine:
         handle.prefetched = prefetch
         if prefetch:
             self._inflight_prefetch_bytes += handle.size_bytes
-        consumer = torch.cuda.current_stream(handle.device) if handle.device.type == "cuda" else None
-        self._queue.put(_Fetch(handle, consumer))
+        out = torch.empty(handle.shape, dtype=handle.dtype, device=handle.device)
+        allocated = None
+        if handle.device.type == "cuda":
+            allocated = torch.cuda.Event()
+            allocated.record(torch.cuda.current_stream(handle.device))
+        self._queue.put(_Fetch(handle, out, allocated))
 
     def _prefetch_before(self, handle: Handle) -> None:
         # Backward consumes activations in reverse order of offload: warm the ones before.
@@ -401,22 +412,17 @@ class TransferEngine:
             handle = job.handle
             src = self.segments[handle.segment].view(handle.offset, handle.size_bytes)
             src = src.view(handle.dtype).view(handle.shape)
-            if job.consumer_stream is not None:
+            if job.allocated is not None:
                 assert self.h2d_stream is not None
-                with torch.cuda.stream(job.consumer_stream):
-                    out = torch.empty(handle.shape, dtype=handle.dtype, device=handle.device)
-                    allocated = torch.cuda.Event()
-                    allocated.record(job.consumer_stream)
-                self.h2d_stream.wait_event(allocated)
+                self.h2d_stream.wait_event(job.allocated)
                 with torch.cuda.stream(self.h2d_stream):
-                    out.copy_(src, non_blocking=True)
+                    job.out.copy_(src, non_blocking=True)
                     copied = torch.cuda.Event()
                     copied.record(self.h2d_stream)
                 handle.copy_event = copied
             else:
-                out = torch.empty(handle.shape, dtype=handle.dtype)
-                out.copy_(src)
-            handle.fetched = out
+                job.out.copy_(src)
+            handle.fetched = job.out
             handle.fetch_done.set()
 
     # free -----------------------------------------------------------------------

@@ -129,6 +129,7 @@ class _SavedTensorOffloader:
     def pack(self, tensor: torch.Tensor) -> torch.Tensor | _Packed:
         if (
             type(tensor) is not torch.Tensor  # parameters and tensor subclasses stay put
+            or isinstance(tensor._base, nn.Parameter)  # so do views of parameters (linear saves weight.t())
             or tensor.layout is not torch.strided
             or tensor.numel() * tensor.element_size() < self.min_bytes
         ):

@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -84,6 +84,7 @@ class Channel:
         self._posted: dict[int, str] = {}
         self._socket = context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.RCVTIMEO, int(_POLL_SLICE_S * 1000))
         if curve is not None:
             self._socket.curve_serverkey = curve.server_public
             self._socket.curve_publickey = curve.public
@@ -92,7 +93,7 @@ class Channel:
 
     def send(self, op: Op, token: str | None = None, **fields: Any) -> int:
         request_id = next(self._ids)
-        self._socket.send(encode_request(request_id, op, token, **fields), copy=False)
+        self._socket.send(encode_request(request_id, op, token, **fields))
         return request_id
 
     def post(self, op: Op, token: str | None = None, **fields: Any) -> int:
@@ -110,12 +111,12 @@ class Channel:
         reply = self._early.pop(request_id, None)
         deadline = time.monotonic() + timeout_s
         while reply is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            frame = self._recv()  # blocks for at most one poll slice (RCVTIMEO)
+            if frame is not None:
+                reply = self._take(frame, request_id)
+            elif time.monotonic() > deadline:
                 self._posted[request_id] = op.value  # a late reply is then read and dropped
                 raise self._no_reply(op, timeout_s)
-            if self._socket.poll(min(remaining, _POLL_SLICE_S) * 1000, zmq.POLLIN):
-                reply = self._take(request_id)
             elif self._alive is not None and not self._alive():
                 raise StormUnavailableError(f"{op.value}: the daemon at {self.endpoint} has exited")
         if not reply.ok:
@@ -124,8 +125,8 @@ class Channel:
 
     def drain(self) -> None:
         """Read every reply already here without blocking (checks posted requests for errors)."""
-        while self._socket.poll(0, zmq.POLLIN):
-            self._take(None)
+        while cast(int, self._socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            self._take(self._socket.recv(), None)
 
     def pending_posts(self) -> int:
         return len(self._posted)
@@ -134,21 +135,27 @@ class Channel:
         """Wait until every posted request has been answered."""
         deadline = time.monotonic() + timeout_s
         while self._posted:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            frame = self._recv()
+            if frame is not None:
+                self._take(frame, None)
+            elif time.monotonic() > deadline:
                 raise self._no_reply(Op(next(iter(self._posted.values()))), timeout_s)
-            if self._socket.poll(min(remaining, _POLL_SLICE_S) * 1000, zmq.POLLIN):
-                self._take(None)
             elif self._alive is not None and not self._alive():
                 raise StormUnavailableError(f"the daemon at {self.endpoint} has exited")
 
     def close(self) -> None:
         self._socket.close(linger=0)
 
-    def _take(self, wanted: int | None) -> Reply | None:
-        """Receive one frame; return it if it answers ``wanted``, else file it away."""
+    def _recv(self) -> bytes | None:
         try:
-            reply = decode_reply(self._socket.recv())
+            return self._socket.recv()
+        except zmq.Again:
+            return None
+
+    def _take(self, frame: bytes, wanted: int | None) -> Reply | None:
+        """Decode one frame; return it if it answers ``wanted``, else file it away."""
+        try:
+            reply = decode_reply(frame)
         except ProtocolError as e:
             log.warning("ignored a malformed reply: %s", e)
             return None
