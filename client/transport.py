@@ -85,6 +85,7 @@ class Channel:
         self._socket = context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.RCVTIMEO, int(_POLL_SLICE_S * 1000))
+        self._socket.setsockopt(zmq.SNDTIMEO, int(DEFAULT_TIMEOUT_S * 1000))  # a DEALER without peers blocks
         if curve is not None:
             self._socket.curve_serverkey = curve.server_public
             self._socket.curve_publickey = curve.public
@@ -93,7 +94,10 @@ class Channel:
 
     def send(self, op: Op, token: str | None = None, **fields: Any) -> int:
         request_id = next(self._ids)
-        self._socket.send(encode_request(request_id, op, token, **fields))
+        try:
+            self._socket.send(encode_request(request_id, op, token, **fields))
+        except zmq.Again:
+            raise StormUnavailableError(f"{op.value}: cannot send to {self.endpoint}: no connection") from None
         return request_id
 
     def post(self, op: Op, token: str | None = None, **fields: Any) -> int:

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import zmq
 
-from client.transport import Channel
+from client.transport import Channel, CurveKeys
 from storm_service.errors import StormError
 from storm_service.protocol import Op
 
@@ -83,6 +83,7 @@ class DaemonProcess:
             self.endpoint,
             _REQUEST_IDS,
             alive=lambda: self.proc.poll() is None,
+            curve=CurveKeys.from_env(),
         )
 
     def stats(self) -> dict[str, Any]:

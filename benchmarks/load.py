@@ -1,0 +1,263 @@
+"""Load and soak: N client processes x M cycles of offload -> fetch -> verify -> free.
+
+    .venv/bin/python -m benchmarks.load [--clients 8] [--cycles 2000] [--pool-size 64MiB] [--seed 0]
+
+Each client is a ``StormSystem(policy="wait")`` in its own process (multiprocessing
+"spawn": torch and fork do not mix). A cycle offloads a tensor of random bytes, of a
+log-uniform size between 1 KiB and 8 MiB, from a seeded generator; up to four
+(a random target each cycle) stay in flight per client, and the oldest is fetched,
+compared with ``torch.equal`` and freed. With 8 clients the pool (64 MiB by default)
+fills now and then: a full pool makes the engine wait and retry (POOL_FULL replies,
+counted by the daemon), never keep the tensor (``kept_tensors`` must stay 0).
+
+Reported: cycles, mismatches, errors by type, the daemon's bytes and sessions left
+after every client closed (must be 0 and none), the daemon's VmRSS at start, after
+warm-up (10 % of the cycles) and at the end, wall time and cycles/s, and POOL_FULL
+replies. ``run_load`` is the core; ``tests/integration/test_load.py`` reuses it.
+Module-level imports stay torch-free: the spawned clients re-import this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import math
+import multiprocessing as mp
+import random
+import sys
+import time
+import traceback
+from typing import Any
+
+from client.transport import Channel
+from storm_service.protocol import Op
+
+KiB = 1 << 10
+MiB = 1 << 20
+MIN_BYTES = 1 * KiB
+MAX_BYTES = 8 * MiB
+MAX_IN_FLIGHT = 4
+WARMUP_FRACTION = 0.1
+START_TIMEOUT_S = 120.0
+"""Spawned clients import torch: seconds each on a loaded 2-core box."""
+
+
+def random_size(rng: random.Random) -> int:
+    """Log-uniform in [MIN_BYTES, MAX_BYTES]."""
+    return min(MAX_BYTES, int(math.exp(rng.uniform(math.log(MIN_BYTES), math.log(MAX_BYTES)))))
+
+
+def _client(endpoint: str, index: int, cycles: int, seed: int, barrier: Any, progress: Any, results: Any) -> None:
+    """One client process: register, run its cycles, report, close."""
+    result: dict[str, Any] = {"index": index, "cycles": 0, "mismatches": 0, "errors": {}, "bytes": 0}
+    errors: collections.Counter[str] = collections.Counter()
+    try:
+        import numpy as np
+        import torch
+
+        from client.system import StormSystem
+        from storm_service.errors import StormError
+
+        torch.set_num_threads(1)
+        rng = random.Random(seed * 1_000_003 + index)
+        system = StormSystem(endpoint, name=f"load-{index}", policy="wait", wait_timeout_s=60, timeout_s=10)
+        try:
+            barrier.wait(START_TIMEOUT_S)
+            pending: collections.deque[tuple[Any, Any]] = collections.deque()
+
+            def settle_oldest() -> None:
+                handle, original = pending.popleft()
+                try:
+                    fetched = system.fetch(handle)
+                    if fetched.dtype != original.dtype or not torch.equal(fetched, original):
+                        result["mismatches"] += 1
+                    result["cycles"] += 1
+                    result["bytes"] += original.numel()
+                except StormError as e:
+                    errors[type(e).__name__] += 1
+                finally:
+                    system.free(handle)
+                with progress.get_lock():
+                    progress.value += 1
+
+            for _ in range(cycles):
+                size = random_size(rng)
+                data = torch.from_numpy(np.random.default_rng(rng.getrandbits(64)).integers(0, 256, size, np.uint8))
+                try:
+                    pending.append((system.offload(data), data))
+                except StormError as e:
+                    errors[type(e).__name__] += 1
+                    with progress.get_lock():
+                        progress.value += 1
+                target = rng.randint(1, MAX_IN_FLIGHT)
+                while len(pending) >= target:
+                    settle_oldest()
+            while pending:
+                settle_oldest()
+            stats = system.stats()
+            result["engine"] = {k: v for k, v in stats.items() if isinstance(v, int | float) and k != "session_id"}
+        finally:
+            system.close()
+    except BaseException as e:  # report instead of dying silently
+        errors[type(e).__name__] += 1
+        result["traceback"] = traceback.format_exc()
+    result["errors"] = dict(errors)
+    results.put(result)
+
+
+def _sessionless_stats(endpoint: str) -> dict[str, Any]:
+    import zmq
+
+    context = zmq.Context()
+    channel = Channel(context, endpoint, itertools.count(1))
+    try:
+        return channel.call(Op.STATS, None, 10.0)
+    finally:
+        channel.close()
+        context.term()
+
+
+def vm_rss(pid: int) -> int:
+    """VmRSS of ``pid`` in bytes (includes the pool pages the daemon touched)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * KiB
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def run_load(endpoint: str, clients: int = 8, cycles: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Run ``clients`` processes x ``cycles`` against the daemon at ``endpoint``; return the figures."""
+    before = _sessionless_stats(endpoint)
+    daemon_pid = int(before["daemon_pid"])
+    rss_start = vm_rss(daemon_pid)
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(clients + 1)
+    progress = ctx.Value("q", 0)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_client, args=(endpoint, i, cycles, seed, barrier, progress, results), daemon=True)
+        for i in range(clients)
+    ]
+    for proc in procs:
+        proc.start()
+    barrier.wait(START_TIMEOUT_S)
+    started = time.perf_counter()
+    total = clients * cycles
+    rss_warm = None
+    rss_peak = rss_start
+    collected: list[dict[str, Any]] = []
+    while len(collected) < clients:
+        try:
+            collected.append(results.get(timeout=0.25))
+        except Exception:  # queue.Empty
+            if all(not p.is_alive() for p in procs) and results.empty():
+                break
+        rss_peak = max(rss_peak, vm_rss(daemon_pid))
+        if rss_warm is None and progress.value >= WARMUP_FRACTION * total:
+            rss_warm = vm_rss(daemon_pid)
+    wall_s = time.perf_counter() - started
+    for proc in procs:
+        proc.join(30)
+    after = _sessionless_stats(endpoint)
+    rss_end = vm_rss(daemon_pid)
+    errors: collections.Counter[str] = collections.Counter()
+    engine: collections.Counter[str] = collections.Counter()
+    for r in collected:
+        errors.update(r["errors"])
+        engine.update(r.get("engine", {}))
+    lost = clients - len(collected)
+    if lost:
+        errors["ClientLost"] += lost
+    done = sum(r["cycles"] for r in collected)
+    rss_warm = rss_warm if rss_warm is not None else rss_start
+    return {
+        "clients": clients,
+        "cycles_per_client": cycles,
+        "seed": seed,
+        "pool_bytes": after["pool_bytes"],
+        "cycles": done,
+        "mismatches": sum(r["mismatches"] for r in collected),
+        "errors": dict(errors),
+        "bytes_verified": sum(r["bytes"] for r in collected),
+        "wall_s": wall_s,
+        "cycles_per_s": done / wall_s if wall_s > 0 else 0.0,
+        "end_used_bytes": after["used_bytes"],
+        "end_extents": after["extents"],
+        "end_sessions": len(after["sessions"]),
+        "daemon_pid": daemon_pid,
+        "daemon_rss": {"start": rss_start, "warm": rss_warm, "end": rss_end, "peak": rss_peak},
+        "daemon_rss_growth_after_warmup": rss_end - rss_warm,
+        "pool_full_replies": after["errors"].get("POOL_FULL", 0) - before["errors"].get("POOL_FULL", 0),
+        "daemon_errors": after["errors"],
+        "daemon_requests": after["requests"],
+        "expired_sessions": after["expired_sessions"] - before["expired_sessions"],
+        "kept_tensors": engine.get("kept_tensors", 0),
+        "engine": dict(engine),
+        "client_exitcodes": [p.exitcode for p in procs],
+        "tracebacks": [r["traceback"] for r in collected if "traceback" in r],
+    }
+
+
+def print_report(result: dict[str, Any]) -> None:
+    from benchmarks.common import print_table
+
+    rss = result["daemon_rss"]
+    rows = [
+        ("clients x cycles", f"{result['clients']} x {result['cycles_per_client']}"),
+        ("pool", f"{result['pool_bytes'] / MiB:.0f} MiB"),
+        ("cycles verified", result["cycles"]),
+        ("mismatches", result["mismatches"]),
+        ("errors", ", ".join(f"{k}: {v}" for k, v in sorted(result["errors"].items())) or "none"),
+        ("GiB verified", f"{result['bytes_verified'] / (1 << 30):.2f}"),
+        ("wall time", f"{result['wall_s']:.1f} s"),
+        ("cycles/s", f"{result['cycles_per_s']:.0f}"),
+        ("POOL_FULL replies (waits)", result["pool_full_replies"]),
+        ("kept tensors", result["kept_tensors"]),
+        ("sessions expired", result["expired_sessions"]),
+        ("bytes held at end", result["end_used_bytes"]),
+        ("sessions at end", result["end_sessions"]),
+        ("daemon VmRSS start", f"{rss['start'] / MiB:.1f} MiB"),
+        ("daemon VmRSS after warm-up", f"{rss['warm'] / MiB:.1f} MiB"),
+        ("daemon VmRSS end", f"{rss['end'] / MiB:.1f} MiB"),
+        ("daemon VmRSS peak", f"{rss['peak'] / MiB:.1f} MiB"),
+        ("growth after warm-up", f"{result['daemon_rss_growth_after_warmup'] / MiB:+.2f} MiB"),
+    ]
+    print_table(["figure", "value"], rows, title="STORM load / soak")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--cycles", type=int, default=2000, help="cycles per client")
+    p.add_argument("--pool-size", default="64MiB")
+    p.add_argument("--heartbeat-timeout", default="5s")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    from benchmarks.common import write_json
+    from worker.embedded import EmbeddedDaemon
+
+    with EmbeddedDaemon(args.pool_size, args.heartbeat_timeout) as daemon:
+        result = run_load(daemon.endpoint, args.clients, args.cycles, args.seed)
+        alive = daemon._proc.poll() is None
+    result["daemon_alive_at_end"] = alive
+    print_report(result)
+    for tb in result["tracebacks"]:
+        print(tb, file=sys.stderr)
+    write_json("load", result)
+    ok = (
+        alive
+        and result["mismatches"] == 0
+        and not result["errors"]
+        and result["end_used_bytes"] == 0
+        and result["end_sessions"] == 0
+        and result["kept_tensors"] == 0
+    )
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
