@@ -55,7 +55,7 @@ def test_tcp_with_curve_serves_clients_holding_an_authorized_key(curve_daemon):
 
 
 def test_tcp_with_curve_gives_nothing_to_a_client_with_another_key(curve_daemon, tmp_path, monkeypatch):
-    daemon, keys = curve_daemon
+    daemon, _ = curve_daemon
     assert stormctl(["keygen", str(tmp_path / "other")]) == 0
     monkeypatch.setenv("STORM_CURVE_CLIENT_KEY", str(tmp_path / "other" / "client.key_secret"))
     with pytest.raises(StormUnavailableError):

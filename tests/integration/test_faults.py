@@ -39,9 +39,9 @@ VICTIM = textwrap.dedent(
 def _worker(endpoint: str | None, seed: int, summary, steps: int = 25) -> subprocess.Popen[str]:
     mode = ["--endpoint", endpoint] if endpoint else ["--no-offload"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("STORM_")}
+    args = ["--seed", str(seed), "--steps", str(steps), "--lr", "5e-3", "--threads", "1", "--summary", str(summary)]
     return subprocess.Popen(
-        [sys.executable, "-m", "worker.main", *mode, "--seed", str(seed), "--steps", str(steps), "--lr", "5e-3"]
-        + ["--threads", "1", "--summary", str(summary)],
+        [sys.executable, "-m", "worker.main", *mode, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
