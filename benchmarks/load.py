@@ -4,7 +4,7 @@
 
 Each client is a ``StormSystem(policy="wait")`` in its own process (multiprocessing
 "spawn": torch and fork do not mix). A cycle offloads a tensor of random bytes, of a
-log-uniform size between 1 KiB and 8 MiB, from a seeded generator; up to four
+log-uniform size between 1 KiB and 8 MiB, from a seeded generator; two to four
 (a random target each cycle) stay in flight per client, and the oldest is fetched,
 compared with ``torch.equal`` and freed. With 8 clients the pool (64 MiB by default)
 fills now and then: a full pool makes the engine wait and retry (POOL_FULL replies,
@@ -38,6 +38,23 @@ MiB = 1 << 20
 MIN_BYTES = 1 * KiB
 MAX_BYTES = 8 * MiB
 MAX_IN_FLIGHT = 4
+MIN_IN_FLIGHT = 2
+"""Each cycle a client keeps a random 2 to 4 tensors in flight (enough to fill the pool now and then)."""
+ENGINE_COUNTERS = (
+    "offloaded_tensors",
+    "offloaded_bytes",
+    "fetched_tensors",
+    "fetched_bytes",
+    "prefetch_hits",
+    "prefetch_waits",
+    "fetch_misses",
+    "fetch_wait_s",
+    "kept_tensors",
+    "kept_bytes",
+    "engine_round_trips",
+    "freed_tensors",
+    "blocking_round_trips",
+)
 WARMUP_FRACTION = 0.1
 START_TIMEOUT_S = 120.0
 """Spawned clients import torch: seconds each on a loaded 2-core box."""
@@ -90,13 +107,14 @@ def _client(endpoint: str, index: int, cycles: int, seed: int, barrier: Any, pro
                     errors[type(e).__name__] += 1
                     with progress.get_lock():
                         progress.value += 1
-                target = rng.randint(1, MAX_IN_FLIGHT)
+                target = rng.randint(MIN_IN_FLIGHT, MAX_IN_FLIGHT)
                 while len(pending) >= target:
                     settle_oldest()
             while pending:
                 settle_oldest()
             stats = system.stats()
-            result["engine"] = {k: v for k, v in stats.items() if isinstance(v, int | float) and k != "session_id"}
+            result["engine"] = {k: stats[k] for k in ENGINE_COUNTERS}
+            result["peak_bytes"] = stats["peak_bytes"]
         finally:
             system.close()
     except BaseException as e:  # report instead of dying silently
@@ -194,6 +212,7 @@ def run_load(endpoint: str, clients: int = 8, cycles: int = 2000, seed: int = 0)
         "daemon_requests": after["requests"],
         "expired_sessions": after["expired_sessions"] - before["expired_sessions"],
         "kept_tensors": engine.get("kept_tensors", 0),
+        "session_peak_bytes_max": max((r.get("peak_bytes", 0) for r in collected), default=0),
         "engine": dict(engine),
         "client_exitcodes": [p.exitcode for p in procs],
         "tracebacks": [r["traceback"] for r in collected if "traceback" in r],

@@ -12,10 +12,11 @@ NOTE [Transfer engine]
   engine also fetches the handles offloaded just before it (backward runs in reverse)
   until ``prefetch_bytes`` of fetched-but-unused tensors are in flight.
 
-  Fetch destinations are allocated by the thread that asks (backward's), not by the
-  engine: on CUDA that puts them on the consumer's stream, and on the CPU it keeps
-  them in the training thread's malloc arena, where they are reused step after step
-  (a second thread's arena would hold its own freed blocks).
+  On CUDA, fetch destinations are allocated by the thread that asks (backward's), on
+  the consumer's stream, and the engine runs the H2D copies. On the CPU the engine only
+  has the daemon confirm the extents; ``take`` then reads the bytes in place or copies
+  them on the asking thread (NOTE [Aliased fetch]), so nothing is allocated in a second
+  thread's malloc arena, which would hold its own freed blocks.
 
   CUDA ordering uses events, not ``record_stream``: the D2H copy waits on an event
   recorded on the producer's stream, and the source is dropped only after the copy's
@@ -25,10 +26,12 @@ NOTE [Transfer engine]
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,8 +89,9 @@ class _Offload:
 @dataclass
 class _Fetch:
     handle: Handle
-    out: torch.Tensor
-    """The destination, allocated on the thread that asked (see NOTE [Transfer engine])."""
+    out: torch.Tensor | None
+    """CUDA: the destination, allocated on the thread that asked (NOTE [Transfer engine]).
+    None on the CPU, where the bytes are read from the pool by ``take``."""
     allocated: Any  # CUDA: event recorded on the consumer's stream after allocating ``out``
 
 
@@ -155,8 +159,12 @@ class TransferEngine:
             self._live[handle.seq] = handle
         self._queue.put(_Offload(handle, tensor, producer, consumer))
 
-    def take(self, handle: Handle, timeout_s: float) -> torch.Tensor:
-        """Return the fetched tensor for ``handle``, fetching it now if nothing did (see NOTE)."""
+    def take(self, handle: Handle, timeout_s: float, alias: bool = False) -> torch.Tensor:
+        """Return the tensor for ``handle``, fetching it now if nothing did (see NOTE).
+
+        On the CPU the bytes are read from the pool once the daemon has confirmed the
+        extent: copied out, or with ``alias`` handed out in place (NOTE [Aliased fetch]).
+        """
         if handle.freed:
             raise StormError(f"fetch: {handle!r} was already freed")
         started = time.perf_counter()
@@ -178,15 +186,45 @@ class TransferEngine:
             if handle.prefetched:
                 self._inflight_prefetch_bytes -= handle.size_bytes
                 handle.prefetched = False
-        self.stats.fetch_wait_s += time.perf_counter() - started
         if error is not None:
             raise error
-        assert tensor is not None
-        if handle.copy_event is not None:
+        if tensor is None:
+            tensor = self._alias(handle) if alias else self._pool_view(handle).clone()
+        elif handle.copy_event is not None:
             torch.cuda.current_stream(tensor.device).wait_event(handle.copy_event)  # type: ignore[arg-type]
+        self.stats.fetch_wait_s += time.perf_counter() - started
         self.stats.fetched_tensors += 1
         self.stats.fetched_bytes += handle.size_bytes
         return tensor
+
+    def _pool_view(self, handle: Handle) -> torch.Tensor:
+        view = self.segments[handle.segment].view(handle.offset, handle.size_bytes)
+        return view.view(handle.dtype).view(handle.shape)
+
+    def _alias(self, handle: Handle) -> torch.Tensor:
+        """A tensor over the handle's extent with a storage of its own (NOTE [Aliased fetch]).
+
+        NOTE [Aliased fetch]
+          On the CPU, backward can read an activation where it lies in the pool: no copy
+          back, and no private memory for it. The tensor gets a storage of its own over
+          a ctypes window on the mapping, so its lifetime is the storage's: the window's
+          finalizer runs when the last view of that storage is gone, and a ``free`` that
+          comes while views are alive waits for it (the extent must not be reused under
+          a live tensor). Such tensors must not outlive the StormSystem.
+        """
+        window = (ctypes.c_uint8 * handle.size_bytes).from_buffer(self.segments[handle.segment].mmap, handle.offset)
+        with self._lock:
+            handle.views += 1
+        weakref.finalize(window, self._view_released, handle)
+        return torch.frombuffer(window, dtype=torch.uint8).view(handle.dtype).view(handle.shape)
+
+    def _view_released(self, handle: Handle) -> None:
+        with self._lock:
+            handle.views -= 1
+            if handle.views or not handle.free_pending:
+                return
+            handle.free_pending = False
+        self._queue.put(_Free(handle))
 
     def submit_free(self, handle: Handle) -> None:
         with self._lock:
@@ -197,6 +235,9 @@ class TransferEngine:
             if handle.prefetched:
                 self._inflight_prefetch_bytes -= handle.size_bytes
                 handle.prefetched = False
+            if handle.views:
+                handle.free_pending = True  # freed by the last aliased view (NOTE [Aliased fetch])
+                return
         self._queue.put(_Free(handle))
 
     def flush(self, timeout_s: float) -> None:
@@ -214,9 +255,9 @@ class TransferEngine:
         handle.prefetched = prefetch
         if prefetch:
             self._inflight_prefetch_bytes += handle.size_bytes
-        out = torch.empty(handle.shape, dtype=handle.dtype, device=handle.device)
-        allocated = None
+        out = allocated = None
         if handle.device.type == "cuda":
+            out = torch.empty(handle.shape, dtype=handle.dtype, device=handle.device)
             allocated = torch.cuda.Event()
             allocated.record(torch.cuda.current_stream(handle.device))
         self._queue.put(_Fetch(handle, out, allocated))
@@ -410,19 +451,15 @@ class TransferEngine:
         self._call(channel, Op.FETCH, handles=[job.handle.id for job in wanted])
         for job in wanted:
             handle = job.handle
-            src = self.segments[handle.segment].view(handle.offset, handle.size_bytes)
-            src = src.view(handle.dtype).view(handle.shape)
-            if job.allocated is not None:
+            if job.out is not None:
                 assert self.h2d_stream is not None
                 self.h2d_stream.wait_event(job.allocated)
                 with torch.cuda.stream(self.h2d_stream):
-                    job.out.copy_(src, non_blocking=True)
+                    job.out.copy_(self._pool_view(handle), non_blocking=True)
                     copied = torch.cuda.Event()
                     copied.record(self.h2d_stream)
                 handle.copy_event = copied
-            else:
-                job.out.copy_(src)
-            handle.fetched = job.out
+                handle.fetched = job.out
             handle.fetch_done.set()
 
     # free -----------------------------------------------------------------------

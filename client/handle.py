@@ -39,6 +39,9 @@ class Handle:
     fetch_requested: bool = False
     prefetched: bool = False
     fetched: torch.Tensor | None = None
+    views: int = 0
+    """Live tensors that read this extent in place (NOTE [Aliased fetch] in client/engine.py)."""
+    free_pending: bool = False
     copy_event: object | None = None
     """CUDA: the event that completes the H2D copy into ``fetched`` (None on CPU)."""
     stored: threading.Event = field(default_factory=threading.Event)

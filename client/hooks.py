@@ -71,7 +71,7 @@ class _Record:
         with self.lock:
             restored = self.restored
             if restored is None:
-                restored = self.system.fetch(self.handle)  # (nbytes,) uint8
+                restored = self.system.fetch(self.handle, alias=True)  # (nbytes,) uint8
                 if self.not_unpacked > 1:
                     self.restored = restored
             self.not_unpacked = max(self.not_unpacked - 1, 0)

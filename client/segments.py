@@ -52,6 +52,12 @@ class MappedSegment:
                 raise RuntimeError(f"cudaHostRegister of segment {self.name} at offset {offset} failed: {err}")
         self.pinned = True
 
+    @property
+    def mmap(self) -> mmap.mmap:
+        if self._mm is None:
+            raise ValueError(f"segment {self.name} is closed")
+        return self._mm
+
     def view(self, offset: int, size_bytes: int) -> torch.Tensor:
         """The bytes ``[offset, offset + size_bytes)`` as a uint8 tensor (no copy)."""
         if offset < 0 or offset + size_bytes > self.size_bytes:

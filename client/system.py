@@ -205,8 +205,13 @@ class StormSystem:
         self._engine.submit_offload(handle, tensor.detach())
         return handle
 
-    def fetch(self, handle: Handle) -> torch.Tensor:
-        """Return a tensor equal to the one offloaded (waits for any copy in flight)."""
+    def fetch(self, handle: Handle, alias: bool = False) -> torch.Tensor:
+        """Return a tensor equal to the one offloaded (waits for any copy in flight).
+
+        With ``alias`` a CPU tensor is returned that reads the pool in place instead of
+        a copy; its extent stays allocated until that tensor is gone, even once freed,
+        and it must not outlive this system (NOTE [Aliased fetch] in client/engine.py).
+        """
         if handle.generation != self.generation:
             raise StormUnavailableError(
                 f"fetch: {handle!r} was held by an earlier session with stormd at {self.endpoint}, "
@@ -215,7 +220,7 @@ class StormSystem:
         self._check_open("fetch")
         if handle.kept is not None and handle.id is None:
             return handle.kept
-        return self._engine.take(handle, self.fetch_timeout_s)
+        return self._engine.take(handle, self.fetch_timeout_s, alias=alias)
 
     def free(self, handle: Handle) -> None:
         """Give the handle's extent back to the pool (asynchronous; safe to call twice)."""
