@@ -350,8 +350,7 @@ class TransferEngine:
             done_event = None
             for job in copies:
                 handle = job.handle
-                dst = self.segments[handle.segment].view(handle.offset, handle.size_bytes)
-                dst = dst.view(handle.dtype).view(handle.shape)
+                dst = self._pool_view(handle)
                 if job.producer is not None:
                     assert self.d2h_stream is not None
                     with torch.cuda.stream(self.d2h_stream):
@@ -359,6 +358,10 @@ class TransferEngine:
                         dst.copy_(job.tensor, non_blocking=True)
                     done_event = torch.cuda.Event()
                     done_event.record(self.d2h_stream)
+                elif job.tensor.is_contiguous():
+                    # One thread's memcpy (ctypes releases the GIL): torch's copy_ would start
+                    # an OpenMP team in this thread whose spinning steals the trainer's cores.
+                    ctypes.memmove(dst.data_ptr(), job.tensor.data_ptr(), handle.size_bytes)
                 else:
                     dst.copy_(job.tensor)
             if done_event is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from typing import Any, TextIO
@@ -68,6 +69,8 @@ def render(view: dict[str, Any]) -> str:
 
 def watch(channel: Channel, interval_s: float, once: bool, as_json: bool, out: TextIO = sys.stdout) -> int:
     """Print the view every ``interval_s`` until Ctrl-C (or once); returns the exit status."""
+    # A shell may start us with SIGINT ignored (a background job): Ctrl-C must still quit.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     previous: dict[str, Any] | None = None
     last = time.monotonic()
     tty = out.isatty() and not as_json

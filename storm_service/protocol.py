@@ -22,6 +22,7 @@ op. This module imports nothing from the rest of the daemon and nothing from tor
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -171,6 +172,15 @@ def _pack(obj: Mapping[str, Any]) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 2, 64, 64, 6, 4
+
+
+def _show(value: Any) -> str:
+    """A short, bounded repr of a client's value for an error message (never recurses deep)."""
+    return _REPR.repr(value)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -194,7 +204,7 @@ def _check_field(op: Op, name: str, spec: _Spec, value: Any) -> None:
             raise ValueError(f"{where} has {len(value)} items, expected 1 to {spec.max_len}")
         for item in value:
             if not _is_int(item) or not spec.lo <= item <= spec.hi:
-                raise ValueError(f"{where} items must be integers in [{spec.lo}, {spec.hi}], got {item!r}")
+                raise ValueError(f"{where} items must be integers in [{spec.lo}, {spec.hi}], got {_show(item)}")
 
 
 def decode_request(frame: bytes) -> Request:
@@ -217,12 +227,12 @@ def decode_request(frame: bytes) -> Request:
     if not _is_int(version) or version != PROTOCOL_VERSION:
         raise Invalid(
             ErrorCode.UNSUPPORTED_VERSION,
-            f"protocol version {version!r} is not supported; this daemon speaks {PROTOCOL_VERSION}",
+            f"protocol version {_show(version)} is not supported; this daemon speaks {PROTOCOL_VERSION}",
             request_id,
         )
     raw_op = msg.get("op")
     if not isinstance(raw_op, str) or raw_op not in _OP_NAMES:
-        raise Invalid(ErrorCode.UNKNOWN_OP, f"unknown op {raw_op!r:.64}", request_id)
+        raise Invalid(ErrorCode.UNKNOWN_OP, f"unknown op {_show(raw_op)}", request_id)
     op = Op(raw_op)
     token = msg.get("token")
     if token is not None and (not isinstance(token, str) or len(token) > MAX_STR):
@@ -232,7 +242,8 @@ def decode_request(frame: bytes) -> Request:
     spec = FIELDS[op]
     unknown = sorted(set(msg) - _ENVELOPE - set(spec))
     if unknown:
-        raise Invalid(ErrorCode.BAD_REQUEST, f"{op.value}: unknown fields {unknown}", request_id)
+        names = ", ".join(_show(name) for name in unknown[:8])
+        raise Invalid(ErrorCode.BAD_REQUEST, f"{op.value}: unknown fields {names}", request_id)
     args: dict[str, Any] = {}
     try:
         for name, field in spec.items():
@@ -258,8 +269,12 @@ def encode_ok(request_id: int, result: Mapping[str, Any]) -> bytes:
     return _pack({"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result})
 
 
+MAX_ERROR_MESSAGE = 1024
+"""Error messages are cut to this many characters: they may quote what a client sent."""
+
+
 def encode_error(request_id: int | None, code: ErrorCode, message: str) -> bytes:
-    error = {"code": code.value, "message": message}
+    error = {"code": code.value, "message": message[:MAX_ERROR_MESSAGE]}
     return _pack({"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": error})
 
 
