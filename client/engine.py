@@ -389,7 +389,7 @@ class TransferEngine:
         handle = job.handle
         deadline = time.monotonic() + self.wait_timeout_s
         while self.policy == "wait":
-            self._serve_frees(channel)
+            self._serve_while_waiting(channel)
             try:
                 extent = self._call(channel, Op.OFFLOAD, sizes=[handle.size_bytes], layer_id=handle.layer_id)
             except (PoolFullError, QuotaExceededError) as e:
@@ -419,9 +419,15 @@ class TransferEngine:
         self.stats.offloaded_tensors += 1
         self.stats.offloaded_bytes += handle.size_bytes
 
-    def _serve_frees(self, channel: Channel) -> None:
-        """While waiting for room, run the frees queued behind us (they may make the room)."""
+    def _serve_while_waiting(self, channel: Channel) -> None:
+        """While an offload waits for room, run the frees and fetches queued behind it.
+
+        Frees may make the room; fetches of tensors already stored must not wait behind
+        the offload, since the training thread that would free more is waiting on them.
+        Everything else keeps its place in the backlog.
+        """
         frees: list[Handle] = []
+        fetches: list[_Fetch] = []
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -429,8 +435,12 @@ class TransferEngine:
                 break
             if isinstance(job, _Free):
                 frees.append(job.handle)
+            elif isinstance(job, _Fetch) and job.handle.stored.is_set():
+                fetches.append(job)
             else:
                 self._backlog.append(job)
+        if fetches:
+            self._guard(fetches, lambda: self._fetch(channel, fetches))
         if frees:
             self._free(channel, frees)
 

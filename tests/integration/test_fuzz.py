@@ -21,11 +21,10 @@ no traceback. The fuzzer never sends a valid ``shutdown``, and never a mutating 
 or ``unregister`` under the normal client's token (both would be legitimate and
 would end the run or change the normal client's data).
 
-Caps that keep known daemon bugs out of the random run (each has a strict xfail
-regression test at the bottom of this file; lift the cap when its test passes):
-nesting stays well under Python's recursion limit (depth ~1000 makes the daemon's
-error-message ``repr`` raise RecursionError: INTERNAL plus a traceback), and strings
-stay short (a large echoed value makes an error reply no client can decode).
+Values the daemon once choked on are in the mix: lists nested ~1000 deep (Python's
+repr hit its recursion limit: INTERNAL plus a traceback) and large strings echoed in
+error messages (replies no client could decode); both have regression tests at the
+bottom of this file.
 """
 
 from __future__ import annotations
@@ -75,8 +74,10 @@ MAX_FRAME = MAX_MESSAGE_BYTES + 1024
 REPLY_TIMEOUT_S = 2.0
 REPLAY_MEMORY = 512
 POOL_CHECK_EVERY = 25
-SAFE_DEPTH = 900
-"""Deepest nesting the random run sends (see the module docstring and the xfail tests)."""
+DEEP = 1000
+"""Nesting past Python's default recursion limit (msgpack's packer stops near 1024)."""
+BIG_STRINGS = ["\x00" * 300_000, "é" * 100_000]
+"""Their repr is 1.2 MB and 100 000 characters: error messages must not quote them whole."""
 KNOWN_CODES = {code.value for code in ErrorCode}
 FUZZ_OPS = [op for op in Op if op is not Op.SHUTDOWN]
 WEIGHTED_OPS = [*FUZZ_OPS, Op.OFFLOAD, Op.OFFLOAD, Op.COMMIT, Op.COMMIT, Op.FETCH, Op.FETCH, Op.FREE]
@@ -182,14 +183,17 @@ class Ref:
     index: int
 
 
-def resolve(world: World, obj: Any, token: Any = None) -> Any:
+def resolve(world: World, obj: Any, token: Any = None, depth: int = 0) -> Any:
+    """Replace the Refs in ``obj``; they sit at most a few levels down (deep values hold none)."""
     if isinstance(obj, Ref):
         return world.resolve(obj, token)
+    if depth > 4:
+        return obj
     if isinstance(obj, dict):
         token = world.resolve(obj["token"], None) if isinstance(obj.get("token"), Ref) else obj.get("token")
-        return {key: resolve(world, value, token) for key, value in obj.items()}
+        return {key: resolve(world, value, token, depth + 1) for key, value in obj.items()}
     if isinstance(obj, list | tuple):
-        return [resolve(world, item, token) for item in obj]
+        return [resolve(world, item, token, depth + 1) for item in obj]
     return obj
 
 
@@ -211,7 +215,8 @@ leaves = st.one_of(
     st.binary(max_size=24),
     st.sampled_from([*OP_NAMES, *FIELD_NAMES, "", "SHUTDOWN", "pïng", "ping\x00"]),
     st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=4)),
-    st.sampled_from([10, 100, 500, SAFE_DEPTH]).map(_deep),
+    st.sampled_from([10, 100, 500, DEEP]).map(_deep),
+    st.sampled_from(BIG_STRINGS),
 )
 values = st.recursive(
     leaves,
@@ -409,8 +414,8 @@ def bodies(draw: st.DrawFn) -> bytes | Packed:
         return Packed(draw(valid_requests()), cut=draw(st.integers(0, 1 << 16)))
     if raw == 2:  # trailing garbage
         return Packed(draw(valid_requests()), tail=draw(st.binary(min_size=1, max_size=16)))
-    # nesting the decoder itself refuses (past msgpack's stack), or a safe depth
-    depth = draw(st.sampled_from([SAFE_DEPTH, 1025, 1100, 5000]))
+    # nesting the decoder accepts (up to msgpack's stack of 1024) or refuses
+    depth = draw(st.sampled_from([DEEP, 1020, 1025, 1100, 5000]))
     return b"\x81\xa2op" + b"\x91" * depth + b"\xc0"
 
 
@@ -738,11 +743,11 @@ def test_fuzz_live_daemon(daemon_factory: StartDaemon) -> None:
 @pytest.mark.fuzz_long
 @pytest.mark.timeout(1200)
 def test_fuzz_live_daemon_long(daemon_factory: StartDaemon) -> None:
-    fuzzer = run_fuzz(daemon_factory, examples=10_000)
-    assert fuzzer.sent >= 10_000
+    fuzzer = run_fuzz(daemon_factory, examples=20_000)
+    assert fuzzer.sent >= 20_000
 
 
-# -- known daemon bugs the random run is capped around (strict: fix the bug, drop the xfail) --
+# -- regressions: values the daemon once answered badly ---------------------------------
 
 
 def _one_reply(daemon: DaemonProcess, frame: bytes) -> bytes:
@@ -757,36 +762,31 @@ def _one_reply(daemon: DaemonProcess, frame: bytes) -> bytes:
         sock.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: storm_service/protocol.py formats client values with !r; a list nested ~1000 deep "
-    "makes repr raise RecursionError, answered INTERNAL with a traceback in the log",
-)
+EXPECTED_CODE = {"v": ErrorCode.UNSUPPORTED_VERSION, "op": ErrorCode.UNKNOWN_OP, "sizes": ErrorCode.BAD_REQUEST}
+
+
 @pytest.mark.parametrize("where", ["v", "op", "sizes"])
 def test_deeply_nested_value_is_a_clean_error(daemon: DaemonProcess, where: str) -> None:
+    """Was: repr of a list nested 1000 deep raised RecursionError, answered INTERNAL with id nil."""
     msg: dict[str, Any] = {"v": 1, "id": 7, "op": "offload", "token": "t", "sizes": [1]}
-    msg[where] = [_deep(1000)] if where == "sizes" else _deep(1000)
+    msg[where] = [_deep(DEEP)] if where == "sizes" else _deep(DEEP)
     reply = decode_reply(_one_reply(daemon, msgpack.packb(msg, use_bin_type=True)))
     assert daemon.proc.poll() is None
-    assert not reply.ok and reply.code != ErrorCode.INTERNAL.value, reply
+    assert (reply.ok, reply.code, reply.id) == (False, EXPECTED_CODE[where].value, 7), reply
     assert "Traceback" not in daemon.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: error messages echo client values unbounded (repr of a 300 000-character string "
-    "of NULs is 1.2 MB), so the reply breaks decode_reply's 1 MiB string bound",
-)
-@pytest.mark.parametrize("where", ["sizes", "v", "unknown_field"])
+@pytest.mark.parametrize("where", ["sizes", "v", "op", "unknown_field"])
 def test_error_reply_to_a_large_value_decodes(daemon: DaemonProcess, where: str) -> None:
-    big = "\x00" * 300_000
+    """Was: the message quoted the value whole (1.2 MB), past decode_reply's 1 MiB string bound."""
+    big = BIG_STRINGS[0]
     msg: dict[str, Any] = {"v": 1, "id": 7, "op": "offload", "token": "t", "sizes": [1]}
     if where == "sizes":
         msg["sizes"] = [big]
-    elif where == "v":
-        msg["v"] = big
-    else:
+    elif where == "unknown_field":
         msg[big] = 1
-    raw = _one_reply(daemon, msgpack.packb(msg, use_bin_type=True))
-    reply = decode_reply(raw)  # ProtocolError: the message string exceeds max_str_len
-    assert not reply.ok and reply.id == 7
+    else:
+        msg[where] = big
+    reply = decode_reply(_one_reply(daemon, msgpack.packb(msg, use_bin_type=True)))
+    assert not reply.ok and reply.id == 7 and reply.code != ErrorCode.INTERNAL.value, reply
+    assert 0 < len(reply.message) <= 4096, len(reply.message)
