@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.storm-installed
 
-.PHONY: setup demo test lint typecheck unit integration soak clean
+.PHONY: setup demo test lint typecheck unit integration soak bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +29,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-## Lint, types, and the whole test suite (docker tests skip where no engine can start).
+## Lint, types, the whole test suite (docker tests skip where no engine can start),
+## then the long fuzz run once.
 test: lint typecheck
 	$(BIN)/pytest
+	$(BIN)/pytest -m fuzz_long
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit
@@ -39,8 +41,14 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/pytest tests/integration
 
+## The long soak: 8 clients x 2000 offload/fetch/free cycles, and the load figures.
 soak: $(STAMP)
 	$(BIN)/pytest -m slow
+	$(BIN)/python -m benchmarks.load
+
+## Every benchmark (step time, control plane, data plane; the GPU one where CUDA exists).
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info storm-summary.json
