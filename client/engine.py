@@ -287,6 +287,7 @@ class TransferEngine:
 
     def _run(self) -> None:
         channel = self._new_channel()
+        channel.on_async_error = self._posted_failed
         try:
             while True:
                 batch = [self._backlog.popleft() if self._backlog else self._queue.get()]
@@ -323,6 +324,12 @@ class TransferEngine:
                 job.done.set()
         channel.drain()
         return _STOP in batch
+
+    def _posted_failed(self, error: Exception) -> None:
+        """A commit or free failed after we moved on: report it at the next offload."""
+        if isinstance(error, UnknownSessionError):
+            self._on_lost(error)
+        self.pending_errors.append(error)
 
     def _guard(self, jobs: list[Any], work: Callable[[], None]) -> None:
         """Run ``work``; if it raises, fail every handle of ``jobs`` that is not done yet."""

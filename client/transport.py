@@ -73,13 +73,13 @@ class Channel:
         request_ids: Iterator[int],
         *,
         alive: Callable[[], bool] | None = None,
-        on_async_error: Callable[[Exception], None] | None = None,
         curve: CurveKeys | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._ids = request_ids
         self._alive = alive
-        self._on_async_error = on_async_error
+        self.on_async_error: Callable[[Exception], None] | None = None
+        """Called with the error of a posted request when its reply arrives."""
         self._early: dict[int, Reply] = {}
         self._posted: dict[int, str] = {}
         self._socket = context.socket(zmq.DEALER)
@@ -132,9 +132,6 @@ class Channel:
         while cast(int, self._socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self._take(self._socket.recv(), None)
 
-    def pending_posts(self) -> int:
-        return len(self._posted)
-
     def settle(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """Wait until every posted request has been answered."""
         deadline = time.monotonic() + timeout_s
@@ -174,8 +171,8 @@ class Channel:
         elif not reply.ok:
             error = error_for_code(reply.code, f"{op} (posted): {reply.message}")
             log.error("%s", error)
-            if self._on_async_error is not None:
-                self._on_async_error(error)
+            if self.on_async_error is not None:
+                self.on_async_error(error)
         return None
 
     def _no_reply(self, op: Op, timeout_s: float) -> Exception:

@@ -52,7 +52,7 @@ _Handler = Callable[[Request, Session | None], dict[str, Any]]
 TICK_S = 0.1
 """How often the loop wakes to check for stop requests and stale sessions."""
 MAX_BURST = 256
-"""Messages served per wake-up before housekeeping gets a turn."""
+"""Messages answered with SHUTTING_DOWN when the loop stops."""
 
 
 class Server:
@@ -133,7 +133,6 @@ class Server:
                 frames = None
             if frames is not None:
                 self._answer(frames)
-                self._serve_burst()
             now = time.monotonic()
             if now >= self._next_housekeeping:
                 self._expire_stale(now)
@@ -150,7 +149,7 @@ class Server:
             self.sessions.close(session)
 
     def _serve_burst(self) -> None:
-        """Answer what is already queued, without blocking (up to MAX_BURST messages)."""
+        """Answer what is already queued, without blocking (at shutdown: up to MAX_BURST)."""
         assert self._socket is not None
         for _ in range(MAX_BURST):
             if not cast(int, self._socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
