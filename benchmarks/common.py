@@ -235,7 +235,11 @@ class CopyFloor:
         self._records: dict[int, _FloorRecord] = {}
 
     def pack(self, tensor: torch.Tensor) -> Any:
-        if type(tensor) is not torch.Tensor or tensor.numel() * tensor.element_size() < self.min_bytes:
+        if (
+            type(tensor) is not torch.Tensor
+            or isinstance(tensor._base, torch.nn.Parameter)  # views of weights stay, as in STORM
+            or tensor.numel() * tensor.element_size() < self.min_bytes
+        ):
             return tensor
         storage = tensor.untyped_storage()
         record = self._records.get(storage.data_ptr())

@@ -51,6 +51,8 @@ log = logging.getLogger("stormd.server")
 _Handler = Callable[[Request, Session | None], dict[str, Any]]
 TICK_S = 0.1
 """How often the loop wakes to check for stop requests and stale sessions."""
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)  # plain ints: zmq's flag enums cost a call each
 MAX_BURST = 256
 """Messages answered with SHUTTING_DOWN when the loop stops."""
 
@@ -158,8 +160,11 @@ class Server:
 
     def _answer(self, frames: list[bytes]) -> None:
         assert self._socket is not None
+        *envelope, body = self._reply_frames(frames)
         try:
-            self._socket.send_multipart(self._reply_frames(frames), zmq.NOBLOCK)
+            for frame in envelope:
+                self._socket.send(frame, _MORE_NOBLOCK)
+            self._socket.send(body, _NOBLOCK)
         except zmq.ZMQError as e:  # EHOSTUNREACH: the client left; EAGAIN: it stopped reading
             self.dropped_replies += 1
             log.debug("dropped a reply: %s", e)
