@@ -28,6 +28,7 @@ log = logging.getLogger("storm.client")
 
 
 MMAP_THRESHOLD_BYTES = 1 << 20
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
 
 
 def _return_freed_memory_to_the_os() -> None:
@@ -48,9 +49,6 @@ def _return_freed_memory_to_the_os() -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, threshold)
     except (OSError, AttributeError):
         log.debug("mallopt is not available; freed activations may stay in the heap")
-
-
-_M_MMAP_THRESHOLD = -3
 
 
 def _env_int(name: str) -> int | None:
