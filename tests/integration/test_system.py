@@ -16,6 +16,7 @@ from torch import nn
 
 from client import (
     PoolFullError,
+    QuotaExceededError,
     StormError,
     StormModel,
     StormSystem,
@@ -255,3 +256,18 @@ def test_unavailable_daemon_fails_register_with_endpoint(tmp_path):
     endpoint = f"ipc://{tmp_path}/nobody.sock"
     with pytest.raises(StormUnavailableError, match=r"nobody\.sock"):
         StormSystem(endpoint, timeout_s=0.5)
+
+
+def test_quota_defaults_to_the_daemons_and_requests_are_capped(daemon_factory):
+    daemon = daemon_factory(pool_size="16MiB", extra_args=["--quota", "1MiB", "--max-quota", "2MiB"])
+    with (
+        StormSystem(daemon.endpoint, policy="error") as default,
+        StormSystem(daemon.endpoint, quota_bytes=8 << 20, policy="error") as greedy,
+    ):
+        assert default.quota_bytes == 1 << 20
+        assert greedy.quota_bytes == 2 << 20
+        handle = default.offload(torch.randn(512, 1024))  # 2 MiB > its 1 MiB quota
+        with pytest.raises(QuotaExceededError, match=r"offload: \d+ bytes requested, \d+ left of a 1048576-byte quota"):
+            default.fetch(handle)
+        fits = torch.randn(256, 1024)  # 1 MiB fits the capped 2 MiB quota
+        assert torch.equal(greedy.fetch(greedy.offload(fits)), fits)
