@@ -125,6 +125,7 @@ FIELDS: dict[Op, dict[str, _Spec]] = {
 
 _ENVELOPE = frozenset({"v", "id", "op", "token"})
 _OPS_BY_NAME = {op.value: op for op in Op}
+_ALLOWED_KEYS = {op: _ENVELOPE | spec.keys() for op, spec in FIELDS.items()}
 
 
 class Invalid(Exception):
@@ -236,8 +237,8 @@ def decode_request(frame: bytes) -> Request:
     if token is None and op not in SESSIONLESS_OPS:
         raise Invalid(ErrorCode.UNKNOWN_SESSION, f"{op.value}: a session token is required", request_id)
     spec = FIELDS[op]
-    unknown = msg.keys() - _ENVELOPE - spec.keys()
-    if unknown:  # bytes keys (msgpack bin) land here too: only str names are fields
+    if not msg.keys() <= _ALLOWED_KEYS[op]:  # bytes keys (msgpack bin) fail here too
+        unknown = msg.keys() - _ALLOWED_KEYS[op]
         names = ", ".join(sorted(map(_show, unknown))[:8])
         raise Invalid(ErrorCode.BAD_REQUEST, f"{op.value}: unknown fields {names}", request_id)
     args: dict[str, Any] = {}

@@ -81,7 +81,6 @@ class Server:
         self._authenticator: Any = None
         self._next_housekeeping = 0.0
         self.metrics: Metrics | None = None
-        self._last_op = "invalid"
         self.handlers: dict[Op, _Handler] = {
             Op.PING: self.handle_ping,
             Op.REGISTER: self.handle_register,
@@ -196,39 +195,39 @@ class Server:
 
     def dispatch(self, frame: bytes) -> bytes:
         if self.metrics is None:
-            return self._dispatch(frame)
+            return self._dispatch(frame)[0]
         started = time.perf_counter()
-        reply = self._dispatch(frame)
-        self.metrics.latency.labels(self._last_op).observe(time.perf_counter() - started)
+        reply, op = self._dispatch(frame)
+        self.metrics.latency.labels(op).observe(time.perf_counter() - started)
         return reply
 
-    def _dispatch(self, frame: bytes) -> bytes:
+    def _dispatch(self, frame: bytes) -> tuple[bytes, str]:
+        """The reply to one frame, and the op it named ("invalid" if none)."""
         request_id: int | None = None
-        self._last_op = "invalid"
+        op = "invalid"
         try:
             request = decode_request(frame)
-            self._last_op = request.op.value
-            request_id = request.id
-            self.requests[request.op.value] += 1
+            op, request_id = request.op.value, request.id
+            self.requests[op] += 1
             if self.stop.is_set() and request.op is not Op.PING:
-                raise ShuttingDownError(f"{request.op.value}: the daemon is shutting down")
+                raise ShuttingDownError(f"{op}: the daemon is shutting down")
             session = None
             if request.op not in SESSIONLESS_OPS or request.token is not None:
                 session = self.sessions.by_token(request.token)
                 session.last_seen = time.monotonic()
                 if request.op in MUTATING_OPS and request.id in session.replies:
-                    return session.replies[request.id]
+                    return session.replies[request.id], op
             reply = encode_ok(request.id, self.handlers[request.op](request, session))
             if session is not None and request.op in MUTATING_OPS:
                 session.remember(request.id, reply)
-            return reply
+            return reply, op
         except Invalid as e:
-            return self._error(e.request_id, e.code, e.message)
+            return self._error(e.request_id, e.code, e.message), op
         except RemoteError as e:
-            return self._error(request_id, e.code, e.message)
+            return self._error(request_id, e.code, e.message), op
         except Exception as e:
             log.exception("internal error while serving request %s", request_id)
-            return self._error(request_id, ErrorCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            return self._error(request_id, ErrorCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"), op
 
     def _error(self, request_id: int | None, code: ErrorCode, message: str) -> bytes:
         self.errors[code.value] += 1
