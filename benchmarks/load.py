@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with EmbeddedDaemon(args.pool_size, args.heartbeat_timeout) as daemon:
         result = run_load(daemon.endpoint, args.clients, args.cycles, args.seed, args.fair_share)
-        alive = daemon._proc.poll() is None
+        alive = daemon.alive
     result["daemon_alive_at_end"] = alive
     print_report(result)
     for tb in result["tracebacks"]:

@@ -171,7 +171,7 @@ def run_model(name: str, cfg: dict[str, Any], warmup: int, steps: int) -> dict[s
                 runners[v].step(record=False)
         before = system.stats()
         floor.copied_bytes = 0
-        daemon_stat = f"/proc/{daemon._proc.pid}/stat"  # the daemon's CPU time (a private attribute)
+        daemon_stat = f"/proc/{daemon.pid}/stat"  # the daemon's CPU time
         transfer_stat = thread_stat_path("storm-transfer")
         cpu0 = cpu_seconds(daemon_stat), cpu_seconds(transfer_stat) if transfer_stat else 0.0
         for _ in range(steps):

@@ -112,17 +112,19 @@ class Channel:
 
     def wait(self, request_id: int, op: Op, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
         """Block until the reply to ``request_id`` arrives; raise its error if it carries one."""
-        reply = self._early.pop(request_id, None)
+        reply = self._early.pop(request_id, None) if self._early else None
         deadline = time.monotonic() + timeout_s
         while reply is None:
-            frame = self._recv()  # blocks for at most one poll slice (RCVTIMEO)
-            if frame is not None:
-                reply = self._take(frame, request_id)
-            elif time.monotonic() > deadline:
-                self._posted[request_id] = op.value  # a late reply is then read and dropped
-                raise self._no_reply(op, timeout_s)
-            elif self._alive is not None and not self._alive():
-                raise StormUnavailableError(f"{op.value}: the daemon at {self.endpoint} has exited")
+            try:
+                frame = self._socket.recv()  # blocks for at most one poll slice (RCVTIMEO)
+            except zmq.Again:
+                if time.monotonic() > deadline:
+                    self._posted[request_id] = op.value  # a late reply is then read and dropped
+                    raise self._no_reply(op, timeout_s) from None
+                if self._alive is not None and not self._alive():
+                    raise StormUnavailableError(f"{op.value}: the daemon at {self.endpoint} has exited") from None
+                continue
+            reply = self._take(frame, request_id)
         if not reply.ok:
             raise error_for_code(reply.code, reply.message)
         return reply.result

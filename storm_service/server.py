@@ -127,13 +127,14 @@ class Server:
         socket = self._socket
         # A blocking recv with RCVTIMEO costs one call per message; a Poller costs several.
         socket.setsockopt(zmq.RCVTIMEO, int(TICK_S * 1000))
-        while not self.stop.is_set():
+        recv, answer, stop = socket.recv, self._answer, self.stop
+        while not stop.is_set():
             try:
-                frames = socket.recv_multipart()
+                identity = recv()
             except zmq.Again:
-                frames = None
-            if frames is not None:
-                self._answer(frames)
+                identity = None
+            if identity is not None:
+                answer(identity)
             now = time.monotonic()
             if now >= self._next_housekeeping:
                 self._expire_stale(now)
@@ -155,28 +156,38 @@ class Server:
         for _ in range(MAX_BURST):
             if not cast(int, self._socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 return
-            self._answer(self._socket.recv_multipart(zmq.NOBLOCK))
+            self._answer(self._socket.recv(zmq.NOBLOCK))
 
-    def _answer(self, frames: list[bytes]) -> None:
-        assert self._socket is not None
-        *envelope, body = self._reply_frames(frames)
+    def _answer(self, identity: bytes) -> None:
+        """Read the rest of the message whose identity frame was just received, and reply.
+
+        A ROUTER delivers a message whole, so the frames after the identity are already here.
+        """
+        socket = self._socket
+        assert socket is not None
+        body = socket.recv(_NOBLOCK)
+        if socket.getsockopt(zmq.RCVMORE):
+            reply, envelope = self._answer_multipart(identity, body)
+        else:
+            reply, envelope = self.dispatch(body), (identity,)
         try:
             for frame in envelope:
-                self._socket.send(frame, _MORE_NOBLOCK)
-            self._socket.send(body, _NOBLOCK)
+                socket.send(frame, _MORE_NOBLOCK)
+            socket.send(reply, _NOBLOCK)
         except zmq.ZMQError as e:  # EHOSTUNREACH: the client left; EAGAIN: it stopped reading
             self.dropped_replies += 1
             log.debug("dropped a reply: %s", e)
 
-    def _reply_frames(self, frames: list[bytes]) -> list[bytes]:
-        identity = frames[0]
-        # DEALER clients send [body]; REQ clients add an empty delimiter: [b"", body].
-        if len(frames) == 3 and frames[1] == b"":
-            return [identity, b"", self.dispatch(frames[2])]
-        if len(frames) != 2:
-            self.errors[ErrorCode.BAD_REQUEST] += 1
-            return [identity, encode_error(None, ErrorCode.BAD_REQUEST, f"expected one frame, got {len(frames) - 1}")]
-        return [identity, self.dispatch(frames[1])]
+    def _answer_multipart(self, identity: bytes, first: bytes) -> tuple[bytes, tuple[bytes, ...]]:
+        """DEALER clients send ``[body]``; REQ clients add an empty delimiter, ``[b"", body]``."""
+        assert self._socket is not None
+        frames = [first]
+        while self._socket.getsockopt(zmq.RCVMORE):
+            frames.append(self._socket.recv(_NOBLOCK))
+        if len(frames) == 2 and frames[0] == b"":
+            return self.dispatch(frames[1]), (identity, b"")
+        self.errors[ErrorCode.BAD_REQUEST] += 1
+        return encode_error(None, ErrorCode.BAD_REQUEST, f"expected one frame, got {len(frames)}"), (identity,)
 
     def _expire_stale(self, now: float) -> None:
         for session in self.sessions.stale(self.config.heartbeat_timeout, now):
@@ -207,19 +218,20 @@ class Server:
         op = "invalid"
         try:
             request = decode_request(frame)
-            op, request_id = request.op.value, request.id
+            op, request_id = request.op, request.id  # op: a StrEnum, usable as its name
             self.requests[op] += 1
-            if self.stop.is_set() and request.op is not Op.PING:
+            if op is not Op.PING and self.stop.is_set():
                 raise ShuttingDownError(f"{op}: the daemon is shutting down")
             session = None
-            if request.op not in SESSIONLESS_OPS or request.token is not None:
+            mutating = op in MUTATING_OPS
+            if request.token is not None or op not in SESSIONLESS_OPS:
                 session = self.sessions.by_token(request.token)
                 session.last_seen = time.monotonic()
-                if request.op in MUTATING_OPS and request.id in session.replies:
-                    return session.replies[request.id], op
-            reply = encode_ok(request.id, self.handlers[request.op](request, session))
-            if session is not None and request.op in MUTATING_OPS:
-                session.remember(request.id, reply)
+                if mutating and request_id in session.replies:
+                    return session.replies[request_id], op
+            reply = encode_ok(request_id, self.handlers[op](request, session))
+            if mutating and session is not None:
+                session.remember(request_id, reply)
             return reply, op
         except Invalid as e:
             return self._error(e.request_id, e.code, e.message), op

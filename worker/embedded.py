@@ -57,6 +57,14 @@ class EmbeddedDaemon:
                 self.stop()
                 raise RuntimeError(f"the embedded stormd did not start:\n{log}")
 
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
     def log_tail(self, lines: int = 20) -> str:
         self._log.flush()
         self._log.seek(0)
