@@ -47,6 +47,7 @@ def _print_stats(stats: dict[str, Any]) -> None:
     used = stats["used_bytes"]
     print(f"pool      {format_bytes(pool)} in {stats['segments']} segment(s)")
     print(f"used      {format_bytes(used)} ({100 * used / pool:.1f}%) in {stats['extents']} extent(s)")
+    print(f"reserved  {format_bytes(stats['reserved_bytes'])} (allocated ahead of copies, not yet committed)")
     print(f"free      {format_bytes(stats['free_bytes'])} (largest extent {format_bytes(stats['largest_free_bytes'])})")
     print(f"sessions  {len(stats['sessions'])} live, {stats['expired_sessions']} expired")
     for s in stats["sessions"]:

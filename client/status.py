@@ -46,7 +46,7 @@ def render(view: dict[str, Any]) -> str:
         f"pool  [{'#' * filled}{'.' * (_BAR - filled)}] {format_bytes(used)} / {format_bytes(pool)}"
         f" ({100 * used / pool:.1f}%)",
         f"free  {format_bytes(view['free_bytes'])}, largest extent {format_bytes(view['largest_free_bytes'])},"
-        f" {view.get('writing_bytes', 0)} bytes being written",
+        f" {format_bytes(view.get('reserved_bytes', 0))} reserved ahead of copies",
         f"sessions  {len(view['sessions'])} live, {view['expired_sessions']} expired",
     ]
     if view["sessions"]:

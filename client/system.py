@@ -247,6 +247,7 @@ class StormSystem:
             "session_id": self.session_id,
             "endpoint": self.endpoint,
             "used_bytes": session["used_bytes"],
+            "reserved_bytes": session["reserved_bytes"],
             "peak_bytes": session["peak_bytes"],
             "quota_bytes": session["quota_bytes"],
             "handles": session["handles"],

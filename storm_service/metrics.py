@@ -69,10 +69,14 @@ class _ServerCollector:
             ("storm_pool_bytes", "Size of the host pool.", pool.size_bytes),
             (
                 "storm_pool_used_bytes",
-                "Bytes held by sessions (committed or being written).",
-                pool.used_bytes,
+                "Bytes of committed activations held by sessions.",
+                pool.used_bytes - stats.reserved_bytes,
             ),
-            ("storm_pool_writing_bytes", "Bytes allocated but not yet committed.", stats.writing_bytes),
+            (
+                "storm_pool_reserved_bytes",
+                "Bytes allocated ahead of a copy and not yet committed (no activation yet).",
+                stats.reserved_bytes,
+            ),
             ("storm_pool_free_bytes", "Free bytes in the pool.", pool.free_bytes),
             (
                 "storm_pool_largest_free_bytes",
@@ -83,7 +87,9 @@ class _ServerCollector:
         ):
             yield GaugeMetricFamily(name, doc, value=value)
         held = GaugeMetricFamily(
-            "storm_session_used_bytes", "Bytes held by one session.", labels=["session", "pid", "rank", "name"]
+            "storm_session_used_bytes",
+            "Bytes of committed activations one session holds.",
+            labels=["session", "pid", "rank", "name"],
         )
         for session in list(server.sessions.sessions.values()):
             rank = "" if session.rank is None else str(session.rank)

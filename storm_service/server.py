@@ -299,9 +299,9 @@ class Server:
         alignment = ALIGNMENT
         need = sum(-(-size // alignment) * alignment for size in sizes)
         # A quota as large as the pool never binds before the pool does: that is POOL_FULL.
-        if session.used_bytes + need > session.quota_bytes < self.pool.size_bytes:
+        if session.held_bytes + need > session.quota_bytes < self.pool.size_bytes:
             raise QuotaExceededError(
-                f"offload: {need} bytes requested, {session.quota_bytes - session.used_bytes} "
+                f"offload: {need} bytes requested, {session.quota_bytes - session.held_bytes} "
                 f"left of a {session.quota_bytes}-byte quota"
             )
         placed: list[tuple[int, int, int]] = []
@@ -333,7 +333,7 @@ class Server:
         assert session is not None
         extents = self._owned_all(request, session)
         for extent in extents:
-            self.sessions.commit(extent)
+            self.sessions.commit(session, extent)
         return {"committed": len(extents)}
 
     def handle_fetch(self, request: Request, session: Session | None) -> dict[str, Any]:
@@ -360,8 +360,8 @@ class Server:
             "daemon_pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 3),
             "pool_bytes": pool.size_bytes,
-            "used_bytes": pool.used_bytes,
-            "writing_bytes": self.sessions.writing_bytes,
+            "used_bytes": pool.used_bytes - self.sessions.reserved_bytes,
+            "reserved_bytes": self.sessions.reserved_bytes,
             "free_bytes": pool.free_bytes,
             "largest_free_bytes": pool.largest_free_bytes,
             "segments": len(pool.segments),

@@ -6,6 +6,10 @@ NOTE [Extent lifetime]
   committed extent can be fetched, so a reader never sees a half-written activation.
   free, unregister and session expiry return extents to the pool in either state, so
   an extent whose writer died before commit is reclaimed with the rest of its session.
+  A WRITING extent is space reserved ahead of a copy: it counts in ``reserved_bytes``,
+  and ``used_bytes`` counts committed extents only (bytes of activations held). The
+  daemon never takes a WRITING extent back from a live session: its writer may still
+  be copying into it, and the space could by then belong to another session.
 """
 
 from __future__ import annotations
@@ -66,11 +70,20 @@ class Session:
     last_seen: float
     handles: set[int] = field(default_factory=set)
     used_bytes: int = 0
+    """Bytes of committed extents: activations held."""
+    reserved_bytes: int = 0
+    """Bytes of extents allocated and not yet committed."""
     peak_bytes: int = 0
+    """Most bytes held (used + reserved) at once."""
     offloaded_bytes: int = 0
     fetched_bytes: int = 0
     layer_bytes: dict[int, int] = field(default_factory=dict)
     replies: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes this session holds in the pool, committed or not (what its quota bounds)."""
+        return self.used_bytes + self.reserved_bytes
 
     def remember(self, request_id: int, reply: bytes) -> None:
         self.replies[request_id] = reply
@@ -85,6 +98,7 @@ class Session:
             "rank": self.rank,
             "world_size": self.world_size,
             "used_bytes": self.used_bytes,
+            "reserved_bytes": self.reserved_bytes,
             "peak_bytes": self.peak_bytes,
             "quota_bytes": self.quota_bytes,
             "handles": len(self.handles),
@@ -97,7 +111,7 @@ class Session:
 @dataclass(frozen=True)
 class Totals:
     sessions: int
-    writing_bytes: int
+    reserved_bytes: int
 
 
 class SessionTable:
@@ -111,7 +125,7 @@ class SessionTable:
         self._session_ids = itertools.count(1)
         self._handles = itertools.count(1)
         self.expired_total = 0
-        self.writing_bytes = 0
+        self.reserved_bytes = 0
         """Bytes of extents allocated but not yet committed (NOTE [Extent lifetime])."""
 
     def open(
@@ -157,27 +171,31 @@ class SessionTable:
     ) -> Extent:
         extent = Extent(next(self._handles), session.id, segment, offset, size_bytes, length, layer_id)
         self.extents[extent.handle] = extent
-        self.writing_bytes += length
+        self.reserved_bytes += length
         session.handles.add(extent.handle)
-        session.used_bytes += length
-        session.peak_bytes = max(session.peak_bytes, session.used_bytes)
+        session.reserved_bytes += length
+        session.peak_bytes = max(session.peak_bytes, session.held_bytes)
         session.offloaded_bytes += size_bytes
         if layer_id is not None:
             session.layer_bytes[layer_id] = session.layer_bytes.get(layer_id, 0) + length
         return extent
 
-    def commit(self, extent: Extent) -> None:
+    def commit(self, session: Session, extent: Extent) -> None:
         if extent.state is ExtentState.WRITING:
             extent.state = ExtentState.COMMITTED
-            self.writing_bytes -= extent.length
+            self.reserved_bytes -= extent.length
+            session.reserved_bytes -= extent.length
+            session.used_bytes += extent.length
 
     def release(self, session: Session, extent: Extent) -> int:
         """Free one extent back to the pool; returns its length."""
         del self.extents[extent.handle]
         if extent.state is ExtentState.WRITING:
-            self.writing_bytes -= extent.length
+            self.reserved_bytes -= extent.length
+            session.reserved_bytes -= extent.length
+        else:
+            session.used_bytes -= extent.length
         session.handles.discard(extent.handle)
-        session.used_bytes -= extent.length
         if extent.layer_id is not None:
             left = session.layer_bytes.get(extent.layer_id, 0) - extent.length
             if left > 0:
@@ -196,7 +214,7 @@ class SessionTable:
         return freed
 
     def totals(self) -> Totals:
-        return Totals(sessions=len(self.sessions), writing_bytes=self.writing_bytes)
+        return Totals(sessions=len(self.sessions), reserved_bytes=self.reserved_bytes)
 
     def stale(self, timeout_s: float, now: float) -> list[Session]:
         """Sessions silent for longer than ``timeout_s``, or whose same-host process is gone."""

@@ -109,9 +109,11 @@ def test_fetch_returns_bytes_offloaded(daemon: DaemonProcess) -> None:
             assert extent["segment"] == 0 and extent["size_bytes"] == len(payload)
             pool[extent["offset"] : extent["offset"] + len(payload)] = payload
         handles = [e["handle"] for e in extents]
-        assert daemon.stats()["writing_bytes"] == 1024 + 70_144 + 512  # allocated, not yet committed
+        reserved = daemon.stats()  # allocated, not yet committed: reserved, not used
+        assert (reserved["reserved_bytes"], reserved["used_bytes"]) == (1024 + 70_144 + 512, 0)
+        assert reserved["sessions"][0]["reserved_bytes"] == 1024 + 70_144 + 512
         assert channel.call(Op.COMMIT, token, handles=handles) == {"committed": 3}
-        assert daemon.stats()["writing_bytes"] == 0
+        assert (daemon.stats()["reserved_bytes"], daemon.stats()["used_bytes"]) == (0, 1024 + 70_144 + 512)
         fetched = channel.call(Op.FETCH, token, handles=handles[::-1])["extents"]
         assert fetched == extents[::-1]
         for extent, payload in zip(fetched[::-1], payloads, strict=True):
@@ -149,7 +151,7 @@ def test_batched_offload_returns_aligned_disjoint_extents(daemon: DaemonProcess)
     for (start, end), (next_start, _) in itertools.pairwise(spans):
         assert start % alignment == 0 and end <= next_start
     assert spans[-1][1] <= segment_bytes
-    assert daemon.stats()["used_bytes"] == sum(end - start for start, end in spans)
+    assert daemon.stats()["reserved_bytes"] == sum(end - start for start, end in spans)
     channel.close()
 
 
@@ -195,7 +197,7 @@ def test_quota_exceeded_names_the_numbers(daemon: DaemonProcess) -> None:
     channel.call(Op.OFFLOAD, session["token"], sizes=[4096])
     with pytest.raises(QuotaExceededError, match="offload: 8192 bytes requested, 4096 left of a 8192-byte quota"):
         channel.call(Op.OFFLOAD, session["token"], sizes=[4096, 4096])
-    assert daemon.stats()["used_bytes"] == 4096
+    assert daemon.stats()["reserved_bytes"] == 4096
     big = _register(channel, quota_bytes=MAX_SIZE_BYTES)
     assert big["quota_bytes"] == daemon.stats()["pool_bytes"]  # capped at the pool
     channel.close()
@@ -209,7 +211,7 @@ def test_pool_full_leaks_nothing_from_a_partial_batch(daemon_factory: StartDaemo
     with pytest.raises(PoolFullError, match=r"offload: 524800 bytes requested, 524288 free"):
         channel.call(Op.OFFLOAD, token, sizes=[256 << 10, 256 << 10, 1])
     stats = daemon.stats()
-    assert (stats["used_bytes"], stats["extents"], stats["largest_free_bytes"]) == (512 << 10, 1, 512 << 10)
+    assert (stats["reserved_bytes"], stats["extents"], stats["largest_free_bytes"]) == (512 << 10, 1, 512 << 10)
     assert channel.call(Op.STATS, token)["session"]["used_bytes"] == 0
     assert len(channel.call(Op.OFFLOAD, token, sizes=[512 << 10])["extents"]) == 1  # the rest is still whole
     holder.close()
@@ -272,13 +274,13 @@ def test_replayed_requests_are_not_applied_twice(daemon: DaemonProcess) -> None:
         offload = encode_request(next(RAW_IDS), Op.OFFLOAD, token, sizes=[4096, 4096])
         first = _exchange(sock, offload)
         assert _exchange(sock, offload) == first  # same handles, nothing new allocated
-        assert daemon.stats()["used_bytes"] == 8192
+        assert daemon.stats()["reserved_bytes"] == 8192
         handles = [e["handle"] for e in first.result["extents"]]
         free = encode_request(next(RAW_IDS), Op.FREE, token, handles=handles)
         freed = _exchange(sock, free)
         assert freed.result == {"freed": 2, "freed_bytes": 8192}
         assert _exchange(sock, free) == freed  # a replayed free is answered, not re-applied
-        assert daemon.stats()["used_bytes"] == 0
+        assert daemon.stats()["reserved_bytes"] == 0
         again = _exchange(sock, encode_request(next(RAW_IDS), Op.FREE, token, handles=handles))
         assert (again.ok, again.code) == (False, "UNKNOWN_HANDLE")
         other = _exchange(sock, encode_request(next(RAW_IDS), Op.OFFLOAD, token, sizes=[4096]))
@@ -293,7 +295,7 @@ def test_silent_session_expires_and_its_memory_returns(daemon_factory: StartDaem
     channel = daemon.channel()
     token = _register(channel)["token"]
     channel.call(Op.OFFLOAD, token, sizes=[1 << 20])
-    assert daemon.stats()["used_bytes"] == 1 << 20
+    assert daemon.stats()["reserved_bytes"] == 1 << 20
     stats = _wait_for(lambda: (s := daemon.stats())["expired_sessions"] and s, 10, "the session to expire")
     assert (stats["sessions"], stats["used_bytes"], stats["expired_sessions"]) == ([], 0, 1)
     with pytest.raises(UnknownSessionError):
@@ -423,11 +425,11 @@ def test_stormctl_stats_json_prints_one_object(daemon: DaemonProcess) -> None:
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip().splitlines()) == 1
     stats = json.loads(result.stdout)
-    assert stats["pool_bytes"] == 64 << 20 and stats["used_bytes"] == 4096
+    assert stats["pool_bytes"] == 64 << 20 and stats["reserved_bytes"] == 4096
     assert stats["free_bytes"] == stats["pool_bytes"] - 4096
     assert stats["largest_free_bytes"] == stats["free_bytes"]
     [listed] = stats["sessions"]
-    assert (listed["id"], listed["pid"], listed["used_bytes"]) == (session["session_id"], os.getpid(), 4096)
+    assert (listed["id"], listed["pid"], listed["reserved_bytes"]) == (session["session_id"], os.getpid(), 4096)
     channel.close()
 
 

@@ -579,7 +579,8 @@ class Fuzzer:
         elif op is Op.HEARTBEAT:
             assert 0 <= result["used_bytes"] <= POOL_BYTES, what
         elif op is Op.STATS:
-            assert result["used_bytes"] + result["free_bytes"] == result["pool_bytes"] == POOL_BYTES, what
+            held = result["used_bytes"] + result["reserved_bytes"]
+            assert held + result["free_bytes"] == result["pool_bytes"] == POOL_BYTES, what
             assert ("session" in result) == (token is not None), what
         elif op is Op.OFFLOAD:
             assert token is not None
@@ -659,10 +660,11 @@ class NormalClient:
 def check_pool(daemon: DaemonProcess, normal: NormalClient) -> None:
     """The daemon's books balance, and the normal client's session is intact."""
     stats = daemon.stats()
-    assert stats["used_bytes"] + stats["free_bytes"] == stats["pool_bytes"] == POOL_BYTES, stats
+    assert stats["used_bytes"] + stats["reserved_bytes"] + stats["free_bytes"] == stats["pool_bytes"] == POOL_BYTES
     assert sum(s["used_bytes"] for s in stats["sessions"]) == stats["used_bytes"], stats
+    assert sum(s["reserved_bytes"] for s in stats["sessions"]) == stats["reserved_bytes"], stats
     assert sum(s["handles"] for s in stats["sessions"]) == stats["extents"], stats
-    assert 0 <= stats["writing_bytes"] <= stats["used_bytes"], stats
+    assert stats["used_bytes"] >= 0 and stats["reserved_bytes"] >= 0, stats
     assert ErrorCode.INTERNAL.value not in stats["errors"], stats["errors"]
     mine = [s for s in stats["sessions"] if s["id"] == normal.system.session_id]
     assert len(mine) == 1 and mine[0]["used_bytes"] == normal.own_bytes, mine
