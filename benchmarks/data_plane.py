@@ -7,6 +7,7 @@ tensors (up to 256 MiB in all) out and back, interleaved across three variants:
 
   storm_alias offload x batch, fetch each in place (``fetch(alias=True)``, what the autograd
               hooks use on the CPU: the tensor reads the pool, no copy back), free, flush()
+  storm_into  the same with ``fetch(out=...)`` copying each tensor back into a pre-faulted one
   storm_copy  the same with ``fetch()`` copying each tensor back into a fresh one
   copy        warm ``copy_`` into a pre-faulted /dev/shm arena and back into pre-faulted
               tensors (the floor: no protocol, no allocation)
@@ -29,17 +30,22 @@ from client.system import StormSystem
 from worker.embedded import EmbeddedDaemon
 
 KiB, MiB = 1 << 10, 1 << 20
-VARIANTS = ("storm_alias", "storm_copy", "copy", "copy_fresh")
+VARIANTS = ("storm_alias", "storm_into", "storm_copy", "copy", "copy_fresh")
 
 
 def batch_for(size: int, total: int) -> int:
     return max(1, min(256, total // size))
 
 
-def run_storm(system: StormSystem, src: torch.Tensor, batch: int, alias: bool) -> float:
+def run_storm(
+    system: StormSystem, src: torch.Tensor, batch: int, alias: bool, into: list[torch.Tensor] | None = None
+) -> float:
     t = time.perf_counter()
     handles = [system.offload(src) for _ in range(batch)]
-    outs = [system.fetch(h, alias=alias) for h in reversed(handles)]
+    if into is None:
+        outs = [system.fetch(h, alias=alias) for h in reversed(handles)]
+    else:
+        outs = [system.fetch(h, out=out) for h, out in zip(reversed(handles), into, strict=True)]
     for h in handles:
         system.free(h)
     system.flush()
@@ -71,6 +77,7 @@ def measure(system: StormSystem, arena: ShmArena, size: int, total: int, reps: i
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     run = {
         "storm_alias": lambda: run_storm(system, src, batch, alias=True),
+        "storm_into": lambda: run_storm(system, src, batch, alias=False, into=outs),
         "storm_copy": lambda: run_storm(system, src, batch, alias=False),
         "copy": lambda: run_copy(slots, outs, src),
         "copy_fresh": lambda: run_copy(slots, None, src),
@@ -85,6 +92,7 @@ def measure(system: StormSystem, arena: ShmArena, size: int, total: int, reps: i
     for v in VARIANTS:
         result[f"{v}_gbps"] = moved / median(times[v]) / 1e9
     result["ratio_storm_copy"] = result["storm_alias_gbps"] / result["copy_gbps"]
+    result["ratio_storm_into_copy"] = result["storm_into_gbps"] / result["copy_gbps"]
     result["ratio_storm_copy_copy"] = result["storm_copy_gbps"] / result["copy_gbps"]
     result["ratio_storm_copy_fresh"] = result["storm_copy_gbps"] / result["copy_fresh_gbps"]
     return result
@@ -108,26 +116,31 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             r = measure(system, arena, size, total, reps)
             results["sizes"].append(r)
-            rows.append([label(size), r["batch"], r["storm_alias_gbps"], r["storm_copy_gbps"], r["copy_gbps"]])
-            rows[-1] += [r["copy_fresh_gbps"], f"{r['ratio_storm_copy']:.0%}", f"{r['ratio_storm_copy_copy']:.0%}"]
+            rows.append([label(size), r["batch"], *(r[f"{v}_gbps"] for v in VARIANTS)])
+            rows[-1] += [f"{r[k]:.0%}" for k in ("ratio_storm_copy", "ratio_storm_into_copy", "ratio_storm_copy_copy")]
             rows[-1] += [f"{r['ratio_storm_copy_fresh']:.0%}"]
             print(f"  {label(size)} done", flush=True)
         stats = system.stats()
     results["engine_round_trips"] = stats["engine_round_trips"]
     results["prefetch"] = {k: stats[k] for k in ("prefetch_hits", "prefetch_waits", "fetch_misses")}
-    heads = ["size", "batch", "STORM alias GB/s", "STORM copy GB/s", "copy GB/s", "copy->fresh GB/s"]
-    heads += ["alias/copy", "STORM copy/copy", "STORM copy/fresh"]
+    heads = ["size", "batch", "STORM alias GB/s", "STORM out= GB/s", "STORM copy GB/s", "copy GB/s"]
+    heads += ["copy->fresh GB/s", "alias/copy", "out=/copy", "STORM copy/copy", "STORM copy/fresh"]
     print_table(heads, rows, "offload+fetch throughput (bytes of both directions)")
     print()
     big = [r for r in results["sizes"] if r["size"] >= MiB]
-    worst = min(big, key=lambda r: r["ratio_storm_copy"])
-    results["targets"] = [
-        target(
-            "STORM (in-place fetch, the autograd path) >= 80% of warm copy for 1 MiB and up",
-            worst["ratio_storm_copy"] >= 0.8,
-            f"worst {worst['ratio_storm_copy']:.0%} at {label(worst['size'])}",
+    results["targets"] = []
+    for key, what in (
+        ("ratio_storm_copy", "in-place fetch, the autograd path"),
+        ("ratio_storm_into_copy", "fetch(out=)"),
+    ):
+        worst = min(big, key=lambda r: r[key])
+        results["targets"].append(
+            target(
+                f"STORM ({what}) >= 80% of warm copy for 1 MiB and up",
+                worst[key] >= 0.8,
+                f"worst {worst[key]:.0%} at {label(worst['size'])}",
+            )
         )
-    ]
     write_json("data_plane", results)
     save_plot("data_plane", lambda plt: plot(plt, results))
     return 0
@@ -136,7 +149,13 @@ def main(argv: list[str] | None = None) -> int:
 def plot(plt: Any, results: dict[str, Any]) -> None:
     _fig, ax = plt.subplots(figsize=(7, 4))
     sizes = [r["size"] for r in results["sizes"]]
-    names = ("STORM, in-place fetch", "STORM, fetch copies", "copy (pre-faulted)", "copy back to fresh")
+    names = (
+        "STORM, in-place fetch",
+        "STORM, fetch(out=)",
+        "STORM, fetch copies",
+        "copy (pre-faulted)",
+        "copy back to fresh",
+    )
     for v, name in zip(VARIANTS, names, strict=True):
         ax.plot(sizes, [r[f"{v}_gbps"] for r in results["sizes"]], marker="o", label=name)
     ax.set_xscale("log", base=2)

@@ -211,9 +211,8 @@ def run_model(name: str, cfg: dict[str, Any], warmup: int, steps: int) -> dict[s
     return out
 
 
-def memory_probe(name: str, variant: str, quick: bool) -> dict[str, Any]:
+def memory_probe(cfg: dict[str, Any], variant: str, quick: bool) -> dict[str, Any]:
     """Run in a fresh process: peak RssAnon growth over the pre-forward value, fwd and bwd."""
-    cfg = (QUICK if quick else MODELS)[name]
     pool_bytes, _, _ = storm_setup(cfg)
     with EmbeddedDaemon(f"{pool_bytes >> 20}MiB") as daemon, StormSystem(daemon.endpoint, name="probe") as system:
         floor = CopyFloor(ShmArena(pool_bytes)) if variant == "c" else None
@@ -231,14 +230,35 @@ def memory_probe(name: str, variant: str, quick: bool) -> dict[str, Any]:
     }
 
 
-def run_probe(name: str, variant: str, quick: bool, threshold: bool) -> dict[str, Any]:
+def run_probe(cfg: dict[str, Any], variant: str, quick: bool, threshold: bool) -> dict[str, Any]:
     env = dict(os.environ)
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     if threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
-    cmd = [sys.executable, "-m", "benchmarks.step_time", "--probe", name, variant] + (["--quick"] if quick else [])
+    cmd = [sys.executable, "-m", "benchmarks.step_time", "--probe", json.dumps(cfg), variant]
+    cmd += ["--quick"] if quick else []
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=600)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+MODEL_KEYS = {"mlp": ("hidden", "layers", "batch"), "transformer": ("hidden", "layers", "batch", "seq")}
+
+
+def parse_model(spec: str) -> tuple[str, dict[str, int | str]]:
+    """``mlp:hidden=512,layers=16,batch=8192`` -> (a name, a model config)."""
+    kind, _, rest = spec.partition(":")
+    if kind not in MODEL_KEYS:
+        raise argparse.ArgumentTypeError(f"{spec!r}: the kind must be one of {', '.join(MODEL_KEYS)}")
+    cfg: dict[str, int | str] = {"kind": kind}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in MODEL_KEYS[kind] or not value.isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"{spec!r}: {item!r} is not one of {'=N, '.join(MODEL_KEYS[kind])}=N")
+        cfg[key] = int(value)
+    missing = [key for key in MODEL_KEYS[kind] if key not in cfg]
+    if missing:
+        raise argparse.ArgumentTypeError(f"{spec!r}: missing {', '.join(missing)}")
+    return kind + "".join(f"_{key[0]}{cfg[key]}" for key in MODEL_KEYS[kind]), cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,29 +266,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small models, few steps (smoke run)")
     p.add_argument("--steps", type=int, default=None, help="measured steps per variant (default 9, quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default 2, quick 1)")
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
-    p.add_argument("--probe", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    p.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        type=parse_model,
+        metavar="KIND:KEY=N,...",
+        help="another model, e.g. mlp:hidden=512,layers=16,batch=8192 or "
+        "transformer:hidden=256,layers=4,batch=16,seq=256 (repeatable; alone, only these run)",
+    )
+    p.add_argument("--out", default="step_time", help="results/<OUT>.json and .png (default step_time)")
+    p.add_argument("--probe", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe:
-        print(json.dumps(memory_probe(args.probe[0], args.probe[1], args.quick)))
+        print(json.dumps(memory_probe(json.loads(args.probe[0]), args.probe[1], args.quick)))
         return 0
     steps = args.steps or (3 if args.quick else 9)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     table = QUICK if args.quick else MODELS
-    names = [n for n in args.models.split(",") if n]
+    default = "" if args.model and args.models is None else ",".join(MODELS)
+    unknown = [n for n in (args.models or default).split(",") if n and n not in table]
+    if unknown:
+        p.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)} or use --model")
+    configs = {n: dict(table[n]) for n in (args.models or default).split(",") if n} | dict(args.model)
     results: dict[str, Any] = {"quick": args.quick, "warmup": warmup, "models": {}}
-    for name in names:
+    for name, cfg in configs.items():
         t = time.perf_counter()
-        r = results["models"][name] = run_model(name, dict(table[name]), warmup, steps)
+        r = results["models"][name] = run_model(name, cfg, warmup, steps)
         r["memory"] = {
-            env: {v: run_probe(name, v, args.quick, env == "mmap_threshold_1MiB") for v in ("a", "d")}
+            env: {v: run_probe(cfg, v, args.quick, env == "mmap_threshold_1MiB") for v in ("a", "d")}
             for env in ("default_malloc", "mmap_threshold_1MiB")
             if not args.quick or name == "heavy_mlp"
         }
         print(f"[{name}: {time.perf_counter() - t:.0f} s]", flush=True)
     report(results)
-    write_json("step_time", results)
-    save_plot("step_time", lambda plt: plot(plt, results))
+    write_json(args.out, results)
+    save_plot(args.out, lambda plt: plot(plt, results))
     return 0
 
 

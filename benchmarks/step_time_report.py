@@ -10,10 +10,6 @@ VARIANTS = ("a", "b", "c", "d")
 NAMES = {"a": "no offload", "b": "save_on_cpu", "c": "copy floor", "d": "STORM"}
 
 
-def cpu(r: dict[str, Any]) -> float:
-    return float(r["daemon_cpu_s_per_step"])
-
-
 def report(results: dict[str, Any]) -> None:
     models = results["models"]
     rows = []
@@ -91,13 +87,13 @@ def plot(plt: Any, results: dict[str, Any]) -> None:
         lo = [m - min(r["all_s"][v]) for m, r in zip(meds, models.values(), strict=True)]
         hi = [max(r["all_s"][v]) - m for m, r in zip(meds, models.values(), strict=True)]
         ax1.bar(xs, meds, width, yerr=[lo, hi], capsize=2, label=f"{v}: {NAMES[v]}")
-    ax1.set_xticks(range(len(models)), list(models))
+    ax1.set_xticks(range(len(models)), [name.replace("_", "\n") for name in models], fontsize=7)
     ax1.set_ylabel("step time, s (median, min-max)")
     ax1.legend(fontsize=8)
     labels, a_vals, d_vals = [], [], []
     for name, r in models.items():
         for env, mem in r["memory"].items():
-            labels.append(f"{name}\n{'default' if env == 'default_malloc' else 'mmap 1MiB'}")
+            labels.append(f"{name.replace('_', chr(10))}\n{'default' if env == 'default_malloc' else 'mmap 1MiB'}")
             a_vals.append(mem["a"]["fwd_peak_growth"] / MiB)
             d_vals.append(mem["d"]["fwd_peak_growth"] / MiB)
     xs = list(range(len(labels)))

@@ -159,11 +159,14 @@ class TransferEngine:
             self._live[handle.seq] = handle
         self._queue.put(_Offload(handle, tensor, producer, consumer))
 
-    def take(self, handle: Handle, timeout_s: float, alias: bool = False) -> torch.Tensor:
+    def take(
+        self, handle: Handle, timeout_s: float, alias: bool = False, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Return the tensor for ``handle``, fetching it now if nothing did (see NOTE).
 
         On the CPU the bytes are read from the pool once the daemon has confirmed the
-        extent: copied out, or with ``alias`` handed out in place (NOTE [Aliased fetch]).
+        extent: copied out (into ``out`` if given), or with ``alias`` handed out in place
+        (NOTE [Aliased fetch]).
         """
         if handle.freed:
             raise StormError(f"fetch: {handle!r} was already freed")
@@ -189,9 +192,17 @@ class TransferEngine:
         if error is not None:
             raise error
         if tensor is None:
-            tensor = self._alias(handle) if alias else self._pool_view(handle).clone()
-        elif handle.copy_event is not None:
-            torch.cuda.current_stream(tensor.device).wait_event(handle.copy_event)  # type: ignore[arg-type]
+            if alias:
+                tensor = self._alias(handle)
+            elif out is not None:
+                tensor = out.copy_(self._pool_view(handle))
+            else:
+                tensor = self._pool_view(handle).clone()
+        else:
+            if handle.copy_event is not None:
+                torch.cuda.current_stream(tensor.device).wait_event(handle.copy_event)  # type: ignore[arg-type]
+            if out is not None:
+                tensor = out.copy_(tensor)
         self.stats.fetch_wait_s += time.perf_counter() - started
         self.stats.fetched_tensors += 1
         self.stats.fetched_bytes += handle.size_bytes

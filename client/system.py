@@ -203,9 +203,12 @@ class StormSystem:
         self._engine.submit_offload(handle, tensor.detach())
         return handle
 
-    def fetch(self, handle: Handle, alias: bool = False) -> torch.Tensor:
+    def fetch(self, handle: Handle, alias: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         """Return a tensor equal to the one offloaded (waits for any copy in flight).
 
+        By default the bytes are copied into a new tensor. With ``out`` they are copied
+        into that tensor (same shape, dtype and device as the offloaded one), which is
+        returned: a buffer reused across steps costs no allocation and no page faults.
         With ``alias`` a CPU tensor is returned that reads the pool in place instead of
         a copy; its extent stays allocated until that tensor is gone, even once freed,
         and it must not outlive this system (NOTE [Aliased fetch] in client/engine.py).
@@ -216,9 +219,17 @@ class StormSystem:
                 "which was lost; the activation is gone"
             )
         self._check_open("fetch")
+        if out is not None:
+            if alias:
+                raise ValueError("fetch: alias=True reads the pool in place; it cannot also fill out=")
+            if (tuple(out.shape), out.dtype, out.device) != (tuple(handle.shape), handle.dtype, handle.device):
+                raise ValueError(
+                    f"fetch: out= is {tuple(out.shape)} {out.dtype} on {out.device}; "
+                    f"{handle!r} needs {tuple(handle.shape)} {handle.dtype} on {handle.device}"
+                )
         if handle.kept is not None and handle.id is None:
-            return handle.kept
-        return self._engine.take(handle, self.fetch_timeout_s, alias=alias)
+            return handle.kept if out is None else out.copy_(handle.kept)
+        return self._engine.take(handle, self.fetch_timeout_s, alias=alias, out=out)
 
     def free(self, handle: Handle) -> None:
         """Give the handle's extent back to the pool (asynchronous; safe to call twice)."""

@@ -132,8 +132,8 @@ class Server:
             try:
                 identity = recv()
             except zmq.Again:
-                identity = None
-            if identity is not None:
+                pass
+            else:
                 answer(identity)
             now = time.monotonic()
             if now >= self._next_housekeeping:

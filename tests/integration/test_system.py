@@ -65,6 +65,39 @@ def test_fetch_returns_tensor_offloaded(system, tensor):
     assert system.stats()["used_bytes"] == 0
 
 
+def test_fetch_into_a_given_tensor(system):
+    activation = torch.randn(96, 130)
+    handle = system.offload(activation)
+    out = torch.zeros(96, 130)
+    assert system.fetch(handle, out=out) is out and torch.equal(out, activation)
+    out.zero_()
+    assert system.fetch(handle, out=out) is out and torch.equal(out, activation)  # fetched twice
+    system.free(handle)
+    kept = torch.ones(8, 8)  # a tensor kept in place under pressure is copied the same way
+    with StormSystem(system.endpoint, name="tiny", quota_bytes=512, policy="keep") as tiny:
+        big = tiny.offload(kept.repeat(64, 1))
+        assert torch.equal(tiny.fetch(big, out=torch.empty(512, 8)), kept.repeat(64, 1))
+
+
+@pytest.mark.parametrize(
+    "out, kwargs, message",
+    [
+        (torch.empty(96, 131), {}, r"out= is \(96, 131\) torch.float32 on cpu; .* needs \(96, 130\) torch.float32"),
+        (torch.empty(96, 130, dtype=torch.float64), {}, "torch.float64"),
+        (torch.empty(96, 130), {"alias": True}, "cannot also fill out="),
+    ],
+    ids=["shape", "dtype", "alias"],
+)
+def test_fetch_into_a_mismatched_tensor_is_refused_and_loses_nothing(system, out, kwargs, message):
+    activation = torch.randn(96, 130)
+    handle = system.offload(activation)
+    with pytest.raises(ValueError, match=message):
+        system.fetch(handle, out=out, **kwargs)
+    assert torch.equal(system.fetch(handle), activation)
+    system.free(handle)
+    assert system.stats()["used_bytes"] == 0
+
+
 def test_offload_free_functions_round_trip(system):
     activation = torch.randn(256, 256)
     handle = offload_activation_to_cpu(activation, layer_id=5, system=system)
