@@ -10,7 +10,9 @@ NOTE [Transfer engine]
   are frees. Within a batch, offloads run before fetches and fetches before frees, so
   a handle's jobs keep their order. Backward prefetches: when a handle is fetched, the
   engine also fetches the handles offloaded just before it (backward runs in reverse)
-  until ``prefetch_bytes`` of fetched-but-unused tensors are in flight.
+  until ``prefetch_bytes`` of fetched-but-unused tensors are in flight. It refills only
+  once less than half of that budget is in flight, so prefetches go out in batches
+  (one ``fetch`` request for many tensors), not one engine wake-up per tensor.
 
   On CUDA, fetch destinations are allocated by the thread that asks (backward's), on
   the consumer's stream, and the engine runs the H2D copies. On the CPU the engine only
@@ -275,7 +277,7 @@ class TransferEngine:
 
     def _prefetch_before(self, handle: Handle) -> None:
         # Backward consumes activations in reverse order of offload: warm the ones before.
-        if self.prefetch_bytes <= 0:
+        if self.prefetch_bytes <= 0 or self._inflight_prefetch_bytes * 2 > self.prefetch_bytes:
             return
         for other in reversed(self._live.values()):
             if self._inflight_prefetch_bytes >= self.prefetch_bytes:
