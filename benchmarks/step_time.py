@@ -202,6 +202,9 @@ def run_model(name: str, cfg: dict[str, Any], warmup: int, steps: int) -> dict[s
         # the second stats() call counts itself once; everything else is training-thread traffic
         "blocking_round_trips_per_step": (delta["blocking_round_trips"] - 1) / steps,
         "engine_round_trips_per_step": delta["engine_round_trips"] / steps,
+        "offload_round_trips_per_step": delta["offload_round_trips"] / steps,
+        "fetch_round_trips_per_step": delta["fetch_round_trips"] / steps,
+        "offloaded_tensors_per_step": delta["offloaded_tensors"] / steps,
         "prefetch_hit_rate": delta["prefetch_hits"] / fetches if fetches else None,
         "prefetch": {k: delta[k] for k in ("prefetch_hits", "prefetch_waits", "fetch_misses")},
         "fetch_wait_s_per_step": delta["fetch_wait_s"] / steps,

@@ -22,8 +22,11 @@ def report(results: dict[str, Any]) -> None:
             name,
             r["storm_offloaded_bytes_per_step"] / MiB,
             r["floor_copied_bytes_per_step"] / MiB,
+            r["offloaded_tensors_per_step"],
+            r["config"]["layers"],
             r["blocking_round_trips_per_step"],
-            r["engine_round_trips_per_step"],
+            r["offload_round_trips_per_step"],
+            r["fetch_round_trips_per_step"],
             r["prefetch_hit_rate"],
             r["fetch_wait_s_per_step"] * 1e3,
             r["median_fwd_s"]["c"],
@@ -34,7 +37,8 @@ def report(results: dict[str, Any]) -> None:
         ]
         for name, r in models.items()
     ]
-    heads = ["model", "STORM MiB/step", "floor MiB/step", "blocking RT/step", "engine RT/step", "hit rate"]
+    heads = ["model", "STORM MiB/step", "floor MiB/step", "tensors/step", "layers", "blocking RT/step"]
+    heads += ["offload RT/step", "fetch RT/step", "hit rate"]
     heads += ["fetch wait ms", "fwd c s", "fwd d s", "bwd c s", "bwd d s", "|loss d-a|"]
     print_table(heads, rows, "STORM traffic (per measured step)")
     rows = [
@@ -65,6 +69,12 @@ def report(results: dict[str, Any]) -> None:
         if name in models:
             ratio = models[name]["ratio_d_c"]
             checks.append(target(f"{name}: STORM step <= 1.05 x copy floor", ratio <= 1.05, f"d/c = {ratio:.3f}"))
+    for name, r in models.items():
+        groups = r["config"]["layers"] + 1  # the layers, and what autograd saves outside them
+        off, fetch, blocking = (r[f"{k}_round_trips_per_step"] for k in ("offload", "fetch", "blocking"))
+        detail = f"blocking {blocking:g}, offload {off:.1f}, fetch {fetch:.1f}; {groups} groups"
+        ok = blocking == 0 and max(off, fetch) <= groups
+        checks.append(target(f"{name}: no blocking round trip, <= 1 per layer group each way", ok, detail))
     for env, mem in models.get("heavy_mlp", {}).get("memory", {}).items():
         a, d = mem["a"]["fwd_peak_growth"], mem["d"]["fwd_peak_growth"]
         label = f"heavy_mlp ({env}): STORM forward private growth <= 20% of no offload"

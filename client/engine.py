@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from client.handle import Handle
+from client.reservations import Reservations
 from client.segments import MappedSegment
 from client.transport import Channel
 from storm_service.errors import (
@@ -77,7 +78,14 @@ class EngineStats:
     kept_tensors: int = 0
     kept_bytes: int = 0
     engine_round_trips: int = 0
+    """Requests the transfer thread waited on (never the training thread)."""
+    offload_round_trips: int = 0
+    """Of those, ``offload`` requests: one per layer in steady state (NOTE [Reservations])."""
+    fetch_round_trips: int = 0
+    """Of those, ``fetch`` requests: prefetches go out in batches of whole layers."""
     freed_tensors: int = 0
+    returned_reservation_bytes: int = 0
+    """Bytes of spare reservations freed: untaken for ``reserve_idle_s``, or to make room."""
 
 
 @dataclass
@@ -108,6 +116,7 @@ class _Flush:
 
 
 _STOP = object()
+_NO_LAYER = object()
 
 
 class TransferEngine:
@@ -122,6 +131,7 @@ class TransferEngine:
         policy: str,
         wait_timeout_s: float,
         prefetch_bytes: int,
+        reserve_idle_s: float,
         timeout_s: float,
         cuda: bool,
         on_lost: Callable[[BaseException], None],
@@ -135,6 +145,7 @@ class TransferEngine:
         self.prefetch_bytes = prefetch_bytes
         self.timeout_s = timeout_s
         self.stats = EngineStats()
+        self.reservations = Reservations(reserve_idle_s)
         self.failure: BaseException | None = None
         self.pending_errors: deque[BaseException] = deque(maxlen=64)
         self._new_channel = new_channel
@@ -187,6 +198,7 @@ class TransferEngine:
             error, tensor = handle.error, handle.fetched
             handle.fetched = None
             handle.fetch_requested = False
+            handle.taken = True
             handle.fetch_done.clear()
             if handle.prefetched:
                 self._inflight_prefetch_bytes -= handle.size_bytes
@@ -276,17 +288,23 @@ class TransferEngine:
         self._queue.put(_Fetch(handle, out, allocated))
 
     def _prefetch_before(self, handle: Handle) -> None:
-        # Backward consumes activations in reverse order of offload: warm the ones before.
+        """Backward consumes activations in reverse order of offload: warm the ones before.
+
+        On the CPU a prefetch only has the daemon confirm the extents (nothing is
+        allocated), so it runs on to the end of the last layer it reached: each ``fetch``
+        request then covers whole layers. On CUDA the byte budget is strict.
+        """
         if self.prefetch_bytes <= 0 or self._inflight_prefetch_bytes * 2 > self.prefetch_bytes:
             return
+        last_layer: object = _NO_LAYER
         for other in reversed(self._live.values()):
-            if self._inflight_prefetch_bytes >= self.prefetch_bytes:
-                return
-            if other.seq >= handle.seq or other.fetch_requested:
+            if other.seq >= handle.seq or other.fetch_requested or other.taken:
                 continue
-            if self._inflight_prefetch_bytes + other.size_bytes > self.prefetch_bytes:
+            full = self._inflight_prefetch_bytes + other.size_bytes > self.prefetch_bytes
+            if full and (other.device.type != "cpu" or other.layer_id != last_layer):
                 return
             self._request_fetch(other, prefetch=True)
+            last_layer = other.layer_id
 
     def _wait(self, event: threading.Event, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
@@ -303,7 +321,9 @@ class TransferEngine:
         channel.on_async_error = self._posted_failed
         try:
             while True:
-                batch = [self._backlog.popleft() if self._backlog else self._queue.get()]
+                batch = [self._backlog.popleft() if self._backlog else self._next_job(channel)]
+                with self._lock:
+                    pass  # a fetch and its prefetches are queued under the lock: take them together
                 while len(batch) < MAX_BATCH:
                     try:
                         batch.append(self._backlog.popleft() if self._backlog else self._queue.get_nowait())
@@ -317,6 +337,14 @@ class TransferEngine:
         finally:
             channel.close()
 
+    def _next_job(self, channel: Channel) -> object:
+        """The next queued job; while waiting, give back spares that expire (NOTE [Reservations])."""
+        while True:
+            try:
+                return self._queue.get(timeout=self.reservations.seconds_to_expiry(time.monotonic()))
+            except queue.Empty:
+                self._return_expired(channel)
+
     def _serve(self, channel: Channel, batch: list[object]) -> bool:
         offloads = [job for job in batch if isinstance(job, _Offload)]
         fetches = [job for job in batch if isinstance(job, _Fetch)]
@@ -324,10 +352,13 @@ class TransferEngine:
         flushes = [job for job in batch if isinstance(job, _Flush)]
         if offloads:
             self._guard(offloads, lambda: self._offload(channel, offloads))
+        if fetches or flushes:
+            self.reservations.end_run()
         if fetches:
             self._guard(fetches, lambda: self._fetch(channel, fetches))
         if frees:
             self._free(channel, frees)
+        self._return_expired(channel)
         if flushes:
             try:
                 channel.settle(self.timeout_s)
@@ -337,6 +368,16 @@ class TransferEngine:
                 job.done.set()
         channel.drain()
         return _STOP in batch
+
+    def _return_expired(self, channel: Channel) -> None:
+        self._return_spares(channel, self.reservations.expired(time.monotonic()))
+
+    def _return_spares(self, channel: Channel, spares: list[dict[str, Any]]) -> bool:
+        """Free spare reserved extents (posted: the daemon applies it before our next request)."""
+        if spares:
+            self.stats.returned_reservation_bytes += sum(extent["size_bytes"] for extent in spares)
+            self._post_free(channel, [extent["handle"] for extent in spares])
+        return bool(spares)
 
     def _posted_failed(self, error: Exception) -> None:
         """A commit or free failed after we moved on: report it at the next offload."""
@@ -365,8 +406,8 @@ class TransferEngine:
 
     def _offload(self, channel: Channel, jobs: list[_Offload]) -> None:
         for layer_jobs in _runs_by_layer(jobs):
-            placed = self._allocate(channel, layer_jobs)
-            copies = [job for job in placed if job.handle.id is not None]
+            self._reserve_and_place(channel, layer_jobs)
+            copies = [job for job in layer_jobs if job.handle.id is not None]
             done_event = None
             for job in copies:
                 handle = job.handle
@@ -392,20 +433,49 @@ class TransferEngine:
                 job.tensor = None  # type: ignore[assignment]
                 job.handle.stored.set()
 
-    def _allocate(self, channel: Channel, jobs: list[_Offload]) -> list[_Offload]:
+    def _reserve_and_place(self, channel: Channel, jobs: list[_Offload]) -> None:
+        """Give every job a reserved extent, reserving what is missing in one request.
+
+        If the pool or the quota refuses the reservation, the jobs without an extent are
+        allocated exactly, under the pressure policy (NOTE [Reservations]).
+        """
+        layer_id = jobs[0].handle.layer_id
+        sizes = self.reservations.plan(layer_id, [job.handle.size_bytes for job in jobs])
+        if sizes:
+            try:
+                reply = self._call(channel, Op.OFFLOAD, sizes=sizes, layer_id=layer_id)
+            except (PoolFullError, QuotaExceededError):
+                pass
+            else:
+                self.reservations.add(reply["extents"], time.monotonic())
+        missing = []
+        for job in jobs:
+            extent = self.reservations.take(job.handle.size_bytes)
+            if extent is None:
+                missing.append(job)
+            else:
+                self._place(job, extent)
+        if missing:
+            self._allocate(channel, missing)
+
+    def _allocate(self, channel: Channel, jobs: list[_Offload]) -> None:
         """Place every job's handle in the pool, or apply the pressure policy to it."""
         layer_id = jobs[0].handle.layer_id
         try:
             extents = self._call(channel, Op.OFFLOAD, sizes=[j.handle.size_bytes for j in jobs], layer_id=layer_id)
         except (PoolFullError, QuotaExceededError):
-            if len(jobs) > 1:
-                return [placed for job in jobs for placed in self._allocate(channel, [job])]
-            return self._under_pressure(channel, jobs[0])
+            if self._return_spares(channel, self.reservations.drain()):
+                self._allocate(channel, jobs)  # our own spares may have been what filled it
+            elif len(jobs) > 1:
+                for job in jobs:
+                    self._allocate(channel, [job])
+            else:
+                self._under_pressure(channel, jobs[0])
+            return
         for job, extent in zip(jobs, extents["extents"], strict=True):
             self._place(job, extent)
-        return jobs
 
-    def _under_pressure(self, channel: Channel, job: _Offload) -> list[_Offload]:
+    def _under_pressure(self, channel: Channel, job: _Offload) -> None:
         handle = job.handle
         deadline = time.monotonic() + self.wait_timeout_s
         while self.policy == "wait":
@@ -416,22 +486,21 @@ class TransferEngine:
                 if time.monotonic() > deadline:
                     handle.error = e
                     self.pending_errors.append(e)
-                    return [job]
+                    return
                 time.sleep(0.01)
                 continue
             self._place(job, extent["extents"][0])
-            return [job]
+            return
         if self.policy == "keep":
             handle.kept = job.tensor
             self.stats.kept_tensors += 1
             self.stats.kept_bytes += handle.size_bytes
-            return [job]
+            return
         try:
             self._call(channel, Op.OFFLOAD, sizes=[handle.size_bytes], layer_id=handle.layer_id)
         except (PoolFullError, QuotaExceededError) as e:
             handle.error = e
             self.pending_errors.append(e)
-        return [job]
 
     def _place(self, job: _Offload, extent: dict[str, int]) -> None:
         handle = job.handle
@@ -506,6 +575,9 @@ class TransferEngine:
             if handle.id is not None:
                 ids.append(handle.id)
         self.stats.freed_tensors += len(handles)
+        self._post_free(channel, ids)
+
+    def _post_free(self, channel: Channel, ids: list[int]) -> None:
         for start in range(0, len(ids), MAX_BATCH):
             try:
                 channel.post(Op.FREE, self.token, handles=ids[start : start + MAX_BATCH])
@@ -514,6 +586,10 @@ class TransferEngine:
 
     def _call(self, channel: Channel, op: Op, **fields: Any) -> dict[str, Any]:
         self.stats.engine_round_trips += 1
+        if op is Op.OFFLOAD:
+            self.stats.offload_round_trips += 1
+        elif op is Op.FETCH:
+            self.stats.fetch_round_trips += 1
         return channel.call(op, self.token, self.timeout_s, **fields)
 
 

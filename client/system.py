@@ -82,6 +82,7 @@ class StormSystem:
         policy: str = "keep",
         wait_timeout_s: float = 30.0,
         prefetch_bytes: int = 64 << 20,
+        reserve_idle_s: float = 2.0,
         fetch_timeout_s: float = 120.0,
     ) -> None:
         self.endpoint = endpoint or os.environ.get("STORM_ENDPOINT") or default_endpoint()
@@ -93,7 +94,12 @@ class StormSystem:
         """How many times this system has registered; a handle from an older one is lost."""
         self.lost: StormError | None = None
         self._quota_bytes = quota_bytes
-        self._engine_settings = {"policy": policy, "wait_timeout_s": wait_timeout_s, "prefetch_bytes": prefetch_bytes}
+        self._engine_settings = {
+            "policy": policy,
+            "wait_timeout_s": wait_timeout_s,
+            "prefetch_bytes": prefetch_bytes,
+            "reserve_idle_s": reserve_idle_s,
+        }
         self._closed = False
         self._context = zmq.Context()
         self._ids = itertools.count(1)

@@ -39,6 +39,18 @@ def test_cuda_tensor_round_trips_on_its_device(system, dtype):
     assert system.stats()["used_bytes"] == 0
 
 
+def test_fetch_into_a_cuda_tensor(system):
+    tensor = torch.randn(512, 300, device="cuda")
+    handle = system.offload(tensor)
+    out = torch.zeros_like(tensor)
+    assert system.fetch(handle, out=out) is out
+    assert torch.equal(out, tensor)
+    with pytest.raises(ValueError, match="needs"):
+        system.fetch(handle, out=torch.zeros(512, 300))  # on the CPU: refused, nothing lost
+    assert torch.equal(system.fetch(handle), tensor)
+    system.free(handle)
+
+
 def test_offload_is_ordered_after_the_kernel_that_produced_the_tensor(system):
     # A long kernel writes the tensor; the D2H copy must wait for it (event on the producer's stream).
     a = torch.randn(4096, 4096, device="cuda")

@@ -98,28 +98,28 @@ def test_fetch_into_a_mismatched_tensor_is_refused_and_loses_nothing(system, out
     assert system.stats()["used_bytes"] == 0
 
 
-@pytest.mark.parametrize("budget_tensors", [16, 0])
-def test_reverse_fetches_are_prefetched_in_batches_within_the_budget(daemon, budget_tensors):
-    tensor_bytes = 64 << 10
-    count = 40
+@pytest.mark.parametrize("budget_tensors", [6, 0])
+def test_reverse_fetches_are_prefetched_in_whole_layers(daemon, budget_tensors):
+    tensor_bytes, layers, per_layer = 64 << 10, 10, 4
+    count = layers * per_layer
     with StormSystem(daemon.endpoint, prefetch_bytes=budget_tensors * tensor_bytes) as system:
         tensors = [torch.full((tensor_bytes // 4,), float(i)) for i in range(count)]
-        handles = [system.offload(t) for t in tensors]
+        handles = [system.offload(t, layer_id=i // per_layer) for i, t in enumerate(tensors)]
         before, fetch_requests = system.stats(), daemon.stats()["requests"].get("fetch", 0)
         for handle, tensor in zip(reversed(handles), reversed(tensors), strict=True):
             assert torch.equal(system.fetch(handle), tensor)
             system.free(handle)
         after = system.stats()
         fetch_requests = daemon.stats()["requests"]["fetch"] - fetch_requests
-    counts = {k: after[k] - before[k] for k in ("prefetch_hits", "prefetch_waits", "fetch_misses")}
+    counts = {k: after[k] - before[k] for k in ("prefetch_hits", "prefetch_waits", "fetch_misses", "fetch_round_trips")}
     if budget_tensors == 0:
-        assert counts == {"prefetch_hits": 0, "prefetch_waits": 0, "fetch_misses": count}
+        assert counts == {"prefetch_hits": 0, "prefetch_waits": 0, "fetch_misses": count, "fetch_round_trips": count}
         assert fetch_requests == count
     else:
-        # Only the first fetch misses. Refills start once half the budget is used, so
-        # fetch requests come in batches: far fewer than one per tensor.
+        # Only the first fetch misses. Refills wait until half the budget is used and run
+        # on to the end of a layer, so there are fewer fetch requests than layers.
         assert counts["fetch_misses"] == 1 and counts["prefetch_hits"] + counts["prefetch_waits"] == count - 1
-        assert 2 <= fetch_requests <= 2 + (count - 1) // (budget_tensors // 2), fetch_requests
+        assert 2 <= fetch_requests == counts["fetch_round_trips"] < layers, counts
 
 
 def test_offload_free_functions_round_trip(system):

@@ -1,0 +1,101 @@
+"""Extents reserved ahead of offloads, so that a layer costs one ``offload`` request.
+
+NOTE [Reservations]
+  A training step offloads the same shapes, layer by layer, every step. When a run of
+  offloads for one layer begins, the transfer engine asks the daemon, in one request,
+  for extents matching what that layer offloaded in its previous run (its profile),
+  plus whatever the jobs at hand need beyond it. Until a tensor is copied into one and
+  committed, such an extent is reserved: WRITING on the daemon, counted in its
+  ``reserved_bytes``, not in ``used_bytes``. The layer's later tensors each take a
+  reserved extent of their exact size, with no round trip. A run ends when the layer
+  changes, or at a fetch or a flush (backward, the end of a step).
+
+  Spares are reserved extents no tensor has taken (a layer offloaded less than its
+  profile). Any tensor of that size may take one later; a spare left untaken for
+  ``idle_s`` seconds is freed, so a session that stops offloading gives its
+  reservations back. The daemon never takes them back from a live session itself
+  (NOTE [Extent lifetime] in storm_service/sessions.py).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Reservations"]
+
+_NO_RUN = object()
+
+
+@dataclass
+class _Spare:
+    extent: dict[str, Any]
+    since: float
+
+
+class Reservations:
+    """Spare extents by size and per-layer profiles; used by the transfer thread only."""
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self._spares: dict[int, deque[_Spare]] = {}
+        self._profiles: dict[int | None, list[int]] = {}
+        self._run_layer: object = _NO_RUN
+        self._run_sizes: list[int] = []
+        self.spare_bytes = 0
+
+    def plan(self, layer_id: int | None, sizes: list[int]) -> list[int]:
+        """The sizes to reserve now so that each of ``sizes`` (offloads of ``layer_id``) finds a spare.
+
+        At the start of a run that is the layer's whole profile as well.
+        """
+        need = Counter(sizes)
+        if layer_id != self._run_layer:
+            self.end_run()
+            self._run_layer = layer_id
+            need |= Counter(self._profiles.get(layer_id, ()))
+        self._run_sizes += sizes
+        for size in need:
+            need[size] -= len(self._spares.get(size, ()))
+        return sorted(need.elements())
+
+    def end_run(self) -> None:
+        """The current run's sizes become its layer's profile."""
+        if self._run_layer is not _NO_RUN:
+            self._profiles[self._run_layer] = self._run_sizes  # type: ignore[index]
+        self._run_layer, self._run_sizes = _NO_RUN, []
+
+    def add(self, extents: list[dict[str, Any]], now: float) -> None:
+        for extent in extents:
+            self._spares.setdefault(extent["size_bytes"], deque()).append(_Spare(extent, now))
+            self.spare_bytes += extent["size_bytes"]
+
+    def take(self, size_bytes: int) -> dict[str, Any] | None:
+        """A spare extent of exactly ``size_bytes``, if one is reserved."""
+        spares = self._spares.get(size_bytes)
+        if not spares:
+            return None
+        self.spare_bytes -= size_bytes
+        return spares.popleft().extent
+
+    def expired(self, now: float) -> list[dict[str, Any]]:
+        """Remove and return the spares left untaken for ``idle_s`` seconds."""
+        out = []
+        for spares in self._spares.values():
+            while spares and now - spares[0].since >= self.idle_s:
+                out.append(spares.popleft().extent)
+        self.spare_bytes -= sum(extent["size_bytes"] for extent in out)
+        return out
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Remove and return every spare (to be freed: the pool is full)."""
+        out = [spare.extent for spares in self._spares.values() for spare in spares]
+        self._spares.clear()
+        self.spare_bytes = 0
+        return out
+
+    def seconds_to_expiry(self, now: float) -> float | None:
+        """How long until the oldest spare expires; None without spares."""
+        oldest = [spares[0].since for spares in self._spares.values() if spares]
+        return max(0.0, min(oldest) + self.idle_s - now) if oldest else None
