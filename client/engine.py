@@ -10,7 +10,8 @@ NOTE [Transfer engine]
   are frees. Within a batch, offloads run before fetches and fetches before frees, so
   a handle's jobs keep their order. Backward prefetches: when a handle is fetched, the
   engine also fetches the handles offloaded just before it (backward runs in reverse)
-  until ``prefetch_bytes`` of fetched-but-unused tensors are in flight. It refills only
+  until ``prefetch_bytes`` of fetched-but-unused tensors are in flight (on the CPU, to
+  the end of the layer it reached: there a prefetch allocates nothing). It refills only
   once less than half of that budget is in flight, so prefetches go out in batches
   (one ``fetch`` request for many tensors), not one engine wake-up per tensor.
 
@@ -82,10 +83,10 @@ class EngineStats:
     offload_round_trips: int = 0
     """Of those, ``offload`` requests: one per layer in steady state (NOTE [Reservations])."""
     fetch_round_trips: int = 0
-    """Of those, ``fetch`` requests: prefetches go out in batches of whole layers."""
+    """Of those, ``fetch`` requests: a miss and its prefetches go out together."""
     freed_tensors: int = 0
     returned_reservation_bytes: int = 0
-    """Bytes of spare reservations freed: untaken for ``reserve_idle_s``, or to make room."""
+    """Bytes of spare reservations given back (NOTE [Reservations])."""
 
 
 @dataclass
@@ -116,7 +117,6 @@ class _Flush:
 
 
 _STOP = object()
-_NO_LAYER = object()
 
 
 class TransferEngine:
@@ -155,6 +155,8 @@ class TransferEngine:
         self._lock = threading.Lock()
         self._live: dict[int, Handle] = {}
         self._inflight_prefetch_bytes = 0
+        self._pass = 0
+        """Counts fetch passes over the live handles (a second backward of a retained graph)."""
         self.d2h_stream = torch.cuda.Stream() if cuda else None
         self.h2d_stream = torch.cuda.Stream() if cuda else None
         self._thread = threading.Thread(target=self._run, name="storm-transfer", daemon=True)
@@ -185,6 +187,9 @@ class TransferEngine:
             raise StormError(f"fetch: {handle!r} was already freed")
         started = time.perf_counter()
         with self._lock:
+            if handle.taken_pass == self._pass:
+                self._pass += 1  # handed out before in this pass: a new backward pass began
+            handle.taken_pass = self._pass
             if not handle.fetch_requested:
                 self.stats.fetch_misses += 1
                 self._request_fetch(handle, prefetch=False)
@@ -198,7 +203,6 @@ class TransferEngine:
             error, tensor = handle.error, handle.fetched
             handle.fetched = None
             handle.fetch_requested = False
-            handle.taken = True
             handle.fetch_done.clear()
             if handle.prefetched:
                 self._inflight_prefetch_bytes -= handle.size_bytes
@@ -276,15 +280,15 @@ class TransferEngine:
         self._thread.join(timeout_s)
 
     def _request_fetch(self, handle: Handle, prefetch: bool) -> None:
+        out = allocated = None
+        if handle.device.type == "cuda":  # allocate first: if this raises, nothing is marked requested
+            out = torch.empty(handle.shape, dtype=handle.dtype, device=handle.device)
+            allocated = torch.cuda.Event()
+            allocated.record(torch.cuda.current_stream(handle.device))
         handle.fetch_requested = True
         handle.prefetched = prefetch
         if prefetch:
             self._inflight_prefetch_bytes += handle.size_bytes
-        out = allocated = None
-        if handle.device.type == "cuda":
-            out = torch.empty(handle.shape, dtype=handle.dtype, device=handle.device)
-            allocated = torch.cuda.Event()
-            allocated.record(torch.cuda.current_stream(handle.device))
         self._queue.put(_Fetch(handle, out, allocated))
 
     def _prefetch_before(self, handle: Handle) -> None:
@@ -296,12 +300,13 @@ class TransferEngine:
         """
         if self.prefetch_bytes <= 0 or self._inflight_prefetch_bytes * 2 > self.prefetch_bytes:
             return
-        last_layer: object = _NO_LAYER
+        last_layer: int | None = None
         for other in reversed(self._live.values()):
-            if other.seq >= handle.seq or other.fetch_requested or other.taken:
+            if other.seq >= handle.seq or other.fetch_requested or other.taken_pass == self._pass:
                 continue
             full = self._inflight_prefetch_bytes + other.size_bytes > self.prefetch_bytes
-            if full and (other.device.type != "cpu" or other.layer_id != last_layer):
+            same_layer = other.layer_id is not None and other.layer_id == last_layer
+            if full and (other.device.type != "cpu" or not same_layer):
                 return
             self._request_fetch(other, prefetch=True)
             last_layer = other.layer_id
@@ -353,7 +358,7 @@ class TransferEngine:
         if offloads:
             self._guard(offloads, lambda: self._offload(channel, offloads))
         if fetches or flushes:
-            self.reservations.end_run()
+            self._return_spares(channel, self.reservations.end_run())
         if fetches:
             self._guard(fetches, lambda: self._fetch(channel, fetches))
         if frees:
@@ -440,14 +445,14 @@ class TransferEngine:
         allocated exactly, under the pressure policy (NOTE [Reservations]).
         """
         layer_id = jobs[0].handle.layer_id
-        sizes = self.reservations.plan(layer_id, [job.handle.size_bytes for job in jobs])
-        if sizes:
+        self._return_spares(channel, self.reservations.begin(layer_id))
+        sizes = self.reservations.plan([job.handle.size_bytes for job in jobs])
+        for start in range(0, len(sizes), MAX_BATCH):
             try:
-                reply = self._call(channel, Op.OFFLOAD, sizes=sizes, layer_id=layer_id)
+                reply = self._call(channel, Op.OFFLOAD, sizes=sizes[start : start + MAX_BATCH], layer_id=layer_id)
             except (PoolFullError, QuotaExceededError):
-                pass
-            else:
-                self.reservations.add(reply["extents"], time.monotonic())
+                break
+            self.reservations.add(reply["extents"], time.monotonic())
         missing = []
         for job in jobs:
             extent = self.reservations.take(job.handle.size_bytes)

@@ -38,8 +38,8 @@ class Handle:
     freed: bool = False
     fetch_requested: bool = False
     prefetched: bool = False
-    taken: bool = False
-    """Handed out by a fetch already: prefetch skips it (a later fetch asks again)."""
+    taken_pass: int = -1
+    """The fetch pass that handed it out; prefetch skips it within that pass."""
     fetched: torch.Tensor | None = None
     views: int = 0
     """Live tensors that read this extent in place (NOTE [Aliased fetch] in client/engine.py)."""

@@ -10,11 +10,12 @@ NOTE [Reservations]
   reserved extent of their exact size, with no round trip. A run ends when the layer
   changes, or at a fetch or a flush (backward, the end of a step).
 
-  Spares are reserved extents no tensor has taken (a layer offloaded less than its
-  profile). Any tensor of that size may take one later; a spare left untaken for
-  ``idle_s`` seconds is freed, so a session that stops offloading gives its
-  reservations back. The daemon never takes them back from a live session itself
-  (NOTE [Extent lifetime] in storm_service/sessions.py).
+  Spares are reserved extents no tensor took. They are given back when their run ends,
+  and that layer's profile is dropped (its shapes changed: the next run reserves only
+  what it needs). A spare left untaken for ``idle_s`` seconds inside a run that never
+  ends is given back too, so a session that stops offloading holds no reservations.
+  The client gives them back, never the daemon: a live session's WRITING extent may be
+  being copied into (NOTE [Extent lifetime] in storm_service/sessions.py).
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Reservations"]
-
-_NO_RUN = object()
 
 
 @dataclass
@@ -41,30 +40,44 @@ class Reservations:
         self.idle_s = idle_s
         self._spares: dict[int, deque[_Spare]] = {}
         self._profiles: dict[int | None, list[int]] = {}
-        self._run_layer: object = _NO_RUN
+        self._running = False
+        self._run_layer: int | None = None
         self._run_sizes: list[int] = []
+        self._run_fresh = False
         self.spare_bytes = 0
 
-    def plan(self, layer_id: int | None, sizes: list[int]) -> list[int]:
-        """The sizes to reserve now so that each of ``sizes`` (offloads of ``layer_id``) finds a spare.
+    def begin(self, layer_id: int | None) -> list[dict[str, Any]]:
+        """Offloads of ``layer_id`` come next; returns the spares of a run this ends, to free."""
+        if self._running and layer_id == self._run_layer:
+            return []
+        leftovers = self.end_run()
+        self._running, self._run_layer, self._run_fresh = True, layer_id, True
+        return leftovers
+
+    def plan(self, sizes: list[int]) -> list[int]:
+        """The sizes to reserve now so that each of ``sizes`` (offloads of the run) finds a spare.
 
         At the start of a run that is the layer's whole profile as well.
         """
         need = Counter(sizes)
-        if layer_id != self._run_layer:
-            self.end_run()
-            self._run_layer = layer_id
-            need |= Counter(self._profiles.get(layer_id, ()))
+        if self._run_fresh:
+            need |= Counter(self._profiles.get(self._run_layer, ()))
+            self._run_fresh = False
         self._run_sizes += sizes
         for size in need:
             need[size] -= len(self._spares.get(size, ()))
         return sorted(need.elements())
 
-    def end_run(self) -> None:
-        """The current run's sizes become its layer's profile."""
-        if self._run_layer is not _NO_RUN:
-            self._profiles[self._run_layer] = self._run_sizes  # type: ignore[index]
-        self._run_layer, self._run_sizes = _NO_RUN, []
+    def end_run(self) -> list[dict[str, Any]]:
+        """Close the current run: its sizes become its layer's profile; returns its spares, to free."""
+        leftovers = self.drain()
+        if self._running:
+            if leftovers:
+                self._profiles.pop(self._run_layer, None)
+            else:
+                self._profiles[self._run_layer] = self._run_sizes
+        self._running, self._run_sizes, self._run_fresh = False, [], False
+        return leftovers
 
     def add(self, extents: list[dict[str, Any]], now: float) -> None:
         for extent in extents:
@@ -89,7 +102,7 @@ class Reservations:
         return out
 
     def drain(self) -> list[dict[str, Any]]:
-        """Remove and return every spare (to be freed: the pool is full)."""
+        """Remove and return every spare."""
         out = [spare.extent for spares in self._spares.values() for spare in spares]
         self._spares.clear()
         self.spare_bytes = 0

@@ -6,6 +6,7 @@ import atexit
 import ctypes
 import itertools
 import logging
+import math
 import os
 import threading
 import weakref
@@ -85,6 +86,8 @@ class StormSystem:
         reserve_idle_s: float = 2.0,
         fetch_timeout_s: float = 120.0,
     ) -> None:
+        if not 0 < reserve_idle_s < math.inf:
+            raise ValueError(f"reserve_idle_s must be a positive number of seconds, got {reserve_idle_s!r}")
         self.endpoint = endpoint or os.environ.get("STORM_ENDPOINT") or default_endpoint()
         self.name = (name or f"pid-{os.getpid()}")[:256]
         self.timeout_s = timeout_s

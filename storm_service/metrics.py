@@ -36,7 +36,7 @@ class Metrics:
             registry=self.registry,
         )
         self.offloaded = Counter(
-            "storm_offloaded_bytes", "Bytes of extents allocated by offload.", registry=self.registry
+            "storm_offloaded_bytes", "Bytes of activations committed (offloaded).", registry=self.registry
         )
         self.fetched = Counter("storm_fetched_bytes", "Bytes located by fetch.", registry=self.registry)
         self.registry.register(_ServerCollector(server))

@@ -315,8 +315,6 @@ class Server:
                     f"(largest free extent {self.pool.largest_free_bytes})"
                 )
             placed.append(where)
-        if self.metrics is not None:
-            self.metrics.offloaded.inc(need)
         layer_id = request.args.get("layer_id")
         extents = [
             self.sessions.add_extent(session, segment, offset, length, size, layer_id)
@@ -332,8 +330,9 @@ class Server:
     def handle_commit(self, request: Request, session: Session | None) -> dict[str, Any]:
         assert session is not None
         extents = self._owned_all(request, session)
-        for extent in extents:
-            self.sessions.commit(session, extent)
+        committed = sum(self.sessions.commit(session, extent) for extent in extents)
+        if self.metrics is not None:
+            self.metrics.offloaded.inc(committed)
         return {"committed": len(extents)}
 
     def handle_fetch(self, request: Request, session: Session | None) -> dict[str, Any]:

@@ -175,17 +175,20 @@ class SessionTable:
         session.handles.add(extent.handle)
         session.reserved_bytes += length
         session.peak_bytes = max(session.peak_bytes, session.held_bytes)
-        session.offloaded_bytes += size_bytes
         if layer_id is not None:
             session.layer_bytes[layer_id] = session.layer_bytes.get(layer_id, 0) + length
         return extent
 
-    def commit(self, session: Session, extent: Extent) -> None:
-        if extent.state is ExtentState.WRITING:
-            extent.state = ExtentState.COMMITTED
-            self.reserved_bytes -= extent.length
-            session.reserved_bytes -= extent.length
-            session.used_bytes += extent.length
+    def commit(self, session: Session, extent: Extent) -> int:
+        """Mark an extent's bytes written; returns its size if this committed it (else 0)."""
+        if extent.state is not ExtentState.WRITING:
+            return 0
+        extent.state = ExtentState.COMMITTED
+        self.reserved_bytes -= extent.length
+        session.reserved_bytes -= extent.length
+        session.used_bytes += extent.length
+        session.offloaded_bytes += extent.size_bytes
+        return extent.size_bytes
 
     def release(self, session: Session, extent: Extent) -> int:
         """Free one extent back to the pool; returns its length."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 
+import pytest
 import torch
 from torch import nn
 
@@ -47,39 +49,61 @@ def test_steady_state_costs_one_offload_request_per_layer(daemon):
     assert steady["blocking_round_trips"] == 1  # the stats() call that measured it
 
 
-def test_spare_reservations_are_given_back_when_idle(daemon):
+def _offload(system, count: int, size: int, layer_id: int, value: float = 1.0) -> list:
+    handles = [system.offload(torch.full((size // 4,), value), layer_id=layer_id) for _ in range(count)]
+    for handle in handles:
+        handle.stored.wait(10)
+    return handles
+
+
+def test_untaken_reservations_are_given_back_at_the_end_of_the_run(daemon):
     size = 64 << 10
-    with StormSystem(daemon.endpoint, reserve_idle_s=0.5) as system:
-        step1 = [system.offload(torch.ones(size // 4), layer_id=0) for _ in range(6)]
-        system.flush()  # layer 0's profile is now six tensors of this size
-        for handle in step1:
+    with StormSystem(daemon.endpoint) as system:
+        for handle in _offload(system, 6, size, layer_id=0):
             system.free(handle)
-        step2 = [system.offload(torch.ones(size // 4), layer_id=0) for _ in range(2)]
-        system.flush()
-        session = _session(daemon)
-        assert session["used_bytes"] == 2 * size and session["reserved_bytes"] == 4 * size
-        _wait_for(lambda: _session(daemon)["reserved_bytes"] == 0, what="the spares to be freed")
-        assert system.stats()["returned_reservation_bytes"] == 4 * size
+        system.flush()  # layer 0's profile: six tensors of this size
+        step2 = _offload(system, 2, size, layer_id=0)  # reserves six, takes two
+        # The run is still open (commits are posted: wait for the daemon to apply them).
+        _wait_for(lambda: _session(daemon)["reserved_bytes"] == 4 * size, what="two of six reserved committed")
+        system.flush()  # ends it: the four spares go back
+        assert _session(daemon)["reserved_bytes"] == 0 and system.stats()["returned_reservation_bytes"] == 4 * size
         for handle in step2:
             assert torch.equal(system.fetch(handle), torch.ones(size // 4))
             system.free(handle)
         assert system.stats()["used_bytes"] == 0
 
 
+def test_spare_reservations_are_given_back_when_idle(daemon):
+    size = 64 << 10
+    with StormSystem(daemon.endpoint, reserve_idle_s=1.5) as system:
+        for handle in _offload(system, 6, size, layer_id=0):
+            system.free(handle)
+        system.flush()
+        held = _offload(system, 2, size, layer_id=0)  # the run stays open: nothing ends it
+        assert _session(daemon)["reserved_bytes"] > 0
+        _wait_for(lambda: _session(daemon)["reserved_bytes"] == 0, what="the spares to be given back")
+        assert system.stats()["returned_reservation_bytes"] == 4 * size
+        assert all(torch.equal(system.fetch(h), torch.ones(size // 4)) for h in held)
+
+
 def test_spares_are_given_back_when_the_pool_is_full(daemon_factory):
     daemon = daemon_factory(pool_size="4MiB")
     mib = 1 << 20
     with StormSystem(daemon.endpoint, policy="keep", reserve_idle_s=60) as system:
-        step1 = [system.offload(torch.ones(mib // 4), layer_id=0) for _ in range(3)]
-        system.flush()
-        for handle in step1:
+        for handle in _offload(system, 3, mib, layer_id=0):
             system.free(handle)
-        kept = system.offload(torch.ones(mib // 4), layer_id=0)  # reserves 3 MiB, uses 1
         system.flush()
-        assert _session(daemon)["reserved_bytes"] == 2 * mib
-        # 1.5 MiB tensors cannot use the 1 MiB spares, and only 1 MiB is free: the spares go.
-        big = [system.offload(torch.full((3 * mib // 8,), 2.0), layer_id=1) for _ in range(2)]
+        first = _offload(system, 1, mib, layer_id=0)  # reserves 3 MiB, takes 1
+        _wait_for(lambda: _session(daemon)["reserved_bytes"] == 2 * mib, what="one of three reserved committed")
+        # Same layer, 1.5 MiB tensors: no spare fits and only 1 MiB is free, so the spares go.
+        big = _offload(system, 2, 3 * mib // 2, layer_id=0, value=2.0)
         stats = system.stats()
         assert stats["kept_tensors"] == 0 and stats["returned_reservation_bytes"] == 2 * mib
         assert all(torch.equal(system.fetch(h), torch.full((3 * mib // 8,), 2.0)) for h in big)
-        assert torch.equal(system.fetch(kept), torch.ones(mib // 4))
+        assert torch.equal(system.fetch(first[0]), torch.ones(mib // 4))
+
+
+@pytest.mark.parametrize("idle_s", [0, -1.0, math.inf, math.nan])
+def test_reserve_idle_s_must_be_a_positive_finite_number(idle_s):
+    with pytest.raises(ValueError, match="reserve_idle_s must be a positive number of seconds"):
+        StormSystem("ipc:///nonexistent/stormd.sock", reserve_idle_s=idle_s)
