@@ -52,7 +52,10 @@ ENGINE_COUNTERS = (
     "kept_tensors",
     "kept_bytes",
     "engine_round_trips",
+    "offload_round_trips",
+    "fetch_round_trips",
     "freed_tensors",
+    "returned_reservation_bytes",
     "blocking_round_trips",
 )
 WARMUP_FRACTION = 0.1

@@ -4,15 +4,17 @@ NOTE [Reservations]
   A training step offloads the same shapes, layer by layer, every step. When a run of
   offloads for one layer begins, the transfer engine asks the daemon, in one request,
   for extents matching what that layer offloaded in its previous run (its profile),
-  plus whatever the jobs at hand need beyond it. Until a tensor is copied into one and
+  plus whatever the jobs at hand need beyond it. It reserves ahead only once a layer's
+  last two runs offloaded the same sizes, so a workload whose shapes change every time
+  never reserves what it will not use. Until a tensor is copied into one and
   committed, such an extent is reserved: WRITING on the daemon, counted in its
   ``reserved_bytes``, not in ``used_bytes``. The layer's later tensors each take a
   reserved extent of their exact size, with no round trip. A run ends when the layer
   changes, or at a fetch or a flush (backward, the end of a step).
 
-  Spares are reserved extents no tensor took. They are given back when their run ends,
-  and that layer's profile is dropped (its shapes changed: the next run reserves only
-  what it needs). A spare left untaken for ``idle_s`` seconds inside a run that never
+  Spares are reserved extents no tensor took (the layer's shapes changed). They are
+  given back when their run ends, and the layer's profile must repeat again before
+  anything is reserved ahead for it. A spare left untaken for ``idle_s`` seconds inside a run that never
   ends is given back too, so a session that stops offloading holds no reservations.
   The client gives them back, never the daemon: a live session's WRITING extent may be
   being copied into (NOTE [Extent lifetime] in storm_service/sessions.py).
@@ -39,7 +41,8 @@ class Reservations:
     def __init__(self, idle_s: float) -> None:
         self.idle_s = idle_s
         self._spares: dict[int, deque[_Spare]] = {}
-        self._profiles: dict[int | None, list[int]] = {}
+        self._profiles: dict[int | None, tuple[list[int], bool]] = {}
+        """Per layer: the sizes its last run offloaded (sorted), and whether the run before matched."""
         self._running = False
         self._run_layer: int | None = None
         self._run_sizes: list[int] = []
@@ -61,7 +64,9 @@ class Reservations:
         """
         need = Counter(sizes)
         if self._run_fresh:
-            need |= Counter(self._profiles.get(self._run_layer, ()))
+            profile, repeated = self._profiles.get(self._run_layer, ([], False))
+            if repeated:
+                need |= Counter(profile)
             self._run_fresh = False
         self._run_sizes += sizes
         for size in need:
@@ -72,10 +77,9 @@ class Reservations:
         """Close the current run: its sizes become its layer's profile; returns its spares, to free."""
         leftovers = self.drain()
         if self._running:
-            if leftovers:
-                self._profiles.pop(self._run_layer, None)
-            else:
-                self._profiles[self._run_layer] = self._run_sizes
+            sizes = sorted(self._run_sizes)
+            previous, _ = self._profiles.get(self._run_layer, (None, False))
+            self._profiles[self._run_layer] = (sizes, sizes == previous)
         self._running, self._run_sizes, self._run_fresh = False, [], False
         return leftovers
 

@@ -56,12 +56,18 @@ def _offload(system, count: int, size: int, layer_id: int, value: float = 1.0) -
     return handles
 
 
+def _repeat_profile(system, count: int, size: int) -> None:
+    """Two identical runs of layer 0: from the next run on, its profile is reserved ahead."""
+    for _ in range(2):
+        for handle in _offload(system, count, size, layer_id=0):
+            system.free(handle)
+        system.flush()
+
+
 def test_untaken_reservations_are_given_back_at_the_end_of_the_run(daemon):
     size = 64 << 10
     with StormSystem(daemon.endpoint) as system:
-        for handle in _offload(system, 6, size, layer_id=0):
-            system.free(handle)
-        system.flush()  # layer 0's profile: six tensors of this size
+        _repeat_profile(system, 6, size)
         step2 = _offload(system, 2, size, layer_id=0)  # reserves six, takes two
         # The run is still open (commits are posted: wait for the daemon to apply them).
         _wait_for(lambda: _session(daemon)["reserved_bytes"] == 4 * size, what="two of six reserved committed")
@@ -76,9 +82,7 @@ def test_untaken_reservations_are_given_back_at_the_end_of_the_run(daemon):
 def test_spare_reservations_are_given_back_when_idle(daemon):
     size = 64 << 10
     with StormSystem(daemon.endpoint, reserve_idle_s=1.5) as system:
-        for handle in _offload(system, 6, size, layer_id=0):
-            system.free(handle)
-        system.flush()
+        _repeat_profile(system, 6, size)
         held = _offload(system, 2, size, layer_id=0)  # the run stays open: nothing ends it
         assert _session(daemon)["reserved_bytes"] > 0
         _wait_for(lambda: _session(daemon)["reserved_bytes"] == 0, what="the spares to be given back")
@@ -90,9 +94,7 @@ def test_spares_are_given_back_when_the_pool_is_full(daemon_factory):
     daemon = daemon_factory(pool_size="4MiB")
     mib = 1 << 20
     with StormSystem(daemon.endpoint, policy="keep", reserve_idle_s=60) as system:
-        for handle in _offload(system, 3, mib, layer_id=0):
-            system.free(handle)
-        system.flush()
+        _repeat_profile(system, 3, mib)
         first = _offload(system, 1, mib, layer_id=0)  # reserves 3 MiB, takes 1
         _wait_for(lambda: _session(daemon)["reserved_bytes"] == 2 * mib, what="one of three reserved committed")
         # Same layer, 1.5 MiB tensors: no spare fits and only 1 MiB is free, so the spares go.
