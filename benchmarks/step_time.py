@@ -57,6 +57,8 @@ QUICK: dict[str, dict[str, int | str]] = {
     "transformer": {"kind": "transformer", "hidden": 256, "layers": 2, "batch": 4, "seq": 128},
 }
 MMAP_THRESHOLD = 1 << 20
+PROBED = ("a", "c", "d")
+"""Variants whose private memory is probed: c shows what any synchronous offload leaves."""
 
 
 class Transformer(nn.Module):
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         r = results["models"][name] = run_model(name, cfg, warmup, steps)
         r["memory"] = {
-            env: {v: run_probe(cfg, v, args.quick, env == "mmap_threshold_1MiB") for v in ("a", "d")}
+            env: {v: run_probe(cfg, v, args.quick, env == "mmap_threshold_1MiB") for v in PROBED}
             for env in ("default_malloc", "mmap_threshold_1MiB")
             if not args.quick or name == "heavy_mlp"
         }

@@ -53,15 +53,15 @@ def report(results: dict[str, Any]) -> None:
     heads = ["model", *(f"cpu {v} s" for v in VARIANTS), "d: transfer thread s", "d: stormd s"]
     print_table(heads, rows, "CPU seconds per step (process: all threads; stormd is extra, in its own process)")
     rows = []
+    probed = [v for v in VARIANTS if any(v in mem for r in models.values() for mem in r["memory"].values())]
     for name, r in models.items():
         for env, mem in r["memory"].items():
-            a, d = mem["a"], mem["d"]
-            rows.append([name, env, a["fwd_peak_growth"] / MiB, d["fwd_peak_growth"] / MiB])
-            rows[-1] += [a["bwd_peak_growth"] / MiB, d["bwd_peak_growth"] / MiB]
-            rows[-1] += [(a["base"] + a["fwd_peak_growth"]) / MiB, (d["base"] + d["fwd_peak_growth"]) / MiB]
-            rows[-1] += [a["step_s"], d["step_s"]]
-    heads = ["model", "malloc", "fwd a MiB", "fwd d MiB", "bwd a MiB", "bwd d MiB", "abs fwd peak a", "abs d"]
-    heads += ["probe a s", "probe d s"]
+            rows.append([name, env, *(mem[v]["fwd_peak_growth"] / MiB for v in probed)])
+            rows[-1] += [mem[v]["bwd_peak_growth"] / MiB for v in probed]
+            rows[-1] += [(mem[v]["base"] + mem[v]["fwd_peak_growth"]) / MiB for v in probed]
+            rows[-1] += [mem[v]["step_s"] for v in probed]
+    heads = ["model", "malloc", *(f"fwd {v} MiB" for v in probed), *(f"bwd {v} MiB" for v in probed)]
+    heads += [*(f"abs fwd peak {v}" for v in probed), *(f"probe {v} s" for v in probed)]
     print_table(heads, rows, "peak private memory (RssAnon) growth over the pre-forward value")
     print()
     checks = []
@@ -100,15 +100,18 @@ def plot(plt: Any, results: dict[str, Any]) -> None:
     ax1.set_xticks(range(len(models)), [name.replace("_", "\n") for name in models], fontsize=7)
     ax1.set_ylabel("step time, s (median, min-max)")
     ax1.legend(fontsize=8)
-    labels, a_vals, d_vals = [], [], []
+    labels: list[str] = []
+    growth: dict[str, list[float]] = {}
     for name, r in models.items():
         for env, mem in r["memory"].items():
             labels.append(f"{name.replace('_', chr(10))}\n{'default' if env == 'default_malloc' else 'mmap 1MiB'}")
-            a_vals.append(mem["a"]["fwd_peak_growth"] / MiB)
-            d_vals.append(mem["d"]["fwd_peak_growth"] / MiB)
+            for v, probe in mem.items():
+                growth.setdefault(v, []).append(probe["fwd_peak_growth"] / MiB)
     xs = list(range(len(labels)))
-    ax2.bar([x - 0.2 for x in xs], a_vals, 0.4, label="a: no offload")
-    ax2.bar([x + 0.2 for x in xs], d_vals, 0.4, label="d: STORM")
+    bar = 0.8 / max(len(growth), 1)
+    for i, (v, values) in enumerate(growth.items()):
+        offset = (i - (len(growth) - 1) / 2) * bar
+        ax2.bar([x + offset for x in xs], values, bar, label=f"{v}: {NAMES[v]}", color=f"C{VARIANTS.index(v)}")
     ax2.set_xticks(xs, labels, fontsize=7)
     ax2.set_ylabel("peak RssAnon growth in forward, MiB")
     ax2.legend(fontsize=8)
