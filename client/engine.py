@@ -447,10 +447,12 @@ class TransferEngine:
         layer_id = jobs[0].handle.layer_id
         self._return_spares(channel, self.reservations.begin(layer_id))
         sizes = self.reservations.plan([job.handle.size_bytes for job in jobs])
+        refused: list[int] = []
         for start in range(0, len(sizes), MAX_BATCH):
             try:
                 reply = self._call(channel, Op.OFFLOAD, sizes=sizes[start : start + MAX_BATCH], layer_id=layer_id)
             except (PoolFullError, QuotaExceededError):
+                refused = sizes[start:]
                 break
             self.reservations.add(reply["extents"], time.monotonic())
         missing = []
@@ -461,24 +463,29 @@ class TransferEngine:
             else:
                 self._place(job, extent)
         if missing:
-            self._allocate(channel, missing)
+            # Asking again for exactly what was just refused would only be refused again.
+            asked_exactly = sorted(refused) == sorted(job.handle.size_bytes for job in missing)
+            self._allocate(channel, missing, ask_together=not asked_exactly)
 
-    def _allocate(self, channel: Channel, jobs: list[_Offload]) -> None:
+    def _allocate(self, channel: Channel, jobs: list[_Offload], ask_together: bool = True) -> None:
         """Place every job's handle in the pool, or apply the pressure policy to it."""
-        layer_id = jobs[0].handle.layer_id
-        try:
-            extents = self._call(channel, Op.OFFLOAD, sizes=[j.handle.size_bytes for j in jobs], layer_id=layer_id)
-        except (PoolFullError, QuotaExceededError):
-            if self._return_spares(channel, self.reservations.drain()):
-                self._allocate(channel, jobs)  # our own spares may have been what filled it
-            elif len(jobs) > 1:
-                for job in jobs:
-                    self._allocate(channel, [job])
+        if ask_together:
+            sizes = [job.handle.size_bytes for job in jobs]
+            try:
+                extents = self._call(channel, Op.OFFLOAD, sizes=sizes, layer_id=jobs[0].handle.layer_id)
+            except (PoolFullError, QuotaExceededError):
+                pass
             else:
-                self._under_pressure(channel, jobs[0])
-            return
-        for job, extent in zip(jobs, extents["extents"], strict=True):
-            self._place(job, extent)
+                for job, extent in zip(jobs, extents["extents"], strict=True):
+                    self._place(job, extent)
+                return
+        if self._return_spares(channel, self.reservations.drain()):
+            self._allocate(channel, jobs)  # our own spares may have been what filled it
+        elif len(jobs) > 1:
+            for job in jobs:
+                self._allocate(channel, [job])
+        else:
+            self._under_pressure(channel, jobs[0])
 
     def _under_pressure(self, channel: Channel, job: _Offload) -> None:
         handle = job.handle
@@ -502,10 +509,12 @@ class TransferEngine:
             self.stats.kept_bytes += handle.size_bytes
             return
         try:
-            self._call(channel, Op.OFFLOAD, sizes=[handle.size_bytes], layer_id=handle.layer_id)
+            extent = self._call(channel, Op.OFFLOAD, sizes=[handle.size_bytes], layer_id=handle.layer_id)
         except (PoolFullError, QuotaExceededError) as e:
             handle.error = e
             self.pending_errors.append(e)
+        else:
+            self._place(job, extent["extents"][0])  # room appeared since the refusal
 
     def _place(self, job: _Offload, extent: dict[str, int]) -> None:
         handle = job.handle
