@@ -160,7 +160,7 @@ def latencies(placement: str, blocks: int, per_block: int) -> dict[str, list[flo
     spawn = mp.get_context("spawn")
     tmp = tempfile.mkdtemp(prefix="storm-bench-")
     raw_endpoint = f"ipc://{tmp}/echo.sock"
-    echo = spawn.Process(target=echo_server, args=(raw_endpoint, cpus and cpus[1]))
+    echo = spawn.Process(target=echo_server, args=(raw_endpoint, cpus[1] if cpus else None))
     echo.start()
     results = spawn.Queue()
     try:
@@ -169,7 +169,7 @@ def latencies(placement: str, blocks: int, per_block: int) -> dict[str, list[flo
                 pin_threads(daemon.pid, cpus[1])
             client = spawn.Process(
                 target=latency_client,
-                args=(daemon.endpoint, raw_endpoint, blocks, per_block, cpus and cpus[0], results),
+                args=(daemon.endpoint, raw_endpoint, blocks, per_block, cpus[0] if cpus else None, results),
             )
             client.start()
             lat: dict[str, list[float]] = results.get(timeout=120)

@@ -14,8 +14,9 @@ NOTE [Reservations]
 
   Spares are reserved extents no tensor took (the layer's shapes changed). They are
   given back when their run ends, and the layer's profile must repeat again before
-  anything is reserved ahead for it. A spare left untaken for ``idle_s`` seconds inside a run that never
-  ends is given back too, so a session that stops offloading holds no reservations.
+  anything is reserved ahead for it. A spare left untaken for ``idle_s`` seconds inside
+  a run that never ends is given back too, so a session that stops offloading holds no
+  reservations.
   The client gives them back, never the daemon: a live session's WRITING extent may be
   being copied into (NOTE [Extent lifetime] in storm_service/sessions.py).
 """
@@ -47,7 +48,11 @@ class Reservations:
         self._run_layer: int | None = None
         self._run_sizes: list[int] = []
         self._run_fresh = False
-        self.spare_bytes = 0
+
+    @property
+    def spare_bytes(self) -> int:
+        """Bytes reserved and not taken yet."""
+        return sum(size * len(spares) for size, spares in self._spares.items())
 
     def begin(self, layer_id: int | None) -> list[dict[str, Any]]:
         """Offloads of ``layer_id`` come next; returns the spares of a run this ends, to free."""
@@ -86,14 +91,12 @@ class Reservations:
     def add(self, extents: list[dict[str, Any]], now: float) -> None:
         for extent in extents:
             self._spares.setdefault(extent["size_bytes"], deque()).append(_Spare(extent, now))
-            self.spare_bytes += extent["size_bytes"]
 
     def take(self, size_bytes: int) -> dict[str, Any] | None:
         """A spare extent of exactly ``size_bytes``, if one is reserved."""
         spares = self._spares.get(size_bytes)
         if not spares:
             return None
-        self.spare_bytes -= size_bytes
         return spares.popleft().extent
 
     def expired(self, now: float) -> list[dict[str, Any]]:
@@ -102,14 +105,12 @@ class Reservations:
         for spares in self._spares.values():
             while spares and now - spares[0].since >= self.idle_s:
                 out.append(spares.popleft().extent)
-        self.spare_bytes -= sum(extent["size_bytes"] for extent in out)
         return out
 
     def drain(self) -> list[dict[str, Any]]:
         """Remove and return every spare."""
         out = [spare.extent for spares in self._spares.values() for spare in spares]
         self._spares.clear()
-        self.spare_bytes = 0
         return out
 
     def seconds_to_expiry(self, now: float) -> float | None:
