@@ -25,6 +25,17 @@ NOTE [Transfer engine]
   recorded on the producer's stream, and the source is dropped only after the copy's
   event completes; the H2D stream waits on an event recorded after the destination
   was allocated, and the consumer waits on the copy's event.
+
+NOTE [Modified sources]
+  An offload returns before its bytes are copied, so a tensor changed in place in
+  between would be stored with the new bytes. Each offload remembers the version
+  counter of its guard tensor (the tensor itself, or the saved tensor whose span is
+  copied) and reads it again once the copy is complete (after the D2H event on CUDA).
+  If it moved, some in-place operation was issued before the copy finished, so the
+  stored bytes cannot be vouched for: the handle fails with ``SourceModifiedError``
+  when fetched. Autograd without saved-tensor hooks raises for the same programs
+  ("modified by an inplace operation"); a change issued after the copy completed
+  leaves the stored bytes as they were at offload, as ``save_on_cpu`` would.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ from client.transport import Channel
 from storm_service.errors import (
     PoolFullError,
     QuotaExceededError,
+    SourceModifiedError,
     StormError,
     StormTimeoutError,
     StormUnavailableError,
@@ -78,6 +90,10 @@ class EngineStats:
     fetch_wait_s: float = 0.0
     kept_tensors: int = 0
     kept_bytes: int = 0
+    dedup_saved_bytes: int = 0
+    """Bytes not copied because a saved tensor read an earlier copy (NOTE [Storage records])."""
+    span_saved_bytes: int = 0
+    """Bytes of saved tensors' storages outside the spans copied (NOTE [Storage records])."""
     engine_round_trips: int = 0
     """Requests the transfer thread waited on (never the training thread)."""
     offload_round_trips: int = 0
@@ -95,6 +111,9 @@ class _Offload:
     tensor: torch.Tensor
     producer: Any  # torch.cuda.Event on CUDA, else None
     consumer_stream: Any
+    guard: torch.Tensor
+    """Whose version must not move before the copy is done (NOTE [Modified sources])."""
+    version: int
 
 
 @dataclass
@@ -154,6 +173,8 @@ class TransferEngine:
         self._backlog: deque[object] = deque()
         self._lock = threading.Lock()
         self._live: dict[int, Handle] = {}
+        self._viewed: set[Handle] = set()
+        """Handles that live aliased tensors read (NOTE [Aliased fetch])."""
         self._inflight_prefetch_bytes = 0
         self._pass = 0
         """Counts fetch passes over the live handles (a second backward of a retained graph)."""
@@ -164,7 +185,7 @@ class TransferEngine:
 
     # -- called from training threads ------------------------------------------
 
-    def submit_offload(self, handle: Handle, tensor: torch.Tensor) -> None:
+    def submit_offload(self, handle: Handle, tensor: torch.Tensor, guard: torch.Tensor) -> None:
         producer = consumer = None
         if tensor.is_cuda:
             consumer = torch.cuda.current_stream(tensor.device)
@@ -172,7 +193,7 @@ class TransferEngine:
             producer.record(consumer)
         with self._lock:
             self._live[handle.seq] = handle
-        self._queue.put(_Offload(handle, tensor, producer, consumer))
+        self._queue.put(_Offload(handle, tensor, producer, consumer, guard, guard._version))
 
     def take(
         self, handle: Handle, timeout_s: float, alias: bool = False, out: torch.Tensor | None = None
@@ -244,12 +265,15 @@ class TransferEngine:
         window = (ctypes.c_uint8 * handle.size_bytes).from_buffer(self.segments[handle.segment].mmap, handle.offset)
         with self._lock:
             handle.views += 1
+            self._viewed.add(handle)
         weakref.finalize(window, self._view_released, handle)
         return torch.frombuffer(window, dtype=torch.uint8).view(handle.dtype).view(handle.shape)
 
     def _view_released(self, handle: Handle) -> None:
         with self._lock:
             handle.views -= 1
+            if not handle.views:
+                self._viewed.discard(handle)
             if handle.views or not handle.free_pending:
                 return
             handle.free_pending = False
@@ -278,6 +302,11 @@ class TransferEngine:
     def close(self, timeout_s: float) -> None:
         self._queue.put(_STOP)
         self._thread.join(timeout_s)
+
+    def viewed_extents(self) -> list[tuple[int, int, int]]:
+        """``(segment, offset, size_bytes)`` of every extent a live aliased tensor reads."""
+        with self._lock:
+            return [(h.segment, h.offset, h.size_bytes) for h in self._viewed]
 
     def _request_fetch(self, handle: Handle, prefetch: bool) -> None:
         out = allocated = None
@@ -432,10 +461,16 @@ class TransferEngine:
                     dst.copy_(job.tensor)
             if done_event is not None:
                 done_event.synchronize()  # sources may be dropped only once their copies are done
+            for job in copies:
+                if job.guard._version != job.version:
+                    job.handle.error = SourceModifiedError(
+                        f"offload: {job.handle!r} was changed in place before its copy into the pool was done "
+                        f"(version {job.version} when offloaded, {job.guard._version} after the copy)"
+                    )
             if copies:
                 channel.post(Op.COMMIT, self.token, handles=[job.handle.id for job in copies])
             for job in layer_jobs:
-                job.tensor = None  # type: ignore[assignment]
+                job.tensor = job.guard = None  # type: ignore[assignment]
                 job.handle.stored.set()
 
     def _reserve_and_place(self, channel: Channel, jobs: list[_Offload]) -> None:

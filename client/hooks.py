@@ -1,27 +1,17 @@
 """Offload the saved tensors of any module through ``saved_tensors_hooks``.
 
 Contract (as for ``torch.autograd.graph.save_on_cpu``): ``unpack(pack(t))`` equals
-``t`` in value, size, stride, dtype and device.
-
-NOTE [Storage records]
-  Autograd often saves several tensors that share one storage (a tensor and its
-  reshaped view, or the same tensor saved by two ops). STORM offloads *storages*, not
-  tensors: the first pack of a storage offloads its bytes once, and later packs of a
-  tensor that aliases it share that record; unpack rebuilds each tensor with its own
-  offset, size and stride on one restored storage, so aliasing survives the round trip.
-  A storage is recognised by its data pointer *while a tensor seen with it is alive*
-  (weak references), so a freed and reused address is never mistaken for the old one.
-  The restored storage is kept while some packed tensor of the record has not been
-  unpacked yet (so views unpacked later in backward share one copy back), and the
-  extent is freed when the last packed tensor is released by autograd: after its
-  node's backward, or when a graph is dropped without backward. ``retain_graph``
-  unpacks more than once; that works because nothing is freed on unpack.
+``t`` in value, size, stride, dtype, device and conjugate/negative bits, with the bytes
+``t`` held when it was packed. What is copied, and when two packs share a copy, is
+NOTE [Storage records] in ``client/records.py``. The extent of a record is freed when
+the last packed tensor that reads it is released by autograd: after its node's
+backward, or when a graph is dropped without backward. ``retain_graph`` unpacks more
+than once; that works because nothing is freed on unpack.
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,8 +20,10 @@ import torch
 from torch import nn
 
 from client.defaults import default_system
-from client.handle import Handle
+from client.integrity import checksum
+from client.records import ALIGN_BYTES, Geometry, RecordTable, SpanRecord, byte_range, offloadable
 from client.system import StormSystem
+from storm_service.errors import IntegrityError
 
 __all__ = ["OffloadStats", "active_offloader", "offload_saved_tensors"]
 
@@ -44,77 +36,69 @@ class OffloadStats:
 
     packed_tensors: int = 0
     offloaded_storages: int = 0
+    """Copies made (one per record: a byte span of one storage)."""
     offloaded_bytes: int = 0
     shared_packs: int = 0
-    """Packs that reused an already offloaded storage (views, tensors saved twice)."""
+    """Packs that read an earlier pack's copy (a tensor saved twice, ``x`` and ``x.t()``)."""
+    dedup_saved_bytes: int = 0
+    """Bytes those shared packs did not copy again."""
+    span_saved_bytes: int = 0
+    """Bytes of the packed tensors' storages outside the spans copied (chunks, slices)."""
     skipped_tensors: int = 0
-    """Parameters and tensors under ``min_bytes``, left where they were."""
+    """Parameters, tensors under ``min_bytes`` and tensors that are not plain strided ones, left where they were."""
     layer_bytes: dict[str, int] = field(default_factory=dict)
-
-
-class _Record:
-    """One offloaded storage and the packed tensors that share it."""
-
-    def __init__(self, system: StormSystem, handle: Handle, seen: list[weakref.ref[torch.Tensor]]) -> None:
-        self.system = system
-        self.handle = handle
-        self.seen = seen
-        self.lock = threading.Lock()
-        self.packed = 0
-        self.not_unpacked = 0
-        self.restored: torch.Tensor | None = None
-
-    def still_alive(self) -> bool:
-        return any(ref() is not None for ref in self.seen)
-
-    def storage(self) -> torch.UntypedStorage:
-        with self.lock:
-            restored = self.restored
-            if restored is None:
-                restored = self.system.fetch(self.handle, alias=True)  # (nbytes,) uint8
-                if self.not_unpacked > 1:
-                    self.restored = restored
-            self.not_unpacked = max(self.not_unpacked - 1, 0)
-            if self.not_unpacked == 0:
-                self.restored = None
-            return restored.untyped_storage()
-
-    def release(self) -> None:
-        with self.lock:
-            self.packed -= 1
-            if self.packed > 0:
-                return
-            self.restored = None
-        self.system.free(self.handle)
 
 
 class _Packed:
     """What autograd keeps in place of a saved tensor; frees its share on release."""
 
-    __slots__ = ("dtype", "record", "size", "storage_offset", "stride", "unpacked")
+    __slots__ = ("conj", "geometry", "neg", "record", "unpacked")
 
-    def __init__(self, record: _Record, tensor: torch.Tensor) -> None:
-        self.record = record
-        self.dtype = tensor.dtype
-        self.size = tensor.size()
-        self.stride = tensor.stride()
-        self.storage_offset = tensor.storage_offset()
+    def __init__(self, record: SpanRecord, geometry: Geometry, tensor: torch.Tensor) -> None:
+        self.geometry = geometry
+        self.conj = tensor.is_conj()
+        self.neg = tensor.is_neg()
         self.unpacked = False
-        with record.lock:
-            record.packed += 1
-            record.not_unpacked += 1
+        record.acquire()
+        self.record = record  # last: __del__ releases only a pack that was counted
 
-    def unpack(self) -> torch.Tensor:
-        if self.unpacked:  # retain_graph: a second unpack of the same saved tensor
-            with self.record.lock:
-                self.record.not_unpacked += 1
+    def unpack(self, system: StormSystem) -> torch.Tensor:
+        record = self.record
+        restored = record.restore(lambda handle: system.fetch(handle, alias=True), again=self.unpacked)
         self.unpacked = True
-        storage = self.record.storage()
-        out = torch.empty(0, dtype=self.dtype, device=self.record.handle.device)
-        return out.set_(storage, self.storage_offset, self.size, self.stride)
+        if record.checksum is not None:
+            _verify(record, restored)
+        out = self.geometry.on_bytes(restored)
+        if self.neg:
+            out = torch._neg_view(out)
+        return out.conj() if self.conj else out
 
     def __del__(self) -> None:
-        self.record.release()
+        record = getattr(self, "record", None)
+        if record is not None:
+            record.release()
+
+
+def _verify(record: SpanRecord, restored: torch.Tensor) -> None:
+    """The restored elements hash as they did at pack time (NOTE [Verify mode] in docs/design.md)."""
+    geometry = record.geometry.shifted(record.lo - int(restored.storage_offset()))
+    assert geometry is not None  # a record's own geometry starts inside its copy, aligned
+    found = checksum(_element_bytes(geometry, restored.untyped_storage(), restored.device, record.dense))
+    if found != record.checksum:
+        raise IntegrityError(
+            f"verify: layer {record.layer}, {geometry.dtype} {tuple(geometry.size)} in {record.handle!r}: "
+            f"checksum {found:#018x} on fetch, {record.checksum:#018x} when packed"
+        )
+
+
+def _element_bytes(
+    geometry: Geometry, storage: torch.UntypedStorage, device: torch.device, dense: bool
+) -> torch.Tensor:
+    """The bytes of the elements only, as a contiguous (n,) uint8 tensor (gaps left out)."""
+    if dense:
+        lo, hi = geometry.span
+        return byte_range(storage, device, lo, hi)
+    return geometry.on(storage, device).contiguous().view(-1).view(torch.uint8)
 
 
 class _SavedTensorOffloader:
@@ -124,42 +108,65 @@ class _SavedTensorOffloader:
         self.stats = stats
         self.layer_id: int | None = None
         self.layer_name: str | None = None
-        self._records: dict[tuple[str, int], _Record] = {}
+        self._records = RecordTable()
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor | _Packed:
-        if (
-            type(tensor) is not torch.Tensor  # parameters and tensor subclasses stay put
-            or isinstance(tensor._base, nn.Parameter)  # so do views of parameters (linear saves weight.t())
-            or tensor.layout is not torch.strided
-            or tensor.numel() * tensor.element_size() < self.min_bytes
-        ):
+        if not offloadable(tensor) or tensor.numel() * tensor.element_size() < self.min_bytes:
             self.stats.skipped_tensors += 1
             return tensor
         self.stats.packed_tensors += 1
-        key = (str(tensor.device), tensor.untyped_storage().data_ptr())
-        record = self._records.get(key)
-        if record is not None and record.still_alive() and not record.handle.freed:
-            record.seen.append(weakref.ref(tensor))
-            self.stats.shared_packs += 1
-            return _Packed(record, tensor)
         storage = tensor.untyped_storage()
-        whole = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)  # (nbytes,)
-        handle = self.system.offload(whole, layer_id=self.layer_id)
-        seen = [weakref.ref(tensor)]
-        if tensor._base is not None:
-            seen.append(weakref.ref(tensor._base))
-        record = _Record(self.system, handle, seen)
-        self._records = {k: r for k, r in self._records.items() if r.still_alive()}
-        self._records[key] = record
-        self.stats.offloaded_storages += 1
-        self.stats.offloaded_bytes += storage.nbytes()
-        name = self.layer_name or (str(self.layer_id) if self.layer_id is not None else "-")
-        self.stats.layer_bytes[name] = self.stats.layer_bytes.get(name, 0) + storage.nbytes()
-        return _Packed(record, tensor)
+        geometry = Geometry.of(tensor)
+        root = tensor._base if tensor._base is not None else tensor
+        version = tensor._version
+        record = self._records.find(storage, geometry, root, version)
+        if record is not None:
+            shared = geometry.shifted(record.lo)
+            if shared is not None:
+                lo, hi = geometry.span
+                self.stats.shared_packs += 1
+                self.stats.dedup_saved_bytes += hi - lo
+                self.system.note_saved_bytes(dedup=hi - lo)
+                return _Packed(record, shared, tensor)
+        record = self._offload(tensor, storage, geometry, root, version)
+        shifted = geometry.shifted(record.lo)
+        assert shifted is not None  # the copy starts on an element boundary of its first tensor
+        return _Packed(record, shifted, tensor)
 
-    @staticmethod
-    def unpack(packed: torch.Tensor | _Packed) -> torch.Tensor:
-        return packed.unpack() if isinstance(packed, _Packed) else packed
+    def _offload(
+        self, tensor: torch.Tensor, storage: torch.UntypedStorage, geometry: Geometry, root: torch.Tensor, version: int
+    ) -> SpanRecord:
+        """Copy the span ``tensor``'s elements cover, starting where alignment is kept."""
+        span_lo, span_hi = geometry.span
+        pad = min((storage.data_ptr() + span_lo) % ALIGN_BYTES, span_lo)
+        pad -= pad % tensor.element_size()
+        lo = span_lo - pad
+        span = byte_range(storage, tensor.device, lo, span_hi)
+        digest = (
+            checksum(_element_bytes(geometry, storage, tensor.device, geometry.dense)) if self.system.verify else None
+        )
+        name = self.layer_name or (str(self.layer_id) if self.layer_id is not None else "-")
+        handle = self.system.offload(span, layer_id=self.layer_id, guard=tensor)
+        record = SpanRecord(
+            handle=handle,
+            lo=lo,
+            geometry=geometry,
+            root=root,
+            version=version,
+            layer=name,
+            checksum=digest,
+            free=self.system.free,
+        )
+        self._records.add(storage, record)
+        self.stats.offloaded_storages += 1
+        self.stats.offloaded_bytes += span_hi - lo
+        self.stats.span_saved_bytes += storage.nbytes() - (span_hi - lo)
+        self.stats.layer_bytes[name] = self.stats.layer_bytes.get(name, 0) + span_hi - lo
+        self.system.note_saved_bytes(span=storage.nbytes() - (span_hi - lo))
+        return record
+
+    def unpack(self, packed: torch.Tensor | _Packed) -> torch.Tensor:
+        return packed.unpack(self.system) if isinstance(packed, _Packed) else packed
 
 
 @contextmanager

@@ -1,10 +1,25 @@
-"""The client's view of the daemon's pool: mapped segments and typed views of extents."""
+"""The client's view of the daemon's pool: mapped segments and typed views of extents.
+
+NOTE [Detached views]
+  Tensors may read the pool in place (NOTE [Aliased fetch] in client/engine.py, and
+  ``PinnedMemoryBuffer.as_tensor``), and one may outlive its session: autograd can hand
+  an unpacked saved tensor back as a gradient, so ``leaf.grad`` lives in the pool. Two
+  rules keep such a tensor valid and private. Every tensor over a mapping holds a buffer
+  export of it (through a ctypes window), so the mapping is never unmapped under one.
+  And when the segment is closed while some remain, the whole mapping is replaced in
+  place, before the session is given up, by private anonymous memory, with the bytes
+  of the extents that aliased tensors read copied over: the daemon may lend those
+  extents to another session at once, and nothing it writes there can reach this
+  process again. Other addresses of the old mapping read zeros from then on.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +30,14 @@ log = logging.getLogger("storm.client")
 
 SHM_DIR = "/dev/shm"
 _PIN_CHUNK_BYTES = 64 << 30
+_PAGE_BYTES = mmap.PAGESIZE
+# Linux's values on every architecture PyTorch ships for; Python's mmap module does not export them.
+_MAP_FIXED = 0x10
+_MAP_NORESERVE = 0x4000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 
 
 class MappedSegment:
@@ -37,14 +60,16 @@ class MappedSegment:
             self._mm: mmap.mmap | None = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         finally:
             os.close(fd)
-        self.bytes = torch.frombuffer(self._mm, dtype=torch.uint8)  # (size_bytes,)
+        window = (ctypes.c_uint8 * size_bytes).from_buffer(self._mm)  # holds an export: NOTE [Detached views]
+        self._base = ctypes.addressof(window)
+        self.bytes = torch.frombuffer(window, dtype=torch.uint8)  # (size_bytes,)
         self.pinned = False
         if pin:
             self._register()
 
     def _register(self) -> None:
         cudart = torch.cuda.cudart()
-        base = self.bytes.data_ptr()
+        base = self._base
         for offset in range(0, self.size_bytes, _PIN_CHUNK_BYTES):
             length = min(_PIN_CHUNK_BYTES, self.size_bytes - offset)
             err = cudart.cudaHostRegister(base + offset, length, 0)
@@ -64,21 +89,54 @@ class MappedSegment:
             raise ValueError(f"extent [{offset}, {offset + size_bytes}) is outside segment {self.name}")
         return self.bytes[offset : offset + size_bytes]
 
-    def close(self) -> None:
+    def close(self, keep: Sequence[tuple[int, int]] = ()) -> None:
+        """Unmap the segment, or detach it if tensors still read it (NOTE [Detached views]).
+
+        ``keep`` lists the ``(offset, size_bytes)`` extents whose bytes live tensors need.
+        """
         if self._mm is None:
             return
         if self.pinned:
             cudart = torch.cuda.cudart()
-            base = self.bytes.data_ptr()
             for offset in range(0, self.size_bytes, _PIN_CHUNK_BYTES):
-                cudart.cudaHostUnregister(base + offset)
+                cudart.cudaHostUnregister(self._base + offset)
         del self.bytes
         try:
             self._mm.close()
         except BufferError:
-            # A caller still holds a view; the mapping goes when the last view does.
-            log.debug("segment %s still has views; leaving it to the garbage collector", self.name)
+            self._detach(keep)
+            log.debug("segment %s still has views; detached it from the pool", self.name)
         self._mm = None
+
+    def _detach(self, keep: Sequence[tuple[int, int]]) -> None:
+        """Replace the mapping in place with private memory holding the ``keep`` extents' bytes."""
+        saved = [(start, ctypes.string_at(self._base + start, stop - start)) for start, stop in _page_ranges(keep)]
+        address = _libc.mmap(
+            self._base,
+            self.size_bytes,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED,
+            -1,
+            0,
+        )
+        if address != self._base:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"detaching segment {self.name}: mmap failed: {os.strerror(errno)}")
+        for start, data in saved:
+            ctypes.memmove(self._base + start, data, len(data))
+
+
+def _page_ranges(extents: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The extents widened to whole pages, sorted and merged: ``[(start, stop), ...]``."""
+    ranges: list[tuple[int, int]] = []
+    for offset, size_bytes in sorted(extents):
+        start = offset - offset % _PAGE_BYTES
+        stop = -(-(offset + size_bytes) // _PAGE_BYTES) * _PAGE_BYTES
+        if ranges and start <= ranges[-1][1]:
+            ranges[-1] = (ranges[-1][0], max(ranges[-1][1], stop))
+        else:
+            ranges.append((start, stop))
+    return ranges
 
 
 @dataclass

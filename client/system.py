@@ -52,6 +52,15 @@ def _return_freed_memory_to_the_os() -> None:
         log.debug("mallopt is not available; freed activations may stay in the heap")
 
 
+def _env_flag(name: str) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {value!r}")
+
+
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     return int(value) if value and value.isdigit() else None
@@ -71,6 +80,11 @@ class StormSystem:
     to ``wait_timeout_s`` and then fails, ``error`` fails at once; failures surface as
     :class:`PoolFullError` / :class:`QuotaExceededError` from the next ``offload`` or the
     handle's ``fetch``.
+
+    ``verify`` (or ``STORM_VERIFY=1``) checksums every tensor saved through the autograd
+    hooks when it is packed and checks it when it is unpacked; a mismatch raises
+    :class:`IntegrityError` naming the layer, dtype, shape and handle (NOTE [Verify mode]
+    in docs/design.md). It costs a hash of every saved byte twice; it is off by default.
     """
 
     def __init__(
@@ -85,6 +99,7 @@ class StormSystem:
         prefetch_bytes: int = 64 << 20,
         reserve_idle_s: float = 2.0,
         fetch_timeout_s: float = 120.0,
+        verify: bool | None = None,
     ) -> None:
         if not 0 < reserve_idle_s < math.inf:
             raise ValueError(f"reserve_idle_s must be a positive number of seconds, got {reserve_idle_s!r}")
@@ -92,6 +107,7 @@ class StormSystem:
         self.name = (name or f"pid-{os.getpid()}")[:256]
         self.timeout_s = timeout_s
         self.fetch_timeout_s = fetch_timeout_s
+        self.verify = _env_flag("STORM_VERIFY") if verify is None else verify
         self.blocking_round_trips = 0
         self.generation = 0
         """How many times this system has registered; a handle from an older one is lost."""
@@ -161,17 +177,25 @@ class StormSystem:
         log.info("registered with stormd at %s as session %d", self.endpoint, self.session_id)
 
     def _release(self, unregister: bool) -> None:
-        """Stop the heartbeat and the engine, optionally unregister, and unmap the pool."""
+        """Stop the heartbeat and the engine, unmap the pool, and optionally unregister.
+
+        The pool is unmapped first: once the session is gone the daemon lends its extents
+        to others, so tensors that still read the pool in place must hold private copies
+        by then (NOTE [Detached views] in client/segments.py).
+        """
         self._stop_heartbeat.set()
         self._engine.close(self.timeout_s)
+        viewed: dict[int, list[tuple[int, int]]] = {}
+        for segment_index, offset, size_bytes in self._engine.viewed_extents():
+            viewed.setdefault(segment_index, []).append((offset, size_bytes))
+        for index, segment in enumerate(self.segments):
+            segment.close(keep=viewed.get(index, []))
         if unregister:
             try:
                 self._call(Op.UNREGISTER)
             except StormError as e:
                 log.warning("unregister failed (the daemon frees the session when it expires): %s", e)
         self._heartbeat.join(self.timeout_s)
-        for segment in self.segments:
-            segment.close()
 
     # -- the public API -------------------------------------------------------------
 
@@ -185,11 +209,14 @@ class StormSystem:
         """The CUDA stream that carries pool-to-device copies (None without CUDA)."""
         return self._engine.h2d_stream
 
-    def offload(self, tensor: torch.Tensor, layer_id: int | None = None) -> Handle:
+    def offload(
+        self, tensor: torch.Tensor, layer_id: int | None = None, *, guard: torch.Tensor | None = None
+    ) -> Handle:
         """Start moving ``tensor`` into the pool; returns its handle at once.
 
-        The caller must not change ``tensor`` in place until the copy is done (autograd
-        never does to a saved tensor it still needs).
+        If ``guard`` (by default ``tensor`` itself) is changed in place before the copy
+        is done, the handle's fetch raises :class:`SourceModifiedError` instead of
+        returning bytes nobody can vouch for (NOTE [Modified sources] in client/engine.py).
         """
         self._check_open("offload", reconnect=True)
         if self._engine.pending_errors:
@@ -209,7 +236,7 @@ class StormSystem:
             handle.kept = tensor
             handle.stored.set()
             return handle
-        self._engine.submit_offload(handle, tensor.detach())
+        self._engine.submit_offload(handle, tensor.detach(), tensor if guard is None else guard)
         return handle
 
     def fetch(self, handle: Handle, alias: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -244,6 +271,11 @@ class StormSystem:
         """Give the handle's extent back to the pool (asynchronous; safe to call twice)."""
         if not self._closed and handle.generation == self.generation:
             self._engine.submit_free(handle)
+
+    def note_saved_bytes(self, *, span: int = 0, dedup: int = 0) -> None:
+        """Count bytes the autograd hooks did not copy (``span_saved_bytes``, ``dedup_saved_bytes`` in stats)."""
+        self._engine.stats.span_saved_bytes += span
+        self._engine.stats.dedup_saved_bytes += dedup
 
     def buffer(self, handle: Handle) -> PinnedMemoryBuffer:
         """The pool extent that holds ``handle`` (once its offload is done)."""

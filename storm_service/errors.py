@@ -6,6 +6,8 @@
     ├── StormUnavailableError       the daemon cannot be reached (or died)
     ├── StormTimeoutError           a request got no reply within its timeout
     ├── ProtocolError               a malformed message (either direction)
+    ├── IntegrityError              verify mode: fetched bytes differ from the bytes offloaded
+    ├── SourceModifiedError         a source changed in place before its copy was done
     └── RemoteError                 the daemon answered with an error code
         ├── BadRequestError         BAD_REQUEST: a field is missing, mistyped or out of range
         ├── UnknownOpError          UNKNOWN_OP: the op is not one the daemon knows
@@ -31,6 +33,7 @@ __all__ = [
     "BadRequestError",
     "ErrorCode",
     "ForbiddenError",
+    "IntegrityError",
     "InternalError",
     "NotCommittedError",
     "PoolFullError",
@@ -38,6 +41,7 @@ __all__ = [
     "QuotaExceededError",
     "RemoteError",
     "ShuttingDownError",
+    "SourceModifiedError",
     "StormError",
     "StormTimeoutError",
     "StormUnavailableError",
@@ -79,6 +83,14 @@ class StormTimeoutError(StormError):
 
 class ProtocolError(StormError):
     """A message did not follow the protocol (bad encoding, missing fields)."""
+
+
+class IntegrityError(StormError):
+    """Verify mode found a fetched activation whose checksum differs from the one taken when it was saved."""
+
+
+class SourceModifiedError(StormError):
+    """A tensor was changed in place (its version moved) before its copy into the pool was done."""
 
 
 class RemoteError(StormError):
