@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--no-offload", action="store_true", help="train the same model without STORM")
     p.add_argument("--min-bytes", type=int, default=64 << 10, help="smallest saved tensor to offload")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        default=None,
+        help="checksum every saved tensor and check it when backward reads it [env STORM_VERIFY]",
+    )
     p.add_argument("--pool-size", default="1GiB", help="pool of the embedded daemon, if one is started")
     p.add_argument(
         "--summary",
@@ -243,7 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.summary = args.summary.format(rank=rank.rank if rank is not None else 0)
     try:
         with _daemon_endpoint(args) as (endpoint, embedded):
-            system = StormSystem(endpoint, name=f"storm-worker seed {args.seed}") if endpoint else None
+            system = (
+                StormSystem(endpoint, name=f"storm-worker seed {args.seed}", verify=args.verify) if endpoint else None
+            )
             try:
                 summary = train(args, system, rank)
             finally:
@@ -251,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     system.close()
                 shutdown()
             summary["endpoint"], summary["embedded_daemon"] = endpoint, embedded
+            summary["verify"] = system is not None and system.verify
             if args.plot and endpoint:
                 _plot(args, endpoint)
             if args.linger_until_idle > 0 and endpoint:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -83,3 +87,32 @@ def test_verify_mode_passes_exact_gradients_on_views_and_recurrent_layers(daemon
                 assert torch.equal(p.grad, q.grad), f"run {i}"
         system.flush()
         assert system.stats()["used_bytes"] == 0
+
+
+def test_worker_verify_flag_trains_with_checksums(daemon, tmp_path):
+    common = ["--model", "transformer", "--steps", "3", "--hidden", "32", "--layers", "2", "--batch", "4"]
+    runs = {}
+    for verify in (True, False):
+        summary = tmp_path / f"verify-{verify}.json"
+        flags = ["--verify"] if verify else []
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "worker.main",
+                *common,
+                *flags,
+                "--endpoint",
+                daemon.endpoint,
+                "--summary",
+                str(summary),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={k: v for k, v in os.environ.items() if not k.startswith("STORM_")},
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        runs[verify] = json.loads(summary.read_text())
+    assert runs[True]["verify"] is True and runs[False]["verify"] is False
+    assert runs[True]["losses"] == runs[False]["losses"]
