@@ -49,7 +49,7 @@ def _print_stats(stats: dict[str, Any]) -> None:
     print(f"used      {format_bytes(used)} ({100 * used / pool:.1f}%) in {stats['extents']} extent(s)")
     print(f"reserved  {format_bytes(stats['reserved_bytes'])} (allocated ahead of copies, not yet committed)")
     print(f"free      {format_bytes(stats['free_bytes'])} (largest extent {format_bytes(stats['largest_free_bytes'])})")
-    print(f"sessions  {len(stats['sessions'])} live, {stats['expired_sessions']} expired")
+    print(f"sessions  {stats['live_sessions']} live, {stats['expired_sessions']} expired")
     for s in stats["sessions"]:
         rank = "" if s["rank"] is None else f" rank {s['rank']}/{s['world_size']}"
         print(f"  #{s['id']:<4} pid {s['pid']:<8} {s['name'] or '-':<20}{rank} holds {format_bytes(s['used_bytes'])}")

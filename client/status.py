@@ -47,7 +47,7 @@ def render(view: dict[str, Any]) -> str:
         f" ({100 * used / pool:.1f}%)",
         f"free  {format_bytes(view['free_bytes'])}, largest extent {format_bytes(view['largest_free_bytes'])},"
         f" {format_bytes(view.get('reserved_bytes', 0))} reserved ahead of copies",
-        f"sessions  {len(view['sessions'])} live, {view['expired_sessions']} expired",
+        f"sessions  {view['live_sessions']} live, {view['expired_sessions']} expired",
     ]
     if view["sessions"]:
         lines.append(

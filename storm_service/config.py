@@ -15,8 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from storm_service.protocol import MAX_SEGMENTS
 from storm_service.runtime import SERVER_SECRET_FILE, default_endpoint
-from storm_service.units import parse_duration, parse_size
+from storm_service.units import format_bytes, parse_duration, parse_size
 
 __all__ = ["ConfigError", "DaemonConfig", "build_parser", "load_config"]
 
@@ -221,5 +222,11 @@ def load_config(args: argparse.Namespace | None = None, environ: Mapping[str, st
     if values["endpoint"].startswith("tcp://") and not values["curve_dir"]:
         raise ConfigError(
             f"endpoint {values['endpoint']!r}: tcp endpoints are refused unless CURVE keys are configured (--curve-dir)"
+        )
+    segments = -(-values["pool_size"] // values["segment_size"])
+    if segments > MAX_SEGMENTS:  # the register reply lists every segment (NOTE [Decoder limits])
+        raise ConfigError(
+            f"segment_size {format_bytes(values['segment_size'])} splits the {format_bytes(values['pool_size'])} "
+            f"pool into {segments} segments, at most {MAX_SEGMENTS}; raise --segment-size"
         )
     return DaemonConfig(**values)

@@ -35,8 +35,13 @@ from storm_service.errors import ErrorCode, ProtocolError
 
 __all__ = [
     "MAX_BATCH",
+    "MAX_ERROR_MESSAGE",
+    "MAX_LISTED_SESSIONS",
     "MAX_MESSAGE_BYTES",
+    "MAX_SEGMENTS",
+    "MAX_SESSION_LAYERS",
     "MAX_SIZE_BYTES",
+    "OVERFLOW_LAYER_ID",
     "PROTOCOL_VERSION",
     "Invalid",
     "Op",
@@ -58,6 +63,19 @@ MAX_SIZE_BYTES = 1 << 48
 """Largest size in bytes any field may carry."""
 MAX_STR = 256
 MAX_ID = (1 << 63) - 1
+MAX_ERROR_MESSAGE = 1024
+"""Error messages are cut to this many characters: they may quote what a client sent."""
+MAX_SESSION_LAYERS = 8192
+"""Most layer ids one session's per-layer stats (``layer_bytes``) keep apart (NOTE [Layer stats cap])."""
+OVERFLOW_LAYER_ID = -2
+"""The ``layer_bytes`` key that counts the bytes of layers past :data:`MAX_SESSION_LAYERS`.
+
+No offload can name it: ``layer_id`` starts at -1.
+"""
+MAX_LISTED_SESSIONS = 512
+"""Most sessions one stats reply lists (those holding the most bytes); ``live_sessions`` counts all."""
+MAX_SEGMENTS = 4096
+"""Most shared-memory segments a pool may have: the register reply lists every one."""
 
 
 class Op(StrEnum):
@@ -155,18 +173,44 @@ class Reply(NamedTuple):
     message: str = ""
 
 
-def _unpack(frame: bytes) -> Any:
-    # Every container and string is bounded by the frame size; map keys must be str or bytes.
-    return msgpack.unpackb(
-        frame,
-        raw=False,
-        strict_map_key=True,
-        max_str_len=MAX_MESSAGE_BYTES,
-        max_bin_len=MAX_MESSAGE_BYTES,
-        max_array_len=MAX_BATCH * 4,
-        max_map_len=64,
-        max_ext_len=0,
-    )
+# NOTE [Decoder limits]
+#   msgpack bounds each map, array and string it decodes, and a frame past any bound does
+#   not decode at all. The bounds differ by direction:
+#   * Requests (decoded by the daemon) are bounded loosely on purpose: strings by the frame
+#     cap, arrays by 4 x MAX_BATCH, maps by 64 keys. An over-long list, an over-long string
+#     or a few unknown fields then decode, and are refused by name, with the request's id
+#     (BAD_REQUEST), instead of as an unreadable frame with id nil.
+#   * Replies (decoded by the client) must decode whatever the daemon can build, so each
+#     bound is the largest such thing a reply can hold, and the daemon caps what it builds
+#     by the same names: a map at most MAX_SESSION_LAYERS layer ids plus the overflow key
+#     (layer_bytes; every fixed-shape map has far fewer than _MAX_FIXED_KEYS keys), an array
+#     at most MAX_BATCH extents, MAX_SEGMENTS segments or MAX_LISTED_SESSIONS sessions, a
+#     string at most MAX_ERROR_MESSAGE characters (error messages; names are MAX_STR) of
+#     up to 4 UTF-8 bytes each, and no bin or ext values. That largest reply also fits in
+#     MAX_MESSAGE_BYTES. tests/unit/test_reply_limits.py builds it and decodes it; a new reply
+#     field holding a map or array needs a cap here, in the producer and in that test.
+_MAX_FIXED_KEYS = 64
+"""More keys than any fixed-shape map has (a result, a session summary, the per-op and per-code counters)."""
+_UTF8_MAX_BYTES = 4
+_REQUEST_LIMITS: dict[str, int] = {
+    "max_str_len": MAX_MESSAGE_BYTES,
+    "max_bin_len": MAX_MESSAGE_BYTES,
+    "max_array_len": MAX_BATCH * 4,
+    "max_map_len": _MAX_FIXED_KEYS,
+    "max_ext_len": 0,
+}
+_REPLY_LIMITS: dict[str, int] = {
+    "max_str_len": _UTF8_MAX_BYTES * max(MAX_ERROR_MESSAGE, MAX_STR),
+    "max_bin_len": 0,
+    "max_array_len": max(MAX_BATCH, MAX_SEGMENTS, MAX_LISTED_SESSIONS),
+    "max_map_len": max(MAX_SESSION_LAYERS + 1, _MAX_FIXED_KEYS),
+    "max_ext_len": 0,
+}
+
+
+def _unpack(frame: bytes, limits: dict[str, int]) -> Any:
+    # Map keys must be str or bytes; every container and string within ``limits``.
+    return msgpack.unpackb(frame, raw=False, strict_map_key=True, **limits)
 
 
 _packers = threading.local()
@@ -221,7 +265,7 @@ def decode_request(frame: bytes) -> Request:
     if len(frame) > MAX_MESSAGE_BYTES:
         raise Invalid(ErrorCode.BAD_REQUEST, f"message is {len(frame)} bytes, at most {MAX_MESSAGE_BYTES}")
     try:
-        msg = _unpack(frame)
+        msg = _unpack(frame, _REQUEST_LIMITS)
     except Exception as e:  # msgpack raises a zoo of types for malformed input
         raise Invalid(ErrorCode.BAD_REQUEST, f"message is not valid msgpack: {e}") from e
     # Exact type checks: msgpack yields plain int, str and dict, and ``type(x) is int`` rejects bool.
@@ -277,10 +321,6 @@ def encode_ok(request_id: int, result: Mapping[str, Any]) -> bytes:
     return _pack({"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result})
 
 
-MAX_ERROR_MESSAGE = 1024
-"""Error messages are cut to this many characters: they may quote what a client sent."""
-
-
 def encode_error(request_id: int | None, code: ErrorCode, message: str) -> bytes:
     error = {"code": code.value, "message": message[:MAX_ERROR_MESSAGE]}
     return _pack({"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": error})
@@ -289,7 +329,7 @@ def encode_error(request_id: int | None, code: ErrorCode, message: str) -> bytes
 def decode_reply(frame: bytes) -> Reply:
     """Decode a reply frame (the client side of :func:`encode_ok` / :func:`encode_error`)."""
     try:
-        msg = _unpack(frame)
+        msg = _unpack(frame, _REPLY_LIMITS)
     except Exception as e:
         raise ProtocolError(f"reply is not valid msgpack: {e}") from e
     if type(msg) is not dict or type(msg.get("ok")) is not bool:

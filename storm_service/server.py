@@ -8,6 +8,7 @@ routed (its client left) is dropped and counted.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import threading
@@ -30,6 +31,7 @@ from storm_service.errors import (
 from storm_service.metrics import Metrics
 from storm_service.pool import ALIGNMENT, Pool
 from storm_service.protocol import (
+    MAX_LISTED_SESSIONS,
     MAX_MESSAGE_BYTES,
     MUTATING_OPS,
     SESSIONLESS_OPS,
@@ -365,7 +367,8 @@ class Server:
             "largest_free_bytes": pool.largest_free_bytes,
             "segments": len(pool.segments),
             "extents": len(self.sessions.extents),
-            "sessions": [s.summary() for s in self.sessions.sessions.values()],
+            "sessions": [s.summary() for s in self._listed_sessions()],
+            "live_sessions": len(self.sessions.sessions),
             "expired_sessions": self.sessions.expired_total,
             "requests": dict(self.requests),
             "errors": dict(self.errors),
@@ -376,6 +379,14 @@ class Server:
                 "layer_bytes": {str(k): v for k, v in sorted(session.layer_bytes.items())}
             }
         return result
+
+    def _listed_sessions(self) -> list[Session]:
+        """Every session, or past MAX_LISTED_SESSIONS those holding the most bytes; in id order."""
+        sessions = self.sessions.sessions
+        if len(sessions) <= MAX_LISTED_SESSIONS:
+            return list(sessions.values())
+        largest = heapq.nsmallest(MAX_LISTED_SESSIONS, sessions.values(), key=lambda s: (-s.held_bytes, s.id))
+        return sorted(largest, key=lambda s: s.id)
 
     def handle_shutdown(self, request: Request, session: Session | None) -> dict[str, Any]:
         log.info("shutdown requested over the control socket")

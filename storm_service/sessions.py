@@ -10,6 +10,15 @@ NOTE [Extent lifetime]
   and ``used_bytes`` counts committed extents only (bytes of activations held). The
   daemon never takes a WRITING extent back from a live session: its writer may still
   be copying into it, and the space could by then belong to another session.
+
+NOTE [Layer stats cap]
+  A session's ``layer_bytes`` (pool bytes per layer id, reported by stats) keeps at most
+  ``MAX_SESSION_LAYERS`` layer ids apart, so that a stats reply always decodes (NOTE
+  [Decoder limits] in ``storm_service/protocol.py``). An extent whose layer id is new
+  while that many others hold bytes is counted under ``OVERFLOW_LAYER_ID`` instead; the
+  offload itself is never refused: training must not fail because of stats. Each extent
+  remembers the key it was counted under, so its bytes leave that same key when freed,
+  and a layer id whose bytes are all freed gives its place back.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from dataclasses import dataclass, field
 
 from storm_service.errors import ForbiddenError, UnknownHandleError, UnknownSessionError
 from storm_service.pool import Pool
+from storm_service.protocol import MAX_SESSION_LAYERS, OVERFLOW_LAYER_ID
 from storm_service.runtime import pid_alive, pid_namespace
 
 __all__ = ["Extent", "ExtentState", "Session", "SessionTable", "Totals"]
@@ -46,6 +56,8 @@ class Extent:
     """Bytes requested by the client (the allocator's length may be larger)."""
     length: int
     layer_id: int | None
+    """The ``layer_bytes`` key this extent counts under: the offload's, or the overflow key
+    (NOTE [Layer stats cap])."""
     state: ExtentState = ExtentState.WRITING
 
     def location(self) -> dict[str, int]:
@@ -78,6 +90,7 @@ class Session:
     offloaded_bytes: int = 0
     fetched_bytes: int = 0
     layer_bytes: dict[int, int] = field(default_factory=dict)
+    """Bytes held per layer id: at most MAX_SESSION_LAYERS ids, plus the overflow key (NOTE [Layer stats cap])."""
     replies: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
 
     @property
@@ -169,6 +182,10 @@ class SessionTable:
     def add_extent(
         self, session: Session, segment: int, offset: int, length: int, size_bytes: int, layer_id: int | None
     ) -> Extent:
+        if layer_id is not None and layer_id not in session.layer_bytes:
+            kept_apart = len(session.layer_bytes) - (OVERFLOW_LAYER_ID in session.layer_bytes)
+            if kept_apart >= MAX_SESSION_LAYERS:
+                layer_id = OVERFLOW_LAYER_ID
         extent = Extent(next(self._handles), session.id, segment, offset, size_bytes, length, layer_id)
         self.extents[extent.handle] = extent
         self.reserved_bytes += length

@@ -73,3 +73,14 @@ def test_worker_reports_an_unreachable_daemon_in_one_line(tmp_path):
     assert proc.returncode == 1
     lines = [line for line in output.splitlines() if line.startswith("storm-worker:")]
     assert len(lines) == 1 and "StormUnavailableError" in lines[0] and "none.sock" in lines[0]
+
+
+def test_worker_with_two_hundred_layers_runs_to_completion(tmp_path):
+    """Was: the end-of-run stats() of a model past 64 layers timed out (NOTE [Decoder limits])."""
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    summary = tmp_path / "summary.json"
+    args = ["--layers", "200", "--steps", "2", "--hidden", "16", "--batch", "8"]
+    result = _finish(_start(args, summary, env=_env(XDG_RUNTIME_DIR=str(runtime))), summary)
+    assert result["embedded_daemon"] is True
+    assert result["bytes_offloaded"] > 0 and result["session_used_bytes_after"] == 0
