@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from client import StormModel, StormSystem, offload_saved_tensors
+from client import IntegrityError, StormModel, StormSystem, offload_saved_tensors
 from worker.models import plain_mlp_like
 
 pytestmark = [
@@ -96,3 +99,64 @@ def test_transformer_with_generic_offload_on_cuda_saves_device_memory(system):
     assert storm_held < plain_held / 2
     for p, want in zip(encoder.parameters(), expected, strict=True):
         assert torch.equal(p.grad, want)
+
+
+def test_gru_and_chunk_views_on_cuda_are_bitwise_equal(system):
+    """NOTE [Storage records] on the device: spans of one gate buffer, written between packs."""
+    for i in range(20):
+        torch.manual_seed(i)
+        a = nn.GRU(32, 64, num_layers=2, batch_first=True).cuda()
+        b = copy.deepcopy(a)
+        x = torch.randn(4, 16, 32, device="cuda")
+        a(x)[0].square().sum().backward()
+        with offload_saved_tensors(system, min_bytes=0):
+            out = b(x)[0]
+        out.square().sum().backward()
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad), f"run {i}"
+    system.flush()
+    assert system.stats()["used_bytes"] == 0
+
+
+def test_a_chunk_written_behind_a_long_kernel_does_not_reach_an_earlier_pack(system):
+    """A long kernel delays the D2H copy; the other chunk is written in the meantime."""
+
+    def weight_grad(offload: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        gates = torch.randn(256, 3 * 1024, device="cuda")  # chunks along the last dim: strided views
+        weight = torch.randn(1024, 1024, device="cuda", requires_grad=True)
+        reset, update, _ = gates.chunk(3, dim=1)
+        writer = torch.empty(0, device="cuda").set_(
+            gates.untyped_storage(), update.storage_offset(), update.size(), update.stride()
+        )
+        with offload_saved_tensors(system, min_bytes=0) if offload else contextlib.nullcontext():
+            torch.cuda._sleep(100_000_000)  # the producer stream is busy: the copy of `reset` waits
+            first = reset @ weight
+            writer.fill_(7.0)  # queued behind the sleep, racing the copy of `reset`'s span
+            second = update @ weight
+        (first.sum() + second.square().sum()).backward()
+        return weight.grad
+
+    for _ in range(5):
+        assert torch.equal(weight_grad(offload=True), weight_grad(offload=False))
+
+
+def test_verify_mode_hashes_on_the_device_and_catches_a_flipped_byte(daemon):
+    with StormSystem(daemon.endpoint, verify=True) as system:
+        handles = []
+        offload = system.offload
+
+        def spy(tensor, **kwargs):
+            handles.append(offload(tensor, **kwargs))
+            return handles[-1]
+
+        system.offload = spy  # type: ignore[method-assign]
+        x = torch.randn(64, 128, device="cuda", requires_grad=True)
+        with offload_saved_tensors(system, min_bytes=0):
+            loss = x.tanh().square().sum()
+        system.flush()
+        victim = handles[-1]
+        extent = system.buffer(victim).as_tensor(torch.uint8, (victim.size_bytes,))
+        extent[-1] ^= 0x01
+        with pytest.raises(IntegrityError, match=f"handle {victim.id}"):
+            loss.backward()
