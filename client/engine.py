@@ -40,6 +40,7 @@ NOTE [Modified sources]
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import logging
 import queue
@@ -229,7 +230,9 @@ class TransferEngine:
                 self._inflight_prefetch_bytes -= handle.size_bytes
                 handle.prefetched = False
         if error is not None:
-            raise error
+            # A fresh copy: raising the stored instance would chain each raise's traceback (and
+            # the frames and saved tensors it holds) onto the handle, a cycle that keeps them alive.
+            raise copy.copy(error)
         if tensor is None:
             if alias:
                 tensor = self._alias(handle)

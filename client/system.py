@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import copy
 import ctypes
 import itertools
 import logging
@@ -333,7 +334,7 @@ class StormSystem:
         if self.lost is None:
             return
         if not reconnect:
-            raise self.lost
+            raise copy.copy(self.lost)  # a fresh instance: the stored one must not collect tracebacks
         lost = self.lost
         self._release(unregister=False)
         try:
