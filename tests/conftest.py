@@ -242,6 +242,19 @@ def daemon_factory() -> Iterator[StartDaemon]:
     assert not leaked, f"daemons left segments in {SHM_DIR}: {leaked}"
 
 
+@pytest.fixture(scope="module")
+def module_daemon() -> Iterator[DaemonProcess]:
+    """One daemon (256 MiB pool) for a whole test module of many short cases."""
+    daemon = _spawn_daemon(pool_size="256MiB")
+    try:
+        wait_ready(daemon)
+        yield daemon
+    finally:
+        exit_code = daemon.stop()
+        shutil.rmtree(daemon.socket_dir, ignore_errors=True)
+    assert exit_code == 0, f"stormd exited with {exit_code}"
+
+
 @pytest.fixture
 def daemon(daemon_factory: StartDaemon) -> DaemonProcess:
     """One daemon with the default settings (64 MiB pool, 5 s heartbeat timeout)."""

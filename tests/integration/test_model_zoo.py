@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import copy
 import gc
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
-from conftest import _spawn_daemon, wait_ready
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils.checkpoint import checkpoint
@@ -33,22 +31,10 @@ from client import StormSystem, offload_saved_tensors
 REPEATS = 20
 
 
-@pytest.fixture(scope="module")
-def daemon_endpoint() -> Iterator[str]:
-    """One daemon for the whole file (a daemon per test would dominate the runtime)."""
-    daemon = _spawn_daemon(pool_size="256MiB")
-    try:
-        wait_ready(daemon)
-        yield daemon.endpoint
-    finally:
-        daemon.stop()
-        shutil.rmtree(daemon.socket_dir, ignore_errors=True)
-
-
 @pytest.fixture
-def system(daemon_endpoint: str) -> Iterator[StormSystem]:
+def system(module_daemon) -> Iterator[StormSystem]:
     """A session per test, so that a graph a failed test leaves alive is not counted against the next one."""
-    with StormSystem(daemon_endpoint) as system:
+    with StormSystem(module_daemon.endpoint) as system:
         yield system
 
 
