@@ -1,7 +1,7 @@
 """Prometheus metrics for stormd (``--metrics-port``; needs the ``metrics`` extra).
 
 Counters and histograms are updated by the serving loop as it works; pool and session
-gauges are read from the server when Prometheus scrapes (the exporter runs on its own
+gauges are read from the server's state (its ``OpContext``) when Prometheus scrapes (the exporter runs on its own
 thread, and reads only plain integers and C-level dict copies, which the GIL makes
 atomic with respect to the loop). ``docs/operations.md`` lists every metric.
 """
@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from storm_service.ops import OpContext
     from storm_service.server import Server
 
 __all__ = ["Metrics"]
@@ -39,7 +40,7 @@ class Metrics:
             "storm_offloaded_bytes", "Bytes of activations committed (offloaded).", registry=self.registry
         )
         self.fetched = Counter("storm_fetched_bytes", "Bytes located by fetch.", registry=self.registry)
-        self.registry.register(_ServerCollector(server))
+        self.registry.register(_ServerCollector(server.context))
         self._httpd: Any = None
 
     def serve(self, host: str, port: int) -> None:
@@ -54,28 +55,23 @@ class Metrics:
 
 
 class _ServerCollector:
-    """Gauges and counters read from the server at scrape time."""
+    """Gauges and counters read from the server's state at scrape time."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    def __init__(self, context: OpContext) -> None:
+        self.context = context
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        server = self.server
-        pool = server.pool
-        stats = server.sessions.totals()
+        context = self.context
+        pool, sessions = context.pool, context.sessions
         for name, doc, value in (
             ("storm_pool_bytes", "Size of the host pool.", pool.size_bytes),
-            (
-                "storm_pool_used_bytes",
-                "Bytes of committed activations held by sessions.",
-                pool.used_bytes - stats.reserved_bytes,
-            ),
+            ("storm_pool_used_bytes", "Bytes of committed activations held by sessions.", sessions.used_bytes),
             (
                 "storm_pool_reserved_bytes",
                 "Bytes allocated ahead of a copy and not yet committed (no activation yet).",
-                stats.reserved_bytes,
+                sessions.reserved_bytes,
             ),
             ("storm_pool_free_bytes", "Free bytes in the pool.", pool.free_bytes),
             (
@@ -83,7 +79,7 @@ class _ServerCollector:
                 "Largest free extent (shows fragmentation).",
                 pool.largest_free_bytes,
             ),
-            ("storm_sessions", "Live sessions.", stats.sessions),
+            ("storm_sessions", "Live sessions.", len(sessions.sessions)),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
         held = GaugeMetricFamily(
@@ -91,20 +87,20 @@ class _ServerCollector:
             "Bytes of committed activations one session holds.",
             labels=["session", "pid", "rank", "name"],
         )
-        for session in list(server.sessions.sessions.values()):
+        for session in list(sessions.sessions.values()):
             rank = "" if session.rank is None else str(session.rank)
             held.add_metric([str(session.id), str(session.pid), rank, session.name], session.used_bytes)
         yield held
         requests = CounterMetricFamily("storm_requests", "Requests served, by op.", labels=["op"])
-        for op, count in dict(server.requests).items():
+        for op, count in dict(context.requests).items():
             requests.add_metric([op], count)
         yield requests
         errors = CounterMetricFamily("storm_errors", "Error replies, by code.", labels=["code"])
-        for code, count in dict(server.errors).items():
+        for code, count in dict(context.errors).items():
             errors.add_metric([code], count)
         yield errors
         yield CounterMetricFamily(
             "storm_expired_sessions",
             "Sessions expired for silence or a dead process.",
-            value=server.sessions.expired_total,
+            value=sessions.expired_total,
         )

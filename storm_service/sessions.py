@@ -19,6 +19,7 @@ NOTE [Layer stats cap]
   offload itself is never refused: training must not fail because of stats. Each extent
   remembers the key it was counted under, so its bytes leave that same key when freed,
   and a layer id whose bytes are all freed gives its place back.
+
 """
 
 from __future__ import annotations
@@ -30,12 +31,18 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from storm_service.errors import ForbiddenError, UnknownHandleError, UnknownSessionError
+from storm_service.errors import (
+    ForbiddenError,
+    PoolFullError,
+    QuotaExceededError,
+    UnknownHandleError,
+    UnknownSessionError,
+)
 from storm_service.pool import Pool
 from storm_service.protocol import MAX_SESSION_LAYERS, OVERFLOW_LAYER_ID
 from storm_service.runtime import pid_alive, pid_namespace
 
-__all__ = ["Extent", "ExtentState", "Session", "SessionTable", "Totals"]
+__all__ = ["Extent", "ExtentState", "Session", "SessionTable"]
 
 REPLAY_MEMORY = 512
 """Replies to mutating requests remembered per session, for replayed requests."""
@@ -121,12 +128,6 @@ class Session:
         }
 
 
-@dataclass(frozen=True)
-class Totals:
-    sessions: int
-    reserved_bytes: int
-
-
 class SessionTable:
     """Every live session and every extent, with ownership checks on each access."""
 
@@ -179,7 +180,40 @@ class SessionTable:
             raise ForbiddenError(f"{op}: handle {handle} belongs to another session")
         return extent
 
-    def add_extent(
+    def reserve(self, session: Session, sizes: list[int], layer_id: int | None) -> list[Extent]:
+        """One new WRITING extent per size, in order, all or nothing.
+
+        The quota is checked first, against the sizes as the allocator rounds them: past it,
+        QuotaExceededError (a quota as large as the pool never binds before the pool does).
+        Then each size is allocated; when one does not fit, the extents already placed go
+        back to the pool and PoolFullError is raised. Either way a refused reservation
+        leaves the pool and the session as they were.
+        """
+        # Every allocator of a pool rounds to the same alignment: the first one's rounding is the pool's.
+        round_up = self.pool.allocators[0].round_up
+        need = sum(round_up(size) for size in sizes)
+        if session.held_bytes + need > session.quota_bytes < self.pool.size_bytes:
+            raise QuotaExceededError(
+                f"offload: {need} bytes requested, {session.quota_bytes - session.held_bytes} "
+                f"left of a {session.quota_bytes}-byte quota"
+            )
+        placed: list[tuple[int, int, int]] = []
+        for size in sizes:
+            where = self.pool.allocate(size)
+            if where is None:
+                for segment, offset, _ in placed:
+                    self.pool.free(segment, offset)
+                raise PoolFullError(
+                    f"offload: {need} bytes requested, {self.pool.free_bytes} free "
+                    f"(largest free extent {self.pool.largest_free_bytes})"
+                )
+            placed.append(where)
+        return [
+            self._add_extent(session, segment, offset, length, size, layer_id)
+            for (segment, offset, length), size in zip(placed, sizes, strict=True)
+        ]
+
+    def _add_extent(
         self, session: Session, segment: int, offset: int, length: int, size_bytes: int, layer_id: int | None
     ) -> Extent:
         if layer_id is not None and layer_id not in session.layer_bytes:
@@ -233,8 +267,10 @@ class SessionTable:
         del self._by_token[session.token]
         return freed
 
-    def totals(self) -> Totals:
-        return Totals(sessions=len(self.sessions), reserved_bytes=self.reserved_bytes)
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of committed extents in the pool: what the pool has allocated, less what is reserved."""
+        return self.pool.used_bytes - self.reserved_bytes
 
     def stale(self, timeout_s: float, now: float) -> list[Session]:
         """Sessions silent for longer than ``timeout_s``, or whose same-host process is gone."""

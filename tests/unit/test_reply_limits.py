@@ -86,15 +86,15 @@ def _register(server: Server) -> str:
 def test_largest_stats_reply_decodes_within_the_frame_cap() -> None:
     server = _server(1, MAX_SIZE_BYTES)
     tokens = [_register(server) for _ in range(MAX_LISTED_SESSIONS + 3)]
-    for session in server.sessions.sessions.values():  # every summary field at its widest
+    for session in server.context.sessions.sessions.values():  # every summary field at its widest
         session.used_bytes = session.reserved_bytes = session.peak_bytes = MAX_SIZE_BYTES
         session.offloaded_bytes = session.fetched_bytes = MAX_SIZE_BYTES
     token = tokens[0]
     for layer in range(MAX_SESSION_LAYERS + 5):
         _call(server, Op.OFFLOAD, token, sizes=[EXTENT_BYTES], layer_id=MAX_LAYER_ID - layer)
-    server.requests.update({op.value: MAX_ID for op in Op})
-    server.errors.update({code.value: MAX_ID for code in ErrorCode})
-    server.dropped_replies = server.sessions.expired_total = MAX_ID
+    server.context.requests.update({op.value: MAX_ID for op in Op})
+    server.context.errors.update({code.value: MAX_ID for code in ErrorCode})
+    server.context.dropped_replies = server.context.sessions.expired_total = MAX_ID
 
     frame, stats = _call(server, Op.STATS, token)
 
@@ -117,13 +117,13 @@ def test_stats_lists_the_sessions_holding_most_bytes_past_the_cap() -> None:
 
     listed = [s["id"] for s in stats["sessions"]]
     assert len(listed) == MAX_LISTED_SESSIONS and listed == sorted(listed)
-    assert {server.sessions.by_token(t).id for t in holders} <= set(listed)
+    assert {server.context.sessions.by_token(t).id for t in holders} <= set(listed)
 
 
 def test_layers_past_the_cap_count_under_the_overflow_key_until_freed() -> None:
     server = _server(1, 1 << 40)
     token = _register(server)
-    session = server.sessions.by_token(token)
+    session = server.context.sessions.by_token(token)
     handles = {}
     for layer in range(MAX_SESSION_LAYERS + 2):
         _, result = _call(server, Op.OFFLOAD, token, sizes=[512], layer_id=layer)

@@ -1,0 +1,232 @@
+"""The daemon's ops: one handler per op, in two tables that :meth:`Server.dispatch` looks up.
+
+* :data:`SESSIONLESS_OPS` holds a handler ``(context, request) -> result`` for each op
+  that needs no session token (``protocol.SESSIONLESS_OPS``: ping, register, stats,
+  shutdown).
+* :data:`SESSION_OPS` holds a handler ``(context, request, session) -> result`` for each
+  op that acts for the caller's session: every other op, plus stats, which with a token
+  adds the caller's own summary. Dispatch has already found the session by its token
+  (or answered UNKNOWN_SESSION), so a session handler's session is never None.
+
+A token sent with an op that has no session handler (ping, register, shutdown) is still
+checked and refreshes its session's liveness; the handler does not see it.
+
+Handlers get an :class:`OpContext`: the daemon's state without its sockets (settings,
+pool, session table, stop event, counters, optional metrics). The server owns one and
+passes it to every call, so a test can drive any handler, or ``dispatch``, without a
+socket. A handler returns the ``result`` map of an ok reply and raises a
+:class:`~storm_service.errors.RemoteError` to refuse; dispatch maps it to an error reply.
+Handlers never block and never touch a socket.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from storm_service.config import DaemonConfig
+from storm_service.errors import NotCommittedError
+from storm_service.pool import ALIGNMENT, Pool
+from storm_service.protocol import MAX_LISTED_SESSIONS, Op, Request
+from storm_service.runtime import pid_namespace
+from storm_service.sessions import Extent, ExtentState, Session, SessionTable
+from storm_service.units import format_bytes
+
+if TYPE_CHECKING:
+    from storm_service.metrics import Metrics
+
+__all__ = ["SESSIONLESS_OPS", "SESSION_OPS", "OpContext", "SessionHandler", "SessionlessHandler"]
+
+log = logging.getLogger("stormd.server")
+
+
+@dataclass
+class OpContext:
+    """What a handler may read and change: the daemon's state, without its sockets."""
+
+    config: DaemonConfig
+    pool: Pool
+    sessions: SessionTable
+    stop: threading.Event
+    """Set (by a signal, ``stormctl shutdown`` or the caller) to end the serving loop."""
+    started: float = field(default_factory=time.time)
+    """Wall-clock start time, for ``uptime_s``."""
+    requests: Counter[str] = field(default_factory=Counter)
+    """Requests decoded, per op (counted by dispatch)."""
+    errors: Counter[str] = field(default_factory=Counter)
+    """Error replies, per code (counted by dispatch)."""
+    dropped_replies: int = 0
+    """Replies the loop could not send (their client left, or stopped reading)."""
+    metrics: Metrics | None = None
+    """The Prometheus registry when ``--metrics-port`` is set."""
+
+
+SessionlessHandler = Callable[[OpContext, Request], dict[str, Any]]
+SessionHandler = Callable[[OpContext, Request, Session], dict[str, Any]]
+
+
+# -- sessionless ops ---------------------------------------------------------------
+
+
+def handle_ping(context: OpContext, request: Request) -> dict[str, Any]:
+    return {"pid": os.getpid(), "uptime_s": round(time.time() - context.started, 3)}
+
+
+def handle_register(context: OpContext, request: Request) -> dict[str, Any]:
+    """Open a session."""
+    args = request.args
+    pool, config = context.pool, context.config
+    limit = config.max_quota or pool.size_bytes
+    quota = min(args.get("quota_bytes", config.quota or pool.size_bytes), limit)
+    session = context.sessions.open(
+        pid=args["pid"],
+        name=args.get("name", ""),
+        quota_bytes=quota,
+        rank=args.get("rank"),
+        world_size=args.get("world_size"),
+        pid_ns=args.get("pid_ns"),
+    )
+    log.info(
+        "session %d registered: pid %d %s rank %s quota %s",
+        session.id,
+        session.pid,
+        session.name or "unnamed",
+        session.rank,
+        format_bytes(quota),
+    )
+    return _registration(context, session)
+
+
+def _registration(context: OpContext, session: Session) -> dict[str, Any]:
+    """The register result for ``session``."""
+    return {
+        "session_id": session.id,
+        "token": session.token,
+        "segments": context.pool.describe(),
+        "alignment": ALIGNMENT,
+        "quota_bytes": session.quota_bytes,
+        "heartbeat_interval_s": context.config.heartbeat_timeout / 3,
+        "heartbeat_timeout_s": context.config.heartbeat_timeout,
+        "daemon_pid": os.getpid(),
+        "pid_ns": pid_namespace(),
+    }
+
+
+def handle_stats(context: OpContext, request: Request) -> dict[str, Any]:
+    """Pool occupancy and sessions for the whole daemon (what ``stormctl stats`` prints)."""
+    pool, sessions = context.pool, context.sessions
+    return {
+        "daemon_pid": os.getpid(),
+        "uptime_s": round(time.time() - context.started, 3),
+        "pool_bytes": pool.size_bytes,
+        "used_bytes": sessions.used_bytes,
+        "reserved_bytes": sessions.reserved_bytes,
+        "free_bytes": pool.free_bytes,
+        "largest_free_bytes": pool.largest_free_bytes,
+        "segments": len(pool.segments),
+        "extents": len(sessions.extents),
+        "sessions": [s.summary() for s in _listed_sessions(sessions)],
+        "live_sessions": len(sessions.sessions),
+        "expired_sessions": sessions.expired_total,
+        "requests": dict(context.requests),
+        "errors": dict(context.errors),
+        "dropped_replies": context.dropped_replies,
+    }
+
+
+def _listed_sessions(table: SessionTable) -> list[Session]:
+    """Every session, or past MAX_LISTED_SESSIONS those holding the most bytes; in id order."""
+    sessions = table.sessions
+    if len(sessions) <= MAX_LISTED_SESSIONS:
+        return list(sessions.values())
+    largest = heapq.nsmallest(MAX_LISTED_SESSIONS, sessions.values(), key=lambda s: (-s.held_bytes, s.id))
+    return sorted(largest, key=lambda s: s.id)
+
+
+def handle_shutdown(context: OpContext, request: Request) -> dict[str, Any]:
+    log.info("shutdown requested over the control socket")
+    context.stop.set()
+    return {"stopping": True}
+
+
+# -- session ops -------------------------------------------------------------------
+
+
+def handle_unregister(context: OpContext, request: Request, session: Session) -> dict[str, Any]:
+    freed = context.sessions.close(session)
+    log.info("session %d unregistered; freed %s", session.id, format_bytes(freed))
+    return {"freed_bytes": freed}
+
+
+def handle_heartbeat(context: OpContext, request: Request, session: Session) -> dict[str, Any]:
+    return {"used_bytes": session.used_bytes}
+
+
+def handle_offload(context: OpContext, request: Request, session: Session) -> dict[str, Any]:
+    extents = context.sessions.reserve(session, request.args["sizes"], request.args.get("layer_id"))
+    return {"extents": [e.location() for e in extents]}
+
+
+def _owned_all(context: OpContext, request: Request, session: Session) -> list[Extent]:
+    # Validate the whole batch before changing anything, so a bad handle changes nothing.
+    handles = dict.fromkeys(request.args["handles"])
+    return [context.sessions.owned(session, handle, request.op.value) for handle in handles]
+
+
+def handle_commit(context: OpContext, request: Request, session: Session) -> dict[str, Any]:
+    extents = _owned_all(context, request, session)
+    committed = sum(context.sessions.commit(session, extent) for extent in extents)
+    if context.metrics is not None:
+        context.metrics.offloaded.inc(committed)
+    return {"committed": len(extents)}
+
+
+def handle_fetch(context: OpContext, request: Request, session: Session) -> dict[str, Any]:
+    extents = _owned_all(context, request, session)
+    for extent in extents:
+        if extent.state is not ExtentState.COMMITTED:
+            raise NotCommittedError(f"fetch: handle {extent.handle} was never committed")
+    fetched = sum(e.size_bytes for e in extents)
+    session.fetched_bytes += fetched
+    if context.metrics is not None:
+        context.metrics.fetched.inc(fetched)
+    return {"extents": [e.location() for e in extents]}
+
+
+def handle_free(context: OpContext, request: Request, session: Session) -> dict[str, Any]:
+    extents = _owned_all(context, request, session)
+    freed = sum(context.sessions.release(session, extent) for extent in extents)
+    return {"freed": len(extents), "freed_bytes": freed}
+
+
+def handle_session_stats(context: OpContext, request: Request, session: Session) -> dict[str, Any]:
+    """:func:`handle_stats` plus ``session``: the caller's own summary with its ``layer_bytes``."""
+    layer_bytes = {str(k): v for k, v in sorted(session.layer_bytes.items())}
+    return handle_stats(context, request) | {"session": session.summary() | {"layer_bytes": layer_bytes}}
+
+
+SESSIONLESS_OPS: dict[Op, SessionlessHandler] = {
+    Op.PING: handle_ping,
+    Op.REGISTER: handle_register,
+    Op.STATS: handle_stats,
+    Op.SHUTDOWN: handle_shutdown,
+}
+"""Handlers of the ops that need no token: exactly ``protocol.SESSIONLESS_OPS``."""
+
+SESSION_OPS: dict[Op, SessionHandler] = {
+    Op.UNREGISTER: handle_unregister,
+    Op.HEARTBEAT: handle_heartbeat,
+    Op.OFFLOAD: handle_offload,
+    Op.COMMIT: handle_commit,
+    Op.FETCH: handle_fetch,
+    Op.FREE: handle_free,
+    Op.STATS: handle_session_stats,
+}
+"""Handlers of the ops that act for the caller's session (stats is in both tables)."""

@@ -1,0 +1,223 @@
+"""Every op through ``Server.dispatch`` (bytes in, bytes out), in process.
+
+The server is built over a pool of unmapped segments (the allocators deal in offsets
+only) and never binds a socket, so no daemon is forked: each test encodes a request as
+a client does, dispatches it, and asserts on the decoded reply and on the daemon's state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from storm_service import ops, protocol
+from storm_service.config import build_parser, load_config
+from storm_service.errors import ErrorCode
+from storm_service.pool import ALIGNMENT, Pool
+from storm_service.protocol import Op, Reply, decode_reply, encode_request
+from storm_service.server import Server
+
+SEGMENT_BYTES = 64 << 10
+_REQUEST_IDS = itertools.count(1)
+
+
+@dataclass
+class _Unmapped:
+    """A segment as ``Pool`` sees it, without memory."""
+
+    name: str
+    size_bytes: int
+
+
+def _server(segments: int = 1, segment_bytes: int = SEGMENT_BYTES) -> Server:
+    pool = Pool([_Unmapped(f"storm-{i:024x}", segment_bytes) for i in range(segments)])
+    return Server(load_config(build_parser().parse_args([]), {}), pool)
+
+
+def _send(server: Server, op: Op, token: str | None = None, request_id: int | None = None, **fields: Any) -> Reply:
+    request_id = next(_REQUEST_IDS) if request_id is None else request_id
+    reply = decode_reply(server.dispatch(encode_request(request_id, op, token, **fields)))
+    assert reply.id == request_id
+    return reply
+
+
+def _ok(server: Server, op: Op, token: str | None = None, **fields: Any) -> dict[str, Any]:
+    reply = _send(server, op, token, **fields)
+    assert reply.ok, (reply.code, reply.message)
+    return reply.result
+
+
+def _refused(server: Server, code: ErrorCode, op: Op, token: str | None = None, **fields: Any) -> str:
+    reply = _send(server, op, token, **fields)
+    assert not reply.ok and reply.code == code.value, (reply.code, reply.message)
+    return reply.message
+
+
+def _register(server: Server, **fields: Any) -> dict[str, Any]:
+    return _ok(server, Op.REGISTER, pid=fields.pop("pid", os.getpid()), **fields)
+
+
+def _held(server: Server) -> tuple[int, int, int]:
+    """What the pool and the session table hold: allocated bytes, extents, reserved bytes."""
+    sessions = server.context.sessions
+    return server.context.pool.used_bytes, len(sessions.extents), sessions.reserved_bytes
+
+
+def test_every_op_has_a_handler_in_the_table_its_token_rule_picks() -> None:
+    assert ops.SESSIONLESS_OPS.keys() == protocol.SESSIONLESS_OPS
+    assert ops.SESSION_OPS.keys() == (set(Op) - protocol.SESSIONLESS_OPS) | {Op.STATS}
+    for table in (ops.SESSIONLESS_OPS, ops.SESSION_OPS):
+        assert all(handler.__name__.startswith("handle_") for handler in table.values())
+
+
+def test_ping_answers_with_the_daemon_pid() -> None:
+    assert _ok(_server(), Op.PING)["pid"] == os.getpid()
+
+
+def test_register_grants_a_session_and_describes_the_pool() -> None:
+    server = _server(segments=2)
+    result = _register(server, name="rank0", quota_bytes=4096)
+    assert result["quota_bytes"] == 4096 and result["alignment"] == ALIGNMENT
+    assert [s["size_bytes"] for s in result["segments"]] == [SEGMENT_BYTES, SEGMENT_BYTES]
+    assert server.context.sessions.by_token(result["token"]).id == result["session_id"]
+
+
+def test_offload_within_quota_places_aligned_writing_extents() -> None:
+    server = _server()
+    token = _register(server, quota_bytes=2 * ALIGNMENT)["token"]
+    extents = _ok(server, Op.OFFLOAD, token, sizes=[1, ALIGNMENT], layer_id=3)["extents"]
+    assert [e["size_bytes"] for e in extents] == [1, ALIGNMENT]
+    assert all(e["offset"] % ALIGNMENT == 0 for e in extents)
+    assert _held(server) == (2 * ALIGNMENT, 2, 2 * ALIGNMENT)
+
+
+def test_offload_over_quota_counts_rounded_sizes_and_holds_nothing() -> None:
+    server = _server()
+    token = _register(server, quota_bytes=2 * ALIGNMENT)["token"]
+    _ok(server, Op.OFFLOAD, token, sizes=[1])
+    message = _refused(server, ErrorCode.QUOTA_EXCEEDED, Op.OFFLOAD, token, sizes=[1, 1])  # 1024 rounded, 512 left
+    assert message == f"offload: {2 * ALIGNMENT} bytes requested, {ALIGNMENT} left of a {2 * ALIGNMENT}-byte quota"
+    assert _held(server) == (ALIGNMENT, 1, ALIGNMENT)
+
+
+def test_offload_that_does_not_fit_returns_what_it_placed() -> None:
+    server = _server(segments=2, segment_bytes=4096)
+    token = _register(server)["token"]  # quota: the whole pool, so the pool is what refuses
+    _refused(server, ErrorCode.POOL_FULL, Op.OFFLOAD, token, sizes=[4096, 4096, 1])
+    assert _held(server) == (0, 0, 0)
+    assert server.context.sessions.by_token(token).held_bytes == 0
+    assert len(_ok(server, Op.OFFLOAD, token, sizes=[4096, 4096])["extents"]) == 2
+
+
+def test_a_replayed_offload_gets_the_same_reply_without_allocating_again() -> None:
+    server = _server()
+    token = _register(server)["token"]
+    frame = encode_request(next(_REQUEST_IDS), Op.OFFLOAD, token, sizes=[4096])
+    assert server.dispatch(frame) == server.dispatch(frame)
+    assert _held(server) == (4096, 1, 4096)
+
+
+def test_commit_fetch_free_serve_the_owner() -> None:
+    server = _server()
+    token = _register(server)["token"]
+    handles = [e["handle"] for e in _ok(server, Op.OFFLOAD, token, sizes=[1000, 4096])["extents"]]
+    _refused(server, ErrorCode.NOT_COMMITTED, Op.FETCH, token, handles=handles)
+    assert _ok(server, Op.COMMIT, token, handles=handles + handles) == {"committed": 2}
+    assert _held(server) == (1024 + 4096, 2, 0)
+    fetched = _ok(server, Op.FETCH, token, handles=handles[::-1])["extents"]
+    assert [e["handle"] for e in fetched] == handles[::-1]
+    assert _ok(server, Op.HEARTBEAT, token) == {"used_bytes": 1024 + 4096}
+    assert _ok(server, Op.FREE, token, handles=handles) == {"freed": 2, "freed_bytes": 1024 + 4096}
+    assert _held(server) == (0, 0, 0)
+    _refused(server, ErrorCode.UNKNOWN_HANDLE, Op.FREE, token, handles=handles)
+
+
+@pytest.mark.parametrize("op", [Op.COMMIT, Op.FETCH, Op.FREE])
+def test_another_sessions_handle_is_forbidden_and_changes_nothing(op: Op) -> None:
+    server = _server()
+    owner, other = _register(server)["token"], _register(server)["token"]
+    handles = [e["handle"] for e in _ok(server, Op.OFFLOAD, owner, sizes=[4096])["extents"]]
+    mine = [e["handle"] for e in _ok(server, Op.OFFLOAD, other, sizes=[512])["extents"]]
+    message = _refused(server, ErrorCode.FORBIDDEN, op, other, handles=mine + handles)
+    assert message == f"{op.value}: handle {handles[0]} belongs to another session"
+    assert _held(server) == (4096 + 512, 2, 4096 + 512)  # the other's own handle was not touched either
+
+
+@pytest.mark.parametrize("op", [Op.HEARTBEAT, Op.OFFLOAD, Op.UNREGISTER, Op.STATS, Op.PING])
+def test_a_token_naming_no_session_is_an_unknown_session(op: Op) -> None:
+    server = _server()
+    fields = {"sizes": [1]} if op is Op.OFFLOAD else {}
+    _refused(server, ErrorCode.UNKNOWN_SESSION, op, "not-a-token", **fields)
+
+
+def test_a_session_op_without_a_token_is_an_unknown_session() -> None:
+    _refused(_server(), ErrorCode.UNKNOWN_SESSION, Op.HEARTBEAT)
+
+
+def test_unregister_frees_everything_and_kills_the_token() -> None:
+    server = _server()
+    token = _register(server)["token"]
+    _ok(server, Op.OFFLOAD, token, sizes=[4096, 100])
+    assert _ok(server, Op.UNREGISTER, token) == {"freed_bytes": 4096 + 512}
+    assert _held(server) == (0, 0, 0)
+    _refused(server, ErrorCode.UNKNOWN_SESSION, Op.HEARTBEAT, token)
+
+
+def test_stats_without_a_token_answers_for_the_daemon() -> None:
+    server = _server()
+    token = _register(server)["token"]
+    handles = [e["handle"] for e in _ok(server, Op.OFFLOAD, token, sizes=[4096, 512])["extents"]]
+    _ok(server, Op.COMMIT, token, handles=handles[:1])
+    stats = _ok(server, Op.STATS)
+    assert "session" not in stats
+    assert (stats["used_bytes"], stats["reserved_bytes"], stats["free_bytes"]) == (4096, 512, SEGMENT_BYTES - 4608)
+    assert (stats["extents"], stats["live_sessions"], len(stats["sessions"])) == (2, 1, 1)
+    assert stats["requests"]["offload"] == 1
+
+
+def test_stats_with_a_token_adds_the_callers_summary() -> None:
+    server = _server()
+    token = _register(server, name="rank0")["token"]
+    _ok(server, Op.OFFLOAD, token, sizes=[100], layer_id=7)
+    session = _ok(server, Op.STATS, token)["session"]
+    assert (session["name"], session["reserved_bytes"], session["layer_bytes"]) == ("rank0", 512, {"7": 512})
+
+
+def test_shutdown_stops_the_daemon_and_later_ops_are_refused() -> None:
+    server = _server()
+    token = _register(server)["token"]
+    assert _ok(server, Op.SHUTDOWN) == {"stopping": True}
+    assert server.context.stop.is_set()
+    _refused(server, ErrorCode.SHUTTING_DOWN, Op.HEARTBEAT, token)
+    assert _ok(server, Op.PING)["pid"] == os.getpid()  # ping is still answered
+
+
+@pytest.mark.parametrize("frame", [b"\xc1", b"", b"\x93\x01\x02\x03"], ids=["reserved-byte", "empty", "array"])
+def test_a_malformed_frame_is_a_bad_request_with_no_id(frame: bytes) -> None:
+    server = _server()
+    reply = decode_reply(server.dispatch(frame))
+    assert (reply.ok, reply.id, reply.code) == (False, None, ErrorCode.BAD_REQUEST.value)
+    assert server.context.errors[ErrorCode.BAD_REQUEST.value] == 1
+
+
+def test_metrics_gauges_agree_with_stats() -> None:
+    pytest.importorskip("prometheus_client")
+    from storm_service.metrics import Metrics
+
+    server = _server()
+    metrics = server.metrics = Metrics(server)
+    token = _register(server)["token"]
+    handles = [e["handle"] for e in _ok(server, Op.OFFLOAD, token, sizes=[4096, 512])["extents"]]
+    _ok(server, Op.COMMIT, token, handles=handles[:1])
+    _ok(server, Op.FETCH, token, handles=handles[:1])
+    stats = _ok(server, Op.STATS)
+    registry = metrics.registry
+    assert registry.get_sample_value("storm_pool_used_bytes") == stats["used_bytes"] == 4096
+    assert registry.get_sample_value("storm_pool_reserved_bytes") == stats["reserved_bytes"] == 512
+    assert registry.get_sample_value("storm_sessions") == stats["live_sessions"] == 1
+    assert registry.get_sample_value("storm_offloaded_bytes_total") == 4096
+    assert registry.get_sample_value("storm_fetched_bytes_total") == 4096
