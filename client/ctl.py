@@ -12,9 +12,9 @@ from typing import Any
 
 from client.status import watch
 from client.transport import DEFAULT_TIMEOUT_S, connect
+from storm_service.endpoints import AUTHORIZED_DIR, default_endpoint
 from storm_service.errors import StormError
 from storm_service.protocol import Op
-from storm_service.runtime import AUTHORIZED_DIR, default_endpoint
 from storm_service.units import format_bytes
 
 __all__ = ["main"]

@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from storm_service.endpoints import SERVER_SECRET_FILE, default_endpoint
 from storm_service.protocol import MAX_SEGMENTS
-from storm_service.runtime import SERVER_SECRET_FILE, default_endpoint
 from storm_service.units import format_bytes, parse_duration, parse_size
 
 __all__ = ["ConfigError", "DaemonConfig", "build_parser", "load_config"]

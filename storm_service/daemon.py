@@ -25,15 +25,10 @@ from types import FrameType
 import zmq
 
 from storm_service.config import ConfigError, DaemonConfig, build_parser, load_config
+from storm_service.endpoints import ipc_path, runtime_dir
+from storm_service.lockfile import EndpointLock, LockHeldError, ensure_private_dir
 from storm_service.metrics import Metrics
 from storm_service.pool import Pool, PoolError, sweep_segments
-from storm_service.runtime import (
-    EndpointLock,
-    LockHeldError,
-    ensure_private_dir,
-    ipc_path,
-    runtime_dir,
-)
 from storm_service.server import Server
 from storm_service.units import format_bytes
 

@@ -24,9 +24,9 @@ from torch import nn
 from client.hooks import offload_saved_tensors
 from client.system import StormSystem
 from client.transport import connect
+from storm_service.endpoints import default_endpoint
 from storm_service.errors import StormError
 from storm_service.protocol import Op
-from storm_service.runtime import default_endpoint
 from storm_service.units import format_bytes
 from worker.distributed import Rank, init_from_env, shutdown, wrap
 from worker.embedded import EmbeddedDaemon, daemon_answers

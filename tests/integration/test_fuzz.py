@@ -46,6 +46,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client.system import StormSystem
+from storm_service.endpoints import pid_namespace
 from storm_service.errors import ErrorCode
 from storm_service.protocol import (
     MAX_BATCH,
@@ -61,7 +62,6 @@ from storm_service.protocol import (
     decode_request,
     encode_request,
 )
-from storm_service.runtime import pid_namespace
 
 if TYPE_CHECKING:
     from conftest import DaemonProcess, StartDaemon

@@ -1,0 +1,65 @@
+"""Where the daemon serves on the host, as both sides need to know it: the default
+endpoint, its runtime directory, the names of the files beside the socket, and the pid
+checks that tell whether a peer process still lives.
+
+A wire module: the client imports it, so it imports nothing from the rest of the daemon
+and nothing from torch (``[tool.importlinter]`` in pyproject.toml enforces both).
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "AUTHORIZED_DIR",
+    "SERVER_SECRET_FILE",
+    "SOCKET_NAME",
+    "default_endpoint",
+    "ipc_path",
+    "pid_alive",
+    "pid_namespace",
+    "runtime_dir",
+]
+
+SOCKET_NAME = "stormd.sock"
+SERVER_SECRET_FILE = "server.key_secret"
+AUTHORIZED_DIR = "authorized"
+
+
+def runtime_dir() -> str:
+    """The per-user directory for the default socket: ``$XDG_RUNTIME_DIR/storm`` or ``/tmp/storm-<uid>``."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        return os.path.join(base, "storm")
+    return f"/tmp/storm-{os.getuid()}"
+
+
+def default_endpoint() -> str:
+    return f"ipc://{os.path.join(runtime_dir(), SOCKET_NAME)}"
+
+
+def ipc_path(endpoint: str) -> str | None:
+    """The filesystem path of an ``ipc://`` endpoint, or None for other transports."""
+    return endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else None
+
+
+def pid_namespace() -> int | None:
+    """This process's pid namespace (the inode of /proc/self/ns/pid), or None if unknown.
+
+    Two processes may compare pids only when their namespaces are equal; containers
+    usually differ, and then liveness falls back to heartbeats.
+    """
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs in our pid namespace (a zombie, killed but not reaped, is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
