@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
+from storm_service.shm import SHM_DIR, PinError, pin, unpin
+
 __all__ = ["MappedSegment", "PinnedMemoryBuffer"]
 
 log = logging.getLogger("storm.client")
 
-SHM_DIR = "/dev/shm"
-_PIN_CHUNK_BYTES = 64 << 30
 _PAGE_BYTES = mmap.PAGESIZE
 # Linux's values on every architecture PyTorch ships for; Python's mmap module does not export them.
 _MAP_FIXED = 0x10
@@ -69,12 +69,12 @@ class MappedSegment:
 
     def _register(self) -> None:
         cudart = torch.cuda.cudart()
-        base = self._base
-        for offset in range(0, self.size_bytes, _PIN_CHUNK_BYTES):
-            length = min(_PIN_CHUNK_BYTES, self.size_bytes - offset)
-            err = cudart.cudaHostRegister(base + offset, length, 0)
-            if int(err) != 0:
-                raise RuntimeError(f"cudaHostRegister of segment {self.name} at offset {offset} failed: {err}")
+        pin(
+            self._base,
+            self.size_bytes,
+            lambda address, length: int(cudart.cudaHostRegister(address, length, 0)),
+            what=f"segment {self.name}",
+        )
         self.pinned = True
 
     @property
@@ -98,8 +98,15 @@ class MappedSegment:
             return
         if self.pinned:
             cudart = torch.cuda.cudart()
-            for offset in range(0, self.size_bytes, _PIN_CHUNK_BYTES):
-                cudart.cudaHostUnregister(self._base + offset)
+            try:
+                unpin(
+                    self._base,
+                    self.size_bytes,
+                    lambda address: int(cudart.cudaHostUnregister(address)),
+                    what=f"segment {self.name}",
+                )
+            except PinError as e:  # close goes on: the segment is given up either way
+                log.warning("%s", e)
         del self.bytes
         try:
             self._mm.close()

@@ -20,17 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from storm_service.allocator import ExtentAllocator
+from storm_service.shm import SEGMENT_PREFIX, SHM_DIR, PinError, pin
 from storm_service.units import format_bytes
 
-__all__ = ["Pool", "PoolError", "Segment", "SHM_DIR", "SEGMENT_PREFIX", "sweep_segments"]
+__all__ = ["Pool", "PoolError", "Segment", "sweep_segments"]
 
 log = logging.getLogger("stormd.pool")
 
-SHM_DIR = "/dev/shm"
-SEGMENT_PREFIX = "storm-"
 ALIGNMENT = 512
-PIN_CHUNK_BYTES = 64 << 30
-"""cudaHostRegister fails on single calls of 512 GiB and more: register in chunks."""
 
 
 class PoolError(RuntimeError):
@@ -73,17 +70,21 @@ class Segment:
         return cls(name=name, size_bytes=size_bytes, _mm=mm)
 
     def pin(self) -> float:
-        """Page-lock the mapping for CUDA DMA; returns the seconds it took."""
+        """Page-lock the mapping for CUDA DMA (NOTE [Pinning in chunks]); returns the seconds it took."""
         import torch  # only where CUDA exists; the daemon otherwise never imports torch
 
         view = torch.frombuffer(self._mm, dtype=torch.uint8)
         cudart = torch.cuda.cudart()
         start = time.perf_counter()
-        for offset in range(0, self.size_bytes, PIN_CHUNK_BYTES):
-            length = min(PIN_CHUNK_BYTES, self.size_bytes - offset)
-            err = cudart.cudaHostRegister(view.data_ptr() + offset, length, 0)
-            if int(err) != 0:
-                raise PoolError(f"cudaHostRegister of {format_bytes(length)} at offset {offset} failed: {err}")
+        try:
+            pin(
+                view.data_ptr(),
+                self.size_bytes,
+                lambda address, length: int(cudart.cudaHostRegister(address, length, 0)),
+                what=f"segment {self.name}",
+            )
+        except PinError as e:
+            raise PoolError(str(e)) from e
         return time.perf_counter() - start
 
     def close(self) -> None:
