@@ -11,8 +11,6 @@ at teardown stops every daemon it started and checks that none of them left a
 from __future__ import annotations
 
 import contextlib
-import itertools
-import json
 import os
 import shutil
 import signal
@@ -20,114 +18,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import pytest
-import zmq
 
-from client.transport import Channel, CurveKeys
+from helpers import SHM_DIR, DaemonProcess, StartDaemon, mapped_segments, recorded_segments, storm_segments
 from storm_service.errors import StormError
 from storm_service.protocol import Op
 
-SHM_DIR = "/dev/shm"
-SEGMENT_PREFIX = "storm-"
 READY_TIMEOUT_S = 20.0
 """Generous: a loaded 2-core CI box can take seconds to import and pre-fault the pool."""
-
-# One id sequence for every channel of the test process, so that two channels used on
-# one session never reuse a request id (the daemon would answer a replay).
-_REQUEST_IDS = itertools.count(1)
-
-
-def storm_segments() -> set[str]:
-    """Names of every STORM segment now in /dev/shm."""
-    return {name for name in os.listdir(SHM_DIR) if name.startswith(SEGMENT_PREFIX)}
-
-
-def mapped_segments() -> set[str]:
-    """STORM segments some live process maps (another test session's daemon, say)."""
-    mapped: set[str] = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                for line in f:
-                    path = line.rstrip("\n").rsplit(" ", 1)[-1]
-                    if path.startswith(f"{SHM_DIR}/{SEGMENT_PREFIX}"):
-                        mapped.add(os.path.basename(path))
-        except OSError:
-            continue
-    return mapped
-
-
-@dataclass
-class DaemonProcess:
-    """A running (or stopped) stormd subprocess and where it serves."""
-
-    endpoint: str
-    socket_dir: str
-    proc: subprocess.Popen[bytes]
-    log_path: str
-
-    @property
-    def socket_path(self) -> str:
-        return self.endpoint[len("ipc://") :]
-
-    def channel(self) -> Channel:
-        """A connected channel to this daemon; the caller closes it."""
-        return Channel(
-            zmq.Context.instance(),
-            self.endpoint,
-            _REQUEST_IDS,
-            alive=lambda: self.proc.poll() is None,
-            curve=CurveKeys.from_env(),
-        )
-
-    def stats(self) -> dict[str, Any]:
-        """One STATS call without a session token."""
-        channel = self.channel()
-        try:
-            return channel.call(Op.STATS)
-        finally:
-            channel.close()
-
-    def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    def stop(self, timeout_s: float = 10) -> int:
-        """SIGTERM the daemon and wait for it; returns its exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"stormd did not stop within {timeout_s} s of SIGTERM; log:\n{self.log()}")
-
-    def kill(self) -> None:
-        """SIGKILL the daemon and reap it."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-
-
-StartDaemon = Callable[..., DaemonProcess]
-
-
-def recorded_segments(daemon: DaemonProcess) -> set[str] | None:
-    """The segment names a daemon recorded in its endpoint lock file (NOTE [Endpoint lock]),
-    or None when there is no readable record."""
-    try:
-        with open(daemon.socket_path + ".lock") as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    names = record.get("segments") if isinstance(record, dict) else None
-    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else None
 
 
 def _daemon_env() -> dict[str, str]:

@@ -14,14 +14,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import Any
 
 import msgpack
 import pytest
 import zmq
 
 from client.transport import Channel
+from helpers import DaemonProcess, StartDaemon, mapped_segments, storm_segments, wait_for
 from storm_service.errors import (
     ForbiddenError,
     NotCommittedError,
@@ -34,35 +35,16 @@ from storm_service.errors import (
 )
 from storm_service.protocol import MAX_MESSAGE_BYTES, MAX_SIZE_BYTES, Op, Reply, decode_reply, encode_request
 
-if TYPE_CHECKING:
-    from conftest import DaemonProcess, StartDaemon
-
 RAW_IDS = iter(range(10**12, 10**13))  # far from the channels' ids, so raw requests never look like replays
-
-
-def storm_segments() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith("storm-")}
 
 
 def _unmapped(names: set[str]) -> set[str]:
     """Those of ``names`` that no live process maps (other test sessions' daemons map theirs)."""
-    mapped: set[str] = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as f:
-            mapped.update(os.path.basename(line.split()[-1]) for line in f if "/dev/shm/storm-" in line)
-    return names - mapped
+    return names - mapped_segments()
 
 
 def _register(channel: Channel, **fields: Any) -> dict[str, Any]:
     return channel.call(Op.REGISTER, pid=os.getpid(), **fields)
-
-
-def _wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 @contextlib.contextmanager
@@ -296,7 +278,7 @@ def test_silent_session_expires_and_its_memory_returns(daemon_factory: StartDaem
     token = _register(channel)["token"]
     channel.call(Op.OFFLOAD, token, sizes=[1 << 20])
     assert daemon.stats()["reserved_bytes"] == 1 << 20
-    stats = _wait_for(lambda: (s := daemon.stats())["expired_sessions"] and s, 10, "the session to expire")
+    stats = wait_for(lambda: (s := daemon.stats())["expired_sessions"] and s, 10, "the session to expire")
     assert (stats["sessions"], stats["used_bytes"], stats["expired_sessions"]) == ([], 0, 1)
     with pytest.raises(UnknownSessionError):
         channel.call(Op.HEARTBEAT, token)
@@ -325,7 +307,7 @@ def test_dead_client_process_expires_before_the_heartbeat_timeout(daemon_factory
     channel.call(Op.OFFLOAD, token, sizes=[4096])
     child.kill()
     child.wait()
-    stats = _wait_for(lambda: (s := daemon.stats())["expired_sessions"] and s, 5, "the dead client's session to expire")
+    stats = wait_for(lambda: (s := daemon.stats())["expired_sessions"] and s, 5, "the dead client's session to expire")
     assert (stats["sessions"], stats["used_bytes"]) == ([], 0)
     channel.close()
 

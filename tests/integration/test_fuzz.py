@@ -64,7 +64,7 @@ from storm_service.protocol import (
 )
 
 if TYPE_CHECKING:
-    from conftest import DaemonProcess, StartDaemon
+    from helpers import DaemonProcess, StartDaemon
 
 POOL_SIZE = "32MiB"
 POOL_BYTES = 32 << 20

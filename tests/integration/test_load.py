@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from benchmarks.load import run_load  # the repository root is not on sys.path under pytest
 
 if TYPE_CHECKING:
-    from conftest import DaemonProcess, StartDaemon
+    from helpers import DaemonProcess, StartDaemon
 
 MiB = 1 << 20
 RSS_GROWTH_BOUND = 64 * MiB

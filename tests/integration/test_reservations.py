@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
 from torch import nn
 
 from client import StormSystem, offload_saved_tensors
-
-
-def _wait_for(predicate, timeout_s: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+from helpers import wait_for
 
 
 def _session(daemon) -> dict:
@@ -70,7 +63,7 @@ def test_untaken_reservations_are_given_back_at_the_end_of_the_run(daemon):
         _repeat_profile(system, 6, size)
         step2 = _offload(system, 2, size, layer_id=0)  # reserves six, takes two
         # The run is still open (commits are posted: wait for the daemon to apply them).
-        _wait_for(lambda: _session(daemon)["reserved_bytes"] == 4 * size, what="two of six reserved committed")
+        wait_for(lambda: _session(daemon)["reserved_bytes"] == 4 * size, what="two of six reserved committed")
         system.flush()  # ends it: the four spares go back
         assert _session(daemon)["reserved_bytes"] == 0 and system.stats()["returned_reservation_bytes"] == 4 * size
         for handle in step2:
@@ -85,7 +78,7 @@ def test_spare_reservations_are_given_back_when_idle(daemon):
         _repeat_profile(system, 6, size)
         held = _offload(system, 2, size, layer_id=0)  # the run stays open: nothing ends it
         assert _session(daemon)["reserved_bytes"] > 0
-        _wait_for(lambda: _session(daemon)["reserved_bytes"] == 0, what="the spares to be given back")
+        wait_for(lambda: _session(daemon)["reserved_bytes"] == 0, what="the spares to be given back")
         assert system.stats()["returned_reservation_bytes"] == 4 * size
         assert all(torch.equal(system.fetch(h), torch.ones(size // 4)) for h in held)
 
@@ -96,7 +89,7 @@ def test_spares_are_given_back_when_the_pool_is_full(daemon_factory):
     with StormSystem(daemon.endpoint, policy="keep", reserve_idle_s=60) as system:
         _repeat_profile(system, 3, mib)
         first = _offload(system, 1, mib, layer_id=0)  # reserves 3 MiB, takes 1
-        _wait_for(lambda: _session(daemon)["reserved_bytes"] == 2 * mib, what="one of three reserved committed")
+        wait_for(lambda: _session(daemon)["reserved_bytes"] == 2 * mib, what="one of three reserved committed")
         # Same layer, 1.5 MiB tensors: no spare fits and only 1 MiB is free, so the spares go.
         big = _offload(system, 2, 3 * mib // 2, layer_id=0, value=2.0)
         stats = system.stats()

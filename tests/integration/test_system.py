@@ -25,13 +25,7 @@ from client import (
     offload_activation_to_cpu,
     offload_saved_tensors,
 )
-
-
-def _wait_for(predicate, timeout_s: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+from helpers import wait_for
 
 
 @pytest.fixture
@@ -264,7 +258,7 @@ def test_process_exit_without_close_leaves_nothing_in_the_daemon(daemon):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.strip()) > 0
-    _wait_for(lambda: daemon.stats()["used_bytes"] == 0 and not daemon.stats()["sessions"], what="release")
+    wait_for(lambda: daemon.stats()["used_bytes"] == 0 and not daemon.stats()["sessions"], what="release")
 
 
 def test_killed_client_memory_returns_to_pool(daemon):
@@ -284,7 +278,7 @@ def test_killed_client_memory_returns_to_pool(daemon):
     assert daemon.stats()["used_bytes"] > 0
     proc.kill()
     proc.wait()
-    _wait_for(lambda: daemon.stats()["used_bytes"] == 0, timeout_s=8, what="the killed client's extents")
+    wait_for(lambda: daemon.stats()["used_bytes"] == 0, timeout_s=8, what="the killed client's extents")
 
 
 def test_daemon_death_raises_unavailable_quickly_and_a_restart_serves_new_work(daemon_factory):

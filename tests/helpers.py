@@ -1,0 +1,139 @@
+"""What the tests share besides fixtures: a daemon process as a test sees it, the /dev/shm
+segments, and a deadline wait. Import it as ``from helpers import ...`` (tests/ is on
+sys.path because tests/conftest.py lives there; ``from conftest import`` would be
+ambiguous, since tests/docker has a conftest.py of its own).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import zmq
+
+from client.transport import Channel, CurveKeys
+from storm_service.protocol import Op
+from storm_service.shm import SEGMENT_PREFIX, SHM_DIR
+
+__all__ = [
+    "SEGMENT_PREFIX",
+    "SHM_DIR",
+    "DaemonProcess",
+    "StartDaemon",
+    "mapped_segments",
+    "recorded_segments",
+    "storm_segments",
+    "wait_for",
+]
+
+# One id sequence for every channel of the test process, so that two channels used on
+# one session never reuse a request id (the daemon would answer a replay).
+_REQUEST_IDS = itertools.count(1)
+
+
+def storm_segments() -> set[str]:
+    """Names of every STORM segment now in /dev/shm."""
+    return {name for name in os.listdir(SHM_DIR) if name.startswith(SEGMENT_PREFIX)}
+
+
+def mapped_segments() -> set[str]:
+    """STORM segments some live process maps (another test session's daemon, say)."""
+    mapped: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    path = line.rstrip("\n").rsplit(" ", 1)[-1]
+                    if path.startswith(f"{SHM_DIR}/{SEGMENT_PREFIX}"):
+                        mapped.add(os.path.basename(path))
+        except OSError:
+            continue
+    return mapped
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` every 50 ms until it returns something truthy, and return that;
+    fail naming ``what`` once ``timeout_s`` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+@dataclass
+class DaemonProcess:
+    """A running (or stopped) stormd subprocess and where it serves."""
+
+    endpoint: str
+    socket_dir: str
+    proc: subprocess.Popen[bytes]
+    log_path: str
+
+    @property
+    def socket_path(self) -> str:
+        return self.endpoint[len("ipc://") :]
+
+    def channel(self) -> Channel:
+        """A connected channel to this daemon; the caller closes it."""
+        return Channel(
+            zmq.Context.instance(),
+            self.endpoint,
+            _REQUEST_IDS,
+            alive=lambda: self.proc.poll() is None,
+            curve=CurveKeys.from_env(),
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """One STATS call without a session token."""
+        channel = self.channel()
+        try:
+            return channel.call(Op.STATS)
+        finally:
+            channel.close()
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stop(self, timeout_s: float = 10) -> int:
+        """SIGTERM the daemon and wait for it; returns its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"stormd did not stop within {timeout_s} s of SIGTERM; log:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL the daemon and reap it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+StartDaemon = Callable[..., DaemonProcess]
+"""The ``daemon_factory`` fixture: ``start(pool_size=, heartbeat_timeout=, extra_args=, endpoint=)``."""
+
+
+def recorded_segments(daemon: DaemonProcess) -> set[str] | None:
+    """The segment names a daemon recorded in its endpoint lock file (NOTE [Endpoint lock]),
+    or None when there is no readable record."""
+    try:
+        with open(daemon.socket_path + ".lock") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    names = record.get("segments") if isinstance(record, dict) else None
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else None
