@@ -80,8 +80,14 @@ def handle_ping(context: OpContext, request: Request) -> dict[str, Any]:
 
 
 def handle_register(context: OpContext, request: Request) -> dict[str, Any]:
-    """Open a session."""
+    """Open a session, or with a known ``(pid, nonce)`` answer for its session again (NOTE [Register nonce])."""
     args = request.args
+    nonce: str | None = args.get("nonce")
+    session = context.sessions.by_nonce(args["pid"], nonce) if nonce is not None else None
+    if session is not None:
+        session.last_seen = time.monotonic()
+        log.info("session %d registered again (a retried register: same pid and nonce)", session.id)
+        return _registration(context, session)
     pool, config = context.pool, context.config
     limit = config.max_quota or pool.size_bytes
     quota = min(args.get("quota_bytes", config.quota or pool.size_bytes), limit)
@@ -92,6 +98,7 @@ def handle_register(context: OpContext, request: Request) -> dict[str, Any]:
         rank=args.get("rank"),
         world_size=args.get("world_size"),
         pid_ns=args.get("pid_ns"),
+        nonce=nonce,
     )
     log.info(
         "session %d registered: pid %d %s rank %s quota %s",
@@ -105,7 +112,7 @@ def handle_register(context: OpContext, request: Request) -> dict[str, Any]:
 
 
 def _registration(context: OpContext, session: Session) -> dict[str, Any]:
-    """The register result for ``session``."""
+    """The register result for ``session``: the same for its first register and any replay."""
     return {
         "session_id": session.id,
         "token": session.token,

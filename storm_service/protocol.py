@@ -38,9 +38,11 @@ __all__ = [
     "MAX_ERROR_MESSAGE",
     "MAX_LISTED_SESSIONS",
     "MAX_MESSAGE_BYTES",
+    "MAX_NONCE_LEN",
     "MAX_SEGMENTS",
     "MAX_SESSION_LAYERS",
     "MAX_SIZE_BYTES",
+    "MIN_NONCE_LEN",
     "OVERFLOW_LAYER_ID",
     "PROTOCOL_VERSION",
     "Invalid",
@@ -76,6 +78,12 @@ MAX_LISTED_SESSIONS = 512
 """Most sessions one stats reply lists (those holding the most bytes); ``live_sessions`` counts all."""
 MAX_SEGMENTS = 4096
 """Most shared-memory segments a pool may have: the register reply lists every one."""
+MIN_NONCE_LEN = 16
+MAX_NONCE_LEN = 64
+"""Bounds, in characters, of a register ``nonce`` (NOTE [Register nonce] in ``storm_service/sessions.py``).
+
+At least 16: a nonce answers with the session's token, so it must be as hard to guess as one.
+"""
 
 
 class Op(StrEnum):
@@ -108,6 +116,7 @@ class _Int:
 class _Str:
     max_len: int = MAX_STR
     required: bool = True
+    min_len: int = 0
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,7 @@ FIELDS: dict[Op, dict[str, _Spec]] = {
         "world_size": _Int(1, 1 << 20, required=False),
         "quota_bytes": _Int(1, MAX_SIZE_BYTES, required=False),
         "pid_ns": _Int(0, MAX_ID, required=False),
+        "nonce": _Str(MAX_NONCE_LEN, required=False, min_len=MIN_NONCE_LEN),
     },
     Op.UNREGISTER: {},
     Op.HEARTBEAT: {},
@@ -250,6 +260,8 @@ def _check_field(op: Op, name: str, spec: _Spec, value: Any) -> None:
             raise ValueError(f"{where} must be a string, got {type(value).__name__}")
         if len(value) > spec.max_len:
             raise ValueError(f"{where} is {len(value)} characters, at most {spec.max_len}")
+        if len(value) < spec.min_len:
+            raise ValueError(f"{where} is {len(value)} characters, at least {spec.min_len}")
     else:
         if not isinstance(value, list):
             raise ValueError(f"{where} must be a list, got {type(value).__name__}")

@@ -20,6 +20,17 @@ NOTE [Layer stats cap]
   remembers the key it was counted under, so its bytes leave that same key when freed,
   and a layer id whose bytes are all freed gives its place back.
 
+NOTE [Register nonce]
+  A client may send a ``nonce`` (a random string, MIN_NONCE_LEN to MAX_NONCE_LEN
+  characters) with ``register``, so that a retried register does not open a second
+  session. The table maps ``(pid, nonce)`` to the session that register opened; a register
+  naming a pair already mapped gets that session back, unchanged (the retry's other
+  fields are not compared). The pid is part of the key so that a forked child that
+  inherited its parent's nonce still gets a session of its own. An entry lives exactly as
+  long as its session (``close`` drops it), so the map holds at most one entry per live
+  session and cannot outgrow the session table; a retry that arrives after its session
+  ended opens a new one. A nonce finds a session's token, so it is as secret as one, and
+  is never logged.
 """
 
 from __future__ import annotations
@@ -87,6 +98,8 @@ class Session:
     quota_bytes: int
     pid_ns: int | None
     last_seen: float
+    nonce: str | None = None
+    """The register nonce this session was opened with (NOTE [Register nonce])."""
     handles: set[int] = field(default_factory=set)
     used_bytes: int = 0
     """Bytes of committed extents: activations held."""
@@ -135,6 +148,8 @@ class SessionTable:
         self.pool = pool
         self.sessions: dict[int, Session] = {}
         self._by_token: dict[str, Session] = {}
+        self._by_nonce: dict[tuple[int, str], Session] = {}
+        """At most one entry per live session (NOTE [Register nonce])."""
         self.extents: dict[int, Extent] = {}
         self._session_ids = itertools.count(1)
         self._handles = itertools.count(1)
@@ -150,7 +165,9 @@ class SessionTable:
         rank: int | None = None,
         world_size: int | None = None,
         pid_ns: int | None = None,
+        nonce: str | None = None,
     ) -> Session:
+        """A new session; with a ``nonce``, findable by :meth:`by_nonce` until it closes."""
         session = Session(
             id=next(self._session_ids),
             token=secrets.token_urlsafe(24),
@@ -161,10 +178,17 @@ class SessionTable:
             quota_bytes=quota_bytes,
             pid_ns=pid_ns,
             last_seen=time.monotonic(),
+            nonce=nonce,
         )
         self.sessions[session.id] = session
         self._by_token[session.token] = session
+        if nonce is not None:
+            self._by_nonce[(pid, nonce)] = session
         return session
+
+    def by_nonce(self, pid: int, nonce: str) -> Session | None:
+        """The live session a register from ``pid`` with ``nonce`` opened, if any (NOTE [Register nonce])."""
+        return self._by_nonce.get((pid, nonce))
 
     def by_token(self, token: str | None) -> Session:
         session = self._by_token.get(token) if token is not None else None
@@ -265,6 +289,8 @@ class SessionTable:
             freed += self.release(session, self.extents[handle])
         del self.sessions[session.id]
         del self._by_token[session.token]
+        if session.nonce is not None:
+            del self._by_nonce[(session.pid, session.nonce)]
         return freed
 
     @property

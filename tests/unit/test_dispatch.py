@@ -18,10 +18,11 @@ from storm_service import ops, protocol
 from storm_service.config import build_parser, load_config
 from storm_service.errors import ErrorCode
 from storm_service.pool import ALIGNMENT, Pool
-from storm_service.protocol import Op, Reply, decode_reply, encode_request
+from storm_service.protocol import MAX_NONCE_LEN, MIN_NONCE_LEN, Op, Reply, decode_reply, encode_request
 from storm_service.server import Server
 
 SEGMENT_BYTES = 64 << 10
+NONCE = "n" * MIN_NONCE_LEN
 _REQUEST_IDS = itertools.count(1)
 
 
@@ -84,6 +85,45 @@ def test_register_grants_a_session_and_describes_the_pool() -> None:
     assert result["quota_bytes"] == 4096 and result["alignment"] == ALIGNMENT
     assert [s["size_bytes"] for s in result["segments"]] == [SEGMENT_BYTES, SEGMENT_BYTES]
     assert server.context.sessions.by_token(result["token"]).id == result["session_id"]
+
+
+def test_register_retried_with_its_nonce_answers_for_the_same_session() -> None:
+    server = _server()
+    first = _register(server, name="rank0", nonce=NONCE)
+    again = _register(server, name="rank0", nonce=NONCE)
+    assert again == first
+    assert _ok(server, Op.STATS)["live_sessions"] == 1
+
+
+def test_register_without_a_nonce_opens_a_session_each_time() -> None:
+    server = _server()
+    assert _register(server)["session_id"] != _register(server)["session_id"]
+    assert _ok(server, Op.STATS)["live_sessions"] == 2
+
+
+def test_a_nonce_from_another_pid_opens_its_own_session() -> None:
+    server = _server()
+    parent = _register(server, pid=100, nonce=NONCE)
+    child = _register(server, pid=101, nonce=NONCE)  # a forked child that inherited the nonce
+    assert parent["session_id"] != child["session_id"]
+
+
+def test_a_nonce_is_forgotten_when_its_session_goes() -> None:
+    server = _server()
+    first = _register(server, nonce=NONCE)
+    _ok(server, Op.UNREGISTER, first["token"])
+    second = _register(server, nonce=NONCE)
+    assert second["session_id"] != first["session_id"]
+    _ok(server, Op.UNREGISTER, second["token"])
+    assert server.context.sessions.by_nonce(os.getpid(), NONCE) is None
+
+
+@pytest.mark.parametrize("nonce", ["n" * (MIN_NONCE_LEN - 1), "n" * (MAX_NONCE_LEN + 1), 12345678901234567])
+def test_a_nonce_out_of_bounds_is_a_bad_request(nonce: Any) -> None:
+    server = _server()
+    message = _refused(server, ErrorCode.BAD_REQUEST, Op.REGISTER, pid=1, nonce=nonce)
+    assert "'nonce'" in message
+    assert server.context.sessions.sessions == {}
 
 
 def test_offload_within_quota_places_aligned_writing_extents() -> None:
@@ -160,7 +200,7 @@ def test_a_session_op_without_a_token_is_an_unknown_session() -> None:
 
 def test_unregister_frees_everything_and_kills_the_token() -> None:
     server = _server()
-    token = _register(server)["token"]
+    token = _register(server, nonce=NONCE)["token"]
     _ok(server, Op.OFFLOAD, token, sizes=[4096, 100])
     assert _ok(server, Op.UNREGISTER, token) == {"freed_bytes": 4096 + 512}
     assert _held(server) == (0, 0, 0)

@@ -39,7 +39,15 @@ VALID: dict[Op, tuple[str | None, dict[str, Any]]] = {
     Op.PING: (None, {}),
     Op.REGISTER: (
         None,
-        {"pid": 1234, "name": "rank0", "rank": 0, "world_size": 8, "quota_bytes": 1 << 30, "pid_ns": 7},
+        {
+            "pid": 1234,
+            "name": "rank0",
+            "rank": 0,
+            "world_size": 8,
+            "quota_bytes": 1 << 30,
+            "pid_ns": 7,
+            "nonce": "0" * 32,
+        },
     ),
     Op.UNREGISTER: (TOKEN, {}),
     Op.HEARTBEAT: (TOKEN, {}),

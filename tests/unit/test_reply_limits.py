@@ -24,6 +24,7 @@ from storm_service.protocol import (
     MAX_ID,
     MAX_LISTED_SESSIONS,
     MAX_MESSAGE_BYTES,
+    MAX_NONCE_LEN,
     MAX_SEGMENTS,
     MAX_SESSION_LAYERS,
     MAX_SIZE_BYTES,
@@ -180,6 +181,7 @@ def test_largest_requests_decode_on_the_daemon_side() -> None:
         world_size=1 << 20,
         quota_bytes=MAX_SIZE_BYTES,
         pid_ns=MAX_ID,
+        nonce=WIDE * MAX_NONCE_LEN,
     )
     for frame in (offload, free, register):
         assert len(frame) <= MAX_MESSAGE_BYTES
