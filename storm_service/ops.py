@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from storm_service.config import DaemonConfig
+from storm_service.endpoints import pid_namespace
 from storm_service.errors import NotCommittedError
 from storm_service.pool import ALIGNMENT, Pool
 from storm_service.protocol import MAX_LISTED_SESSIONS, Op, Request
-from storm_service.runtime import pid_namespace
 from storm_service.sessions import Extent, ExtentState, Session, SessionTable
 from storm_service.units import format_bytes
 

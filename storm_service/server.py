@@ -20,6 +20,7 @@ import zmq
 
 from storm_service import ops
 from storm_service.config import DaemonConfig
+from storm_service.endpoints import AUTHORIZED_DIR, SERVER_SECRET_FILE
 from storm_service.errors import ErrorCode, RemoteError, ShuttingDownError
 from storm_service.metrics import Metrics
 from storm_service.ops import OpContext
@@ -34,7 +35,6 @@ from storm_service.protocol import (
     encode_error,
     encode_ok,
 )
-from storm_service.runtime import AUTHORIZED_DIR, SERVER_SECRET_FILE
 from storm_service.sessions import SessionTable
 from storm_service.units import format_bytes
 

@@ -42,6 +42,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from storm_service.endpoints import pid_alive, pid_namespace
 from storm_service.errors import (
     ForbiddenError,
     PoolFullError,
@@ -51,7 +52,6 @@ from storm_service.errors import (
 )
 from storm_service.pool import Pool
 from storm_service.protocol import MAX_SESSION_LAYERS, OVERFLOW_LAYER_ID
-from storm_service.runtime import pid_alive, pid_namespace
 
 __all__ = ["Extent", "ExtentState", "Session", "SessionTable"]
 
