@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             rows[-1] += [f"{r[k]:.0%}" for k in ("ratio_storm_copy", "ratio_storm_into_copy", "ratio_storm_copy_copy")]
             rows[-1] += [f"{r['ratio_storm_copy_fresh']:.0%}"]
             print(f"  {label(size)} done", flush=True)
-        stats = system.stats()
+        stats = system.stats().as_dict()
     results["engine_round_trips"] = stats["engine_round_trips"]
     results["prefetch"] = {k: stats[k] for k in ("prefetch_hits", "prefetch_waits", "fetch_misses")}
     heads = ["size", "batch", "STORM alias GB/s", "STORM out= GB/s", "STORM copy GB/s", "copy GB/s"]

@@ -132,7 +132,7 @@ def bandwidth(system: StormSystem, size: int, reps: int) -> dict[str, float]:
         torch.cuda.synchronize()
         t = time.perf_counter()
         h = system.offload(gpu)
-        h.stored.wait()
+        system.locate(h)  # waits until the offload is placed
         offload_s.append(time.perf_counter() - t)
         t = time.perf_counter()
         system.fetch(h)
@@ -167,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(2):
             for v in VARIANTS:
                 runners[v].step(record=False)
-        before = system.stats()
+        before = system.stats().as_dict()
         for _ in range(steps):
             for v in VARIANTS:
                 runners[v].step(record=True)
-        after = system.stats()
+        after = system.stats().as_dict()
         fetches = sum(after[k] - before[k] for k in ("prefetch_hits", "prefetch_waits", "fetch_misses"))
         results["prefetch_hit_rate"] = (after["prefetch_hits"] - before["prefetch_hits"]) / max(fetches, 1)
         results["storm_offloaded_bytes_per_step"] = (after["offloaded_bytes"] - before["offloaded_bytes"]) / steps

@@ -124,7 +124,7 @@ def _client(
                     settle_oldest()
             while pending:
                 settle_oldest()
-            stats = system.stats()
+            stats = system.stats().as_dict()
             result["engine"] = {k: stats[k] for k in ENGINE_COUNTERS}
             result["peak_bytes"] = stats["peak_bytes"]
         finally:

@@ -171,7 +171,7 @@ def run_model(name: str, cfg: dict[str, Any], warmup: int, steps: int) -> dict[s
         for _ in range(warmup):
             for v in VARIANTS:
                 runners[v].step(record=False)
-        before = system.stats()
+        before = system.stats().as_dict()
         floor.copied_bytes = 0
         daemon_stat = f"/proc/{daemon.pid}/stat"  # the daemon's CPU time
         transfer_stat = thread_stat_path("storm-transfer")
@@ -180,7 +180,7 @@ def run_model(name: str, cfg: dict[str, Any], warmup: int, steps: int) -> dict[s
             for v in VARIANTS:
                 runners[v].step(record=True)
         cpu1 = cpu_seconds(daemon_stat), cpu_seconds(transfer_stat) if transfer_stat else 0.0
-        after = system.stats()
+        after = system.stats().as_dict()
     delta = {k: after[k] - before[k] for k in after if isinstance(after[k], int | float) and k in before}
     fetches = delta["prefetch_hits"] + delta["prefetch_waits"] + delta["fetch_misses"]
     med = {v: median(runners[v].times) for v in VARIANTS}

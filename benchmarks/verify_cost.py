@@ -30,11 +30,11 @@ def run_model(cfg: dict[str, Any], warmup: int, steps: int) -> dict[str, Any]:
         for _ in range(warmup):
             for runner in runners.values():
                 runner.step(record=False)
-        before = checked.stats()["offloaded_bytes"]
+        before = checked.stats().offloaded_bytes
         for _ in range(steps):
             for runner in runners.values():
                 runner.step(record=True)
-        hashed = checked.stats()["offloaded_bytes"] - before
+        hashed = checked.stats().offloaded_bytes - before
     med = {name: median(runner.times) for name, runner in runners.items()}
     return {
         "config": cfg,

@@ -67,7 +67,7 @@ class _Packed:
         restored = record.restore(lambda handle: system.fetch(handle, alias=True), again=self.unpacked)
         self.unpacked = True
         if record.checksum is not None:
-            _verify(record, restored)
+            _verify(record, restored, system)
         out = self.geometry.on_bytes(restored)
         if self.neg:
             out = torch._neg_view(out)
@@ -79,14 +79,16 @@ class _Packed:
             record.release()
 
 
-def _verify(record: SpanRecord, restored: torch.Tensor) -> None:
+def _verify(record: SpanRecord, restored: torch.Tensor, system: StormSystem) -> None:
     """The restored elements hash as they did at pack time (NOTE [Verify mode] in docs/design.md)."""
     geometry = record.geometry.shifted(record.lo - int(restored.storage_offset()))
     assert geometry is not None  # a record's own geometry starts inside its copy, aligned
     found = checksum(_element_bytes(geometry, restored.untyped_storage(), restored.device, record.dense))
     if found != record.checksum:
+        where = system.locate(record.handle)
         raise IntegrityError(
-            f"verify: layer {record.layer}, {geometry.dtype} {tuple(geometry.size)} in {record.handle!r}: "
+            f"verify: layer {record.layer}, {geometry.dtype} {tuple(geometry.size)} in "
+            f"handle {where[0] if where else '-'} {record.handle!r}: "
             f"checksum {found:#018x} on fetch, {record.checksum:#018x} when packed"
         )
 

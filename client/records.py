@@ -28,7 +28,7 @@ NOTE [Storage records]
     restored tensor's address is congruent to the original's modulo ``ALIGN_BYTES``:
     some CPU kernels pick their code path (and so their rounding) from alignment.
   * Tracked in-place changes of a source before its copy completed make its fetch
-    fail (NOTE [Modified sources] in client/engine.py) instead of returning bytes
+    fail (NOTE [Modified sources] in client/engine/jobs.py) instead of returning bytes
     nobody can vouch for.
 """
 
@@ -154,10 +154,11 @@ class SpanRecord:
         self.packed = 0
         self.not_unpacked = 0
         self.restored: torch.Tensor | None = None
+        self.freed = False
 
     def covers(self, geometry: Geometry, root: torch.Tensor, version: int) -> bool:
         """Whether a pack of ``geometry`` may read this record's copy (NOTE [Storage records])."""
-        if self.handle.freed or self.root() is not root or self.version != version:
+        if self.freed or self.root() is not root or self.version != version:
             return False
         if geometry == self.geometry:
             return True
@@ -193,6 +194,7 @@ class SpanRecord:
             if self.packed > 0:
                 return
             self.restored = None
+            self.freed = True
         self._free(self.handle)
 
 
@@ -210,7 +212,7 @@ class RecordTable:
             entry = self._records.get(id(storage))
             if entry is None or entry[0]() is not storage:
                 return None
-            live = [record for record in entry[1] if not record.handle.freed]
+            live = [record for record in entry[1] if not record.freed]
             entry[1][:] = live
             for record in reversed(live[-_SCAN_RECORDS:]):
                 if record.covers(geometry, root, version):

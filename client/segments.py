@@ -1,7 +1,7 @@
 """The client's view of the daemon's pool: mapped segments and typed views of extents.
 
 NOTE [Detached views]
-  Tensors may read the pool in place (NOTE [Aliased fetch] in client/engine.py, and
+  Tensors may read the pool in place (NOTE [Aliased fetch] in client/engine/copies.py, and
   ``PinnedMemoryBuffer.as_tensor``), and one may outlive its session: autograd can hand
   an unpacked saved tensor back as a gradient, so ``leaf.grad`` lives in the pool. Two
   rules keep such a tensor valid and private. Every tensor over a mapping holds a buffer

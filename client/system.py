@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import atexit
 import copy
-import ctypes
 import itertools
 import logging
-import math
 import os
 import threading
 import weakref
@@ -18,53 +16,18 @@ import zmq
 
 from client.engine import TransferEngine
 from client.handle import Handle
+from client.malloc import fix_mmap_threshold
 from client.segments import MappedSegment, PinnedMemoryBuffer
-from client.transport import DEFAULT_TIMEOUT_S, Channel, CurveKeys
+from client.session import Heartbeat, Registration, register
+from client.settings import ClientSettings
+from client.stats import SystemStats
+from client.transport import Channel, CurveKeys
 from storm_service.errors import StormError, StormTimeoutError, StormUnavailableError, UnknownSessionError
 from storm_service.protocol import Op
-from storm_service.runtime import default_endpoint, pid_alive, pid_namespace
 
 __all__ = ["StormSystem"]
 
 log = logging.getLogger("storm.client")
-
-
-MMAP_THRESHOLD_BYTES = 1 << 20
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
-
-
-def _return_freed_memory_to_the_os() -> None:
-    """Make glibc serve allocations of 1 MiB and more with mmap, so freeing them unmaps them.
-
-    NOTE [Freed activations leave the process]
-      glibc raises its mmap threshold each time a large mmapped block is freed (up to
-      32 MiB), after which activation-sized tensors come from the heap, and freeing an
-      offloaded activation no longer shrinks the process: the memory STORM moved to the
-      pool would stay private to the trainer. A fixed threshold turns that adaptation
-      off. ``STORM_MMAP_THRESHOLD=0`` leaves glibc alone.
-    """
-    threshold = int(os.environ.get("STORM_MMAP_THRESHOLD", MMAP_THRESHOLD_BYTES))
-    if threshold <= 0:
-        return
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
-    except (OSError, AttributeError):
-        log.debug("mallopt is not available; freed activations may stay in the heap")
-
-
-def _env_flag(name: str) -> bool:
-    value = os.environ.get(name, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    if value in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {value!r}")
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value and value.isdigit() else None
 
 
 class StormSystem:
@@ -93,39 +56,42 @@ class StormSystem:
         endpoint: str | None = None,
         *,
         name: str | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeout_s: float | None = None,
         quota_bytes: int | None = None,
-        policy: str = "keep",
-        wait_timeout_s: float = 30.0,
-        prefetch_bytes: int = 64 << 20,
-        reserve_idle_s: float = 2.0,
-        fetch_timeout_s: float = 120.0,
+        policy: str | None = None,
+        wait_timeout_s: float | None = None,
+        prefetch_bytes: int | None = None,
+        reserve_idle_s: float | None = None,
+        fetch_timeout_s: float | None = None,
         verify: bool | None = None,
     ) -> None:
-        if not 0 < reserve_idle_s < math.inf:
-            raise ValueError(f"reserve_idle_s must be a positive number of seconds, got {reserve_idle_s!r}")
-        self.endpoint = endpoint or os.environ.get("STORM_ENDPOINT") or default_endpoint()
+        self.settings = ClientSettings.load(
+            endpoint=endpoint,
+            timeout_s=timeout_s,
+            policy=policy,
+            wait_timeout_s=wait_timeout_s,
+            prefetch_bytes=prefetch_bytes,
+            reserve_idle_s=reserve_idle_s,
+            fetch_timeout_s=fetch_timeout_s,
+            verify=verify,
+        )
+        self.endpoint = self.settings.resolved_endpoint
         self.name = (name or f"pid-{os.getpid()}")[:256]
-        self.timeout_s = timeout_s
-        self.fetch_timeout_s = fetch_timeout_s
-        self.verify = _env_flag("STORM_VERIFY") if verify is None else verify
+        self.timeout_s = self.settings.timeout_s
+        self.fetch_timeout_s = self.settings.fetch_timeout_s
+        self.verify = self.settings.verify
         self.blocking_round_trips = 0
         self.generation = 0
         """How many times this system has registered; a handle from an older one is lost."""
         self.lost: StormError | None = None
         self._quota_bytes = quota_bytes
-        self._engine_settings = {
-            "policy": policy,
-            "wait_timeout_s": wait_timeout_s,
-            "prefetch_bytes": prefetch_bytes,
-            "reserve_idle_s": reserve_idle_s,
-        }
+        self._pid = os.getpid()
         self._closed = False
         self._context = zmq.Context()
         self._ids = itertools.count(1)
         self._seq = itertools.count()
-        self._curve = CurveKeys.from_env()
-        _return_freed_memory_to_the_os()
+        self._curve = CurveKeys.load(self.settings.curve_server_key, self.settings.curve_client_key)
+        fix_mmap_threshold(self.settings.mmap_threshold_bytes)  # NOTE [Freed activations leave the process]
         try:
             self._register()
         except BaseException:
@@ -137,42 +103,34 @@ class StormSystem:
         """Register a session, map its pool, start the transfer engine and the heartbeat."""
         self._daemon_alive: Any = None
         self._local = threading.local()
-        registration = self._new_channel()
+        channel = self._new_channel()
         try:
             self.blocking_round_trips += 1
-            reply = registration.call(
-                Op.REGISTER,
-                None,
-                self.timeout_s,
-                pid=os.getpid(),
-                name=self.name,
-                pid_ns=pid_namespace() or 0,
-                **_register_extras(self._quota_bytes),
-            )
+            registration: Registration = register(channel, self.timeout_s, self.name, self._quota_bytes)
         finally:
-            registration.close()
-        self.session_id: int = reply["session_id"]
-        self.token: str = reply["token"]
-        self.quota_bytes: int = reply["quota_bytes"]
-        if reply.get("pid_ns") is not None and reply["pid_ns"] == pid_namespace():
-            daemon_pid = reply["daemon_pid"]
-            self._daemon_alive = lambda: pid_alive(daemon_pid)
+            channel.close()
+        self.session_id = registration.session_id
+        self.token = registration.token
+        self.quota_bytes = registration.quota_bytes
+        self._daemon_alive = registration.daemon_alive
         cuda = torch.cuda.is_available()
-        self.segments = [MappedSegment(s["name"], s["size_bytes"], pin=cuda) for s in reply["segments"]]
+        self.segments = [MappedSegment(s["name"], s["size_bytes"], pin=cuda) for s in registration.segments]
+        settings = self.settings
         self._engine = TransferEngine(
             new_channel=self._new_channel,
             token=self.token,
             segments=self.segments,
+            policy=settings.policy,
+            wait_timeout_s=settings.wait_timeout_s,
+            prefetch_bytes=settings.prefetch_bytes,
+            reserve_idle_s=settings.reserve_idle_s,
             timeout_s=self.timeout_s,
             cuda=cuda,
             on_lost=self._mark_lost,
-            **self._engine_settings,  # type: ignore[arg-type]
         )
-        self._stop_heartbeat = threading.Event()
-        self._heartbeat = threading.Thread(
-            target=self._beat, args=(float(reply["heartbeat_interval_s"]),), name="storm-heartbeat", daemon=True
+        self._heartbeat = Heartbeat(
+            self._new_channel, self.token, registration.heartbeat_interval_s, self.timeout_s, self._mark_lost
         )
-        self._heartbeat.start()
         self.generation += 1
         self.lost = None
         log.info("registered with stormd at %s as session %d", self.endpoint, self.session_id)
@@ -184,7 +142,7 @@ class StormSystem:
         to others, so tensors that still read the pool in place must hold private copies
         by then (NOTE [Detached views] in client/segments.py).
         """
-        self._stop_heartbeat.set()
+        self._heartbeat.stop()
         self._engine.close(self.timeout_s)
         viewed: dict[int, list[tuple[int, int]]] = {}
         for segment_index, offset, size_bytes in self._engine.viewed_extents():
@@ -203,12 +161,12 @@ class StormSystem:
     @property
     def transfer_d2h_stream(self) -> torch.cuda.Stream | None:
         """The CUDA stream that carries device-to-pool copies (None without CUDA)."""
-        return self._engine.d2h_stream
+        return getattr(self._engine.copier, "d2h_stream", None)
 
     @property
     def transfer_h2d_stream(self) -> torch.cuda.Stream | None:
         """The CUDA stream that carries pool-to-device copies (None without CUDA)."""
-        return self._engine.h2d_stream
+        return getattr(self._engine.copier, "h2d_stream", None)
 
     def offload(
         self, tensor: torch.Tensor, layer_id: int | None = None, *, guard: torch.Tensor | None = None
@@ -217,11 +175,10 @@ class StormSystem:
 
         If ``guard`` (by default ``tensor`` itself) is changed in place before the copy
         is done, the handle's fetch raises :class:`SourceModifiedError` instead of
-        returning bytes nobody can vouch for (NOTE [Modified sources] in client/engine.py).
+        returning bytes nobody can vouch for (NOTE [Modified sources] in client/engine/jobs.py).
         """
         self._check_open("offload", reconnect=True)
-        if self._engine.pending_errors:
-            raise self._engine.pending_errors.popleft()
+        self._engine.raise_pending()
         if tensor.layout is not torch.strided:
             raise TypeError(f"offload: only strided tensors can be offloaded, got {tensor.layout}")
         handle = Handle(
@@ -234,8 +191,7 @@ class StormSystem:
             generation=self.generation,
         )
         if handle.size_bytes == 0:
-            handle.kept = tensor
-            handle.stored.set()
+            self._engine.keep(handle, tensor)
             return handle
         self._engine.submit_offload(handle, tensor.detach(), tensor if guard is None else guard)
         return handle
@@ -248,7 +204,7 @@ class StormSystem:
         returned: a buffer reused across steps costs no allocation and no page faults.
         With ``alias`` a CPU tensor is returned that reads the pool in place instead of
         a copy; its extent stays allocated until that tensor is gone, even once freed,
-        and it must not outlive this system (NOTE [Aliased fetch] in client/engine.py).
+        and it must not outlive this system (NOTE [Aliased fetch] in client/engine/copies.py).
         """
         if handle.generation != self.generation:
             raise StormUnavailableError(
@@ -264,13 +220,11 @@ class StormSystem:
                     f"fetch: out= is {tuple(out.shape)} {out.dtype} on {out.device}; "
                     f"{handle!r} needs {tuple(handle.shape)} {handle.dtype} on {handle.device}"
                 )
-        if handle.kept is not None and handle.id is None:
-            return handle.kept if out is None else out.copy_(handle.kept)
         return self._engine.take(handle, self.fetch_timeout_s, alias=alias, out=out)
 
     def free(self, handle: Handle) -> None:
         """Give the handle's extent back to the pool (asynchronous; safe to call twice)."""
-        if not self._closed and handle.generation == self.generation:
+        if not self._closed and os.getpid() == self._pid and handle.generation == self.generation:
             self._engine.submit_free(handle)
 
     def note_saved_bytes(self, *, span: int = 0, dedup: int = 0) -> None:
@@ -278,42 +232,51 @@ class StormSystem:
         self._engine.stats.span_saved_bytes += span
         self._engine.stats.dedup_saved_bytes += dedup
 
+    def locate(self, handle: Handle) -> tuple[int, int, int] | None:
+        """``(daemon handle id, segment, offset)`` of the extent that holds ``handle``, once its
+        offload is placed; None if it holds none (kept in place, failed, or freed)."""
+        return self._engine.locate(handle, self.fetch_timeout_s)
+
     def buffer(self, handle: Handle) -> PinnedMemoryBuffer:
         """The pool extent that holds ``handle`` (once its offload is done)."""
-        handle.stored.wait(self.fetch_timeout_s)
-        if handle.id is None:
+        where = self.locate(handle)
+        if where is None:
             raise StormError(f"buffer: {handle!r} holds no extent")
-        return PinnedMemoryBuffer(self.segments[handle.segment], handle.offset, handle.size_bytes)
+        _, segment, offset = where
+        return PinnedMemoryBuffer(self.segments[segment], offset, handle.size_bytes)
 
     def flush(self) -> None:
         """Wait until every queued offload, fetch and free is done and acknowledged."""
         self._check_open("flush")
         self._engine.flush(self.fetch_timeout_s)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> SystemStats:
         """The daemon's view of this session plus this client's transfer counters."""
         self.flush()
         reply = self._call(Op.STATS)
         session = reply["session"]
-        engine = self._engine.stats
-        return {
-            "session_id": self.session_id,
-            "endpoint": self.endpoint,
-            "used_bytes": session["used_bytes"],
-            "reserved_bytes": session["reserved_bytes"],
-            "peak_bytes": session["peak_bytes"],
-            "quota_bytes": session["quota_bytes"],
-            "handles": session["handles"],
-            "layer_bytes": {int(k): v for k, v in session["layer_bytes"].items()},
-            "pool_bytes": reply["pool_bytes"],
-            "pool_used_bytes": reply["used_bytes"],
-            "blocking_round_trips": self.blocking_round_trips,
-            **vars(engine),
-        }
+        return SystemStats(
+            **vars(self._engine.stats),
+            session_id=self.session_id,
+            endpoint=self.endpoint,
+            used_bytes=session["used_bytes"],
+            reserved_bytes=session["reserved_bytes"],
+            peak_bytes=session["peak_bytes"],
+            quota_bytes=session["quota_bytes"],
+            handles=session["handles"],
+            layer_bytes={int(k): v for k, v in session["layer_bytes"].items()},
+            pool_bytes=reply["pool_bytes"],
+            pool_used_bytes=reply["used_bytes"],
+            blocking_round_trips=self.blocking_round_trips,
+        )
 
     def close(self) -> None:
-        """Unregister (the daemon frees everything this session held) and unmap the pool."""
-        if self._closed:
+        """Unregister (the daemon frees everything this session held) and unmap the pool.
+
+        In a forked child it does nothing: the session, its threads and its sockets
+        belong to the parent (NOTE [Fork]).
+        """
+        if self._closed or os.getpid() != self._pid:
             return
         self._closed = True
         self._release(unregister=self.lost is None)
@@ -328,7 +291,19 @@ class StormSystem:
     # -- plumbing -------------------------------------------------------------------
 
     def _check_open(self, op: str, reconnect: bool = False) -> None:
-        """Raise if closed or lost; with ``reconnect``, a lost system first tries to register anew."""
+        """Raise if closed, forked or lost; with ``reconnect``, a lost system first tries to register anew.
+
+        NOTE [Fork]
+          A forked child inherits the StormSystem object but not its threads, and its
+          sockets and session are the parent's: using it would interleave two processes
+          on one ZeroMQ socket and one session. Any use in the child raises; the child
+          makes a StormSystem of its own. Its exit never closes the parent's session.
+        """
+        if os.getpid() != self._pid:
+            raise StormError(
+                f"{op}: this StormSystem belongs to process {self._pid}, and this is a forked child "
+                f"({os.getpid()}); create a StormSystem in the child"
+            )
         if self._closed:
             raise StormError(f"{op}: this StormSystem is closed")
         if self.lost is None:
@@ -366,25 +341,8 @@ class StormSystem:
             self._mark_lost(e)
             raise
 
-    def _beat(self, interval_s: float) -> None:
-        channel = self._new_channel()
-        try:
-            while not self._stop_heartbeat.wait(interval_s):
-                try:
-                    channel.call(Op.HEARTBEAT, self.token, self.timeout_s)
-                except StormError as e:
-                    self._mark_lost(e)
-                    return
-        finally:
-            channel.close()
-
-
-def _register_extras(quota_bytes: int | None) -> dict[str, int]:
-    extras = {"rank": _env_int("RANK"), "world_size": _env_int("WORLD_SIZE"), "quota_bytes": quota_bytes}
-    return {k: v for k, v in extras.items() if v is not None}
-
 
 def _close_at_exit(ref: weakref.ref[StormSystem]) -> None:
     system = ref()
     if system is not None:
-        system.close()
+        system.close()  # a no-op in a forked child (NOTE [Fork])

@@ -43,10 +43,11 @@ class CurveKeys:
     secret: bytes
 
     @classmethod
-    def from_env(cls) -> CurveKeys | None:
-        """Keys named by ``STORM_CURVE_SERVER_KEY`` and ``STORM_CURVE_CLIENT_KEY`` (zmq certificate files)."""
-        server_file = os.environ.get("STORM_CURVE_SERVER_KEY")
-        client_file = os.environ.get("STORM_CURVE_CLIENT_KEY")
+    def load(cls, server_file: str, client_file: str) -> CurveKeys | None:
+        """Keys from zmq certificate files (``STORM_CURVE_SERVER_KEY``, ``STORM_CURVE_CLIENT_KEY``).
+
+        None unless both are named.
+        """
         if not server_file or not client_file:
             return None
         from zmq.auth import load_certificate
@@ -56,6 +57,11 @@ class CurveKeys:
         if secret is None:
             raise ValueError(f"STORM_CURVE_CLIENT_KEY: {client_file} holds no secret key")
         return cls(server_public, public, secret)
+
+    @classmethod
+    def from_env(cls) -> CurveKeys | None:
+        """Keys named by ``STORM_CURVE_SERVER_KEY`` and ``STORM_CURVE_CLIENT_KEY``."""
+        return cls.load(os.environ.get("STORM_CURVE_SERVER_KEY", ""), os.environ.get("STORM_CURVE_CLIENT_KEY", ""))
 
 
 class Channel:

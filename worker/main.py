@@ -152,7 +152,7 @@ def train(args: argparse.Namespace, system: StormSystem | None, rank: Rank | Non
         losses.append(loss.item())
         pool = None
         if system is not None and progress.due(step):
-            pool = system.stats()["peak_bytes"]
+            pool = system.stats().peak_bytes
             peak_pool = max(peak_pool, pool)
         progress.update(step, losses[-1], step / (time.perf_counter() - start), pool)
     elapsed = time.perf_counter() - start
@@ -176,7 +176,7 @@ def train(args: argparse.Namespace, system: StormSystem | None, rank: Rank | Non
         "peak_pool_bytes": 0,
     }
     if system is not None:
-        stats = system.stats()
+        stats = system.stats().as_dict()
         fetches = stats["prefetch_hits"] + stats["prefetch_waits"] + stats["fetch_misses"]
         summary.update(
             bytes_offloaded=stats["offloaded_bytes"],

@@ -28,7 +28,7 @@ def test_storm_model_gradients_equal_linear_relu_stack(system, shape, bias):
     nn.functional.mse_loss(reference(x), target).backward()
     for (name, ours), theirs in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(ours.grad, theirs.grad), name
-    assert system.stats()["used_bytes"] == 0
+    assert system.stats().used_bytes == 0
 
 
 def test_input_gradient_equals_linear(system):
@@ -52,7 +52,7 @@ def test_gradcheck_storm_forward_function(system):
     assert torch.autograd.gradcheck(lambda x, w, b: StormForwardFunction.apply(x, w, b, 7, system), (x, w, b))
     x3 = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: StormForwardFunction.apply(x, w, None, 8, system), (x3, w))
-    assert system.stats()["used_bytes"] == 0
+    assert system.stats().used_bytes == 0
 
 
 def test_transformer_stack_gradients_equal_with_generic_offload(system):
@@ -70,7 +70,7 @@ def test_transformer_stack_gradients_equal_with_generic_offload(system):
         assert torch.equal(p.grad, want), name
     assert moved.offloaded_bytes > 0 and moved.shared_packs > 0
     assert set(moved.layer_bytes) == {"0", "1", "2"}
-    assert system.stats()["used_bytes"] == 0
+    assert system.stats().used_bytes == 0
 
 
 def test_trainer_losses_equal_training_without_storm(system):
@@ -88,4 +88,4 @@ def test_trainer_losses_equal_training_without_storm(system):
         optimizer.step()
         optimizer.zero_grad()
         assert torch.equal(ours, loss.detach())
-    assert system.stats()["used_bytes"] == 0
+    assert system.stats().used_bytes == 0

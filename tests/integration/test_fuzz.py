@@ -629,7 +629,8 @@ class NormalClient:
         ]
         self.handles = [self.system.offload(t.clone(), layer_id=i) for i, t in enumerate(self.originals)]
         self.system.flush()
-        assert all(h.id is not None for h in self.handles), "the normal client's tensors did not reach the pool"
+        self.placed = [self.system.locate(h) for h in self.handles]
+        assert all(where is not None for where in self.placed), "the normal client's tensors did not reach the pool"
         self.own_bytes = sum(-(-t.numel() * t.element_size() // ALIGNMENT) * ALIGNMENT for t in self.originals)
         self.checks = 0
 
@@ -639,13 +640,13 @@ class NormalClient:
 
     @property
     def handle_ids(self) -> list[int]:
-        return [h.id for h in self.handles if h.id is not None]
+        return [where[0] for where in self.placed if where is not None]
 
     def verify(self) -> None:
         for handle, original in zip(self.handles, self.originals, strict=True):
             fetched = self.system.fetch(handle)
             assert fetched.dtype == original.dtype and torch.equal(fetched, original), f"{handle!r} came back changed"
-        stats = self.system.stats()
+        stats = self.system.stats().as_dict()
         assert stats["used_bytes"] == self.own_bytes, stats
         assert stats["handles"] == len(self.handles), stats
         assert stats["kept_tensors"] == 0 and stats["pool_bytes"] == POOL_BYTES, stats

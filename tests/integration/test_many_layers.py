@@ -39,7 +39,7 @@ def test_thousand_layer_model_reports_every_layer_and_trains_exactly(system):
 
     with offload_saved_tensors(system, module=model, min_bytes=0):
         loss = model(x).square().sum()
-    stats = system.stats()
+    stats = system.stats().as_dict()
     # Each child block saves its ReLU output (the next block's Linear input shares it).
     assert set(stats["layer_bytes"]) == set(range(LAYERS))
     assert sum(stats["layer_bytes"].values()) == stats["used_bytes"] + stats["reserved_bytes"] > 0
@@ -50,5 +50,5 @@ def test_thousand_layer_model_reports_every_layer_and_trains_exactly(system):
         assert p.grad is not None and torch.equal(p.grad, q.grad), name
     assert system.lost is None
     system.flush()
-    after = system.stats()
+    after = system.stats().as_dict()
     assert after["used_bytes"] == after["pool_used_bytes"] == 0

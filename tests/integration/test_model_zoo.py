@@ -130,7 +130,7 @@ def _assert_gradients_equal(system: StormSystem, case: Case) -> None:
         for index, (theirs, ours) in enumerate(zip(reference_inputs, storm_inputs, strict=True)):
             if ours.requires_grad:
                 _assert_bitwise_equal(f"{where}: grad of input {index}", theirs.grad, ours.grad)
-        assert system.stats()["used_bytes"] == 0, f"{where}: pool not empty after backward"
+        assert system.stats().used_bytes == 0, f"{where}: pool not empty after backward"
 
 
 # -- recurrent networks ---------------------------------------------------------------
@@ -622,7 +622,7 @@ def test_dropped_graph_returns_memory_to_pool(system: StormSystem, case: Case) -
         torch.manual_seed(repeat)
         model = case.build()
         loss = _storm_forward(system, case, model, _with_grad(case.inputs()))
-        assert system.stats()["used_bytes"] > 0, f"{case.name}, repeat {repeat}: nothing was offloaded"
+        assert system.stats().used_bytes > 0, f"{case.name}, repeat {repeat}: nothing was offloaded"
         del loss
         gc.collect()
-        assert system.stats()["used_bytes"] == 0, f"{case.name}, repeat {repeat}: pool not empty after the graph died"
+        assert system.stats().used_bytes == 0, f"{case.name}, repeat {repeat}: pool not empty after the graph died"

@@ -26,11 +26,11 @@ def test_steady_state_costs_one_offload_request_per_layer(daemon):
     with StormSystem(daemon.endpoint) as system:
         per_step = []
         for _ in range(4):
-            before = system.stats()
+            before = system.stats().as_dict()
             with offload_saved_tensors(system, module=encoder.layers, min_bytes=0):
                 loss = encoder(x).square().mean()
             loss.backward()
-            after = system.stats()
+            after = system.stats().as_dict()
             per_step.append({k: after[k] - before[k] for k in after if isinstance(after[k], int)})
         assert after["used_bytes"] == after["reserved_bytes"] == 0
     first, steady = per_step[0], per_step[-1]
@@ -45,7 +45,7 @@ def test_steady_state_costs_one_offload_request_per_layer(daemon):
 def _offload(system, count: int, size: int, layer_id: int, value: float = 1.0) -> list:
     handles = [system.offload(torch.full((size // 4,), value), layer_id=layer_id) for _ in range(count)]
     for handle in handles:
-        handle.stored.wait(10)
+        system.locate(handle)  # waits until the offload is placed
     return handles
 
 
@@ -65,11 +65,11 @@ def test_untaken_reservations_are_given_back_at_the_end_of_the_run(daemon):
         # The run is still open (commits are posted: wait for the daemon to apply them).
         wait_for(lambda: _session(daemon)["reserved_bytes"] == 4 * size, what="two of six reserved committed")
         system.flush()  # ends it: the four spares go back
-        assert _session(daemon)["reserved_bytes"] == 0 and system.stats()["returned_reservation_bytes"] == 4 * size
+        assert _session(daemon)["reserved_bytes"] == 0 and system.stats().returned_reservation_bytes == 4 * size
         for handle in step2:
             assert torch.equal(system.fetch(handle), torch.ones(size // 4))
             system.free(handle)
-        assert system.stats()["used_bytes"] == 0
+        assert system.stats().used_bytes == 0
 
 
 def test_spare_reservations_are_given_back_when_idle(daemon):
@@ -79,7 +79,7 @@ def test_spare_reservations_are_given_back_when_idle(daemon):
         held = _offload(system, 2, size, layer_id=0)  # the run stays open: nothing ends it
         assert _session(daemon)["reserved_bytes"] > 0
         wait_for(lambda: _session(daemon)["reserved_bytes"] == 0, what="the spares to be given back")
-        assert system.stats()["returned_reservation_bytes"] == 4 * size
+        assert system.stats().returned_reservation_bytes == 4 * size
         assert all(torch.equal(system.fetch(h), torch.ones(size // 4)) for h in held)
 
 
@@ -92,7 +92,7 @@ def test_spares_are_given_back_when_the_pool_is_full(daemon_factory):
         wait_for(lambda: _session(daemon)["reserved_bytes"] == 2 * mib, what="one of three reserved committed")
         # Same layer, 1.5 MiB tensors: no spare fits and only 1 MiB is free, so the spares go.
         big = _offload(system, 2, 3 * mib // 2, layer_id=0, value=2.0)
-        stats = system.stats()
+        stats = system.stats().as_dict()
         assert stats["kept_tensors"] == 0 and stats["returned_reservation_bytes"] == 2 * mib
         assert all(torch.equal(system.fetch(h), torch.full((3 * mib // 8,), 2.0)) for h in big)
         assert torch.equal(system.fetch(first[0]), torch.ones(mib // 4))

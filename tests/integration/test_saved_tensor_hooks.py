@@ -47,7 +47,7 @@ def _pool_used_bytes(system: StormSystem) -> int:
     counting alone, not when the cyclic collector next happens to run.
     """
     system.flush()
-    return system.stats()["used_bytes"]
+    return system.stats().used_bytes
 
 
 def _grads_without_hooks(loss_fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> list[torch.Tensor | None]:
@@ -215,10 +215,10 @@ def test_unpack_runs_in_backward_only_once_per_saved_tensor(system):
     with _offload(system) as moved:
         out = x * y
         assert moved.packed_tensors == 1
-        assert system.stats()["fetched_tensors"] == 0
+        assert system.stats().fetched_tensors == 0
         out.sum().backward()
     assert moved.packed_tensors == 1
-    assert system.stats()["fetched_tensors"] == 1
+    assert system.stats().fetched_tensors == 1
     assert torch.equal(x.grad, torch.ones(4))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import re
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def test_fetch_returns_tensor_offloaded(system, tensor):
     assert back.dtype == tensor.dtype and back.shape == tensor.shape and back.device == tensor.device
     assert torch.equal(back, tensor)
     system.free(handle)
-    assert system.stats()["used_bytes"] == 0
+    assert system.stats().used_bytes == 0
 
 
 def test_fetch_into_a_given_tensor(system):
@@ -89,7 +90,7 @@ def test_fetch_into_a_mismatched_tensor_is_refused_and_loses_nothing(system, out
         system.fetch(handle, out=out, **kwargs)
     assert torch.equal(system.fetch(handle), activation)
     system.free(handle)
-    assert system.stats()["used_bytes"] == 0
+    assert system.stats().used_bytes == 0
 
 
 @pytest.mark.parametrize("budget_tensors", [6, 0])
@@ -99,11 +100,11 @@ def test_reverse_fetches_are_prefetched_in_whole_layers(daemon, budget_tensors):
     with StormSystem(daemon.endpoint, prefetch_bytes=budget_tensors * tensor_bytes) as system:
         tensors = [torch.full((tensor_bytes // 4,), float(i)) for i in range(count)]
         handles = [system.offload(t, layer_id=i // per_layer) for i, t in enumerate(tensors)]
-        before, fetch_requests = system.stats(), daemon.stats()["requests"].get("fetch", 0)
+        before, fetch_requests = system.stats().as_dict(), daemon.stats()["requests"].get("fetch", 0)
         for handle, tensor in zip(reversed(handles), reversed(tensors), strict=True):
             assert torch.equal(system.fetch(handle), tensor)
             system.free(handle)
-        after = system.stats()
+        after = system.stats().as_dict()
         fetch_requests = daemon.stats()["requests"]["fetch"] - fetch_requests
     counts = {k: after[k] - before[k] for k in ("prefetch_hits", "prefetch_waits", "fetch_misses", "fetch_round_trips")}
     if budget_tensors == 0:
@@ -119,10 +120,10 @@ def test_reverse_fetches_are_prefetched_in_whole_layers(daemon, budget_tensors):
 def test_offload_free_functions_round_trip(system):
     activation = torch.randn(256, 256)
     handle = offload_activation_to_cpu(activation, layer_id=5, system=system)
-    stats = system.stats()
+    stats = system.stats().as_dict()
     assert stats["layer_bytes"] == {5: stats["used_bytes"]} and stats["used_bytes"] >= activation.nbytes
     assert torch.equal(fetch_activation_from_cpu(handle, system=system), activation)
-    assert system.stats()["used_bytes"] == 0
+    assert system.stats().used_bytes == 0
     with pytest.raises(StormError, match="freed"):
         system.fetch(handle)
 
@@ -156,26 +157,26 @@ def test_threads_offload_and_fetch_concurrently(system):
     for t in threads:
         t.join(60)
     assert not errors, errors
-    assert system.stats()["used_bytes"] == 0
+    assert system.stats().used_bytes == 0
 
 
 def test_session_holds_nothing_after_backward(system):
     model = StormModel(32, 128, 4, num_layers=5, system=system)
     loss = model(torch.randn(64, 32)).sum()
-    forward = system.stats()  # stats() flushes: every copy is committed, no space left reserved
+    forward = system.stats().as_dict()  # stats() flushes: every copy is committed, no space left reserved
     assert forward["used_bytes"] > 0 and forward["reserved_bytes"] == 0
     loss.backward()
-    after = system.stats()
+    after = system.stats().as_dict()
     assert (after["used_bytes"], after["reserved_bytes"], after["handles"]) == (0, 0, 0)
 
 
 def test_graph_dropped_without_backward_frees_its_handles(system):
     model = StormModel(32, 128, 4, num_layers=5, system=system)
     out = model(torch.randn(64, 32))
-    assert system.stats()["used_bytes"] > 0
+    assert system.stats().used_bytes > 0
     del out
     gc.collect()
-    assert system.stats()["used_bytes"] == 0
+    assert system.stats().used_bytes == 0
 
     def failing_forward() -> None:
         with offload_saved_tensors(system, min_bytes=0):
@@ -185,7 +186,7 @@ def test_graph_dropped_without_backward_frees_its_handles(system):
     with pytest.raises(RuntimeError, match="boom"):
         failing_forward()
     gc.collect()
-    assert system.stats()["used_bytes"] == 0
+    assert system.stats().used_bytes == 0
 
 
 def test_retain_graph_backward_twice_gives_same_gradients(system):
@@ -200,7 +201,7 @@ def test_retain_graph_backward_twice_gives_same_gradients(system):
     assert torch.equal(first, x.grad)
     del loss
     gc.collect()
-    assert system.stats()["used_bytes"] == 0
+    assert system.stats().used_bytes == 0
 
 
 def test_views_and_tensors_saved_twice_are_offloaded_once(system):
@@ -220,7 +221,7 @@ def test_keep_policy_leaves_tensors_in_place_when_pool_is_full(daemon_factory):
         big = torch.randn(512, 1024)  # 2 MiB: cannot fit
         handle = system.offload(big)
         assert torch.equal(system.fetch(handle), big)
-        assert system.stats()["kept_tensors"] == 1
+        assert system.stats().kept_tensors == 1
         system.free(handle)
 
 
@@ -241,7 +242,7 @@ def test_wait_policy_succeeds_once_space_is_freed(daemon_factory):
         h2 = system.offload(torch.ones(768, 1024))  # waits: only 1 MiB free
         threading.Timer(0.3, system.free, args=(h1,)).start()
         assert torch.equal(system.fetch(h2), torch.ones(768, 1024))
-        assert system.stats()["kept_tensors"] == 0
+        assert system.stats().kept_tensors == 0
 
 
 def test_process_exit_without_close_leaves_nothing_in_the_daemon(daemon):
@@ -252,7 +253,7 @@ def test_process_exit_without_close_leaves_nothing_in_the_daemon(daemon):
         system = StormSystem({daemon.endpoint!r})
         handles = [system.offload(torch.randn(1000, 100)) for _ in range(5)]
         system.flush()
-        print(system.stats()["used_bytes"])
+        print(system.stats().used_bytes)
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
@@ -301,7 +302,7 @@ def test_daemon_death_raises_unavailable_quickly_and_a_restart_serves_new_work(d
     with pytest.raises(StormUnavailableError, match="gone"):
         system.fetch(handle)  # never silently replaced by whatever the new daemon holds
     system.free(new_handle)
-    assert system.stats()["used_bytes"] == 0
+    assert system.stats().used_bytes == 0
     system.close()
 
 
@@ -324,3 +325,29 @@ def test_quota_defaults_to_the_daemons_and_requests_are_capped(daemon_factory):
             default.fetch(handle)
         fits = torch.randn(256, 1024)  # 1 MiB fits the capped 2 MiB quota
         assert torch.equal(greedy.fetch(greedy.offload(fits)), fits)
+
+
+def test_a_forked_child_cannot_use_the_parents_system(system):
+    """NOTE [Fork]: the child gets a clear error, and its exit leaves the parent's session alone."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what happened through the pipe, then leave without cleanup
+        os.close(read)
+        try:
+            system.offload(torch.ones(4))
+            verdict = b"offload worked in the child"
+        except StormError as e:
+            verdict = b"refused" if b"forked child" in str(e).encode() else str(e).encode()
+        system.close()  # a no-op in the child
+        os.write(write, verdict)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        verdict = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert verdict == b"refused"
+    handle = system.offload(torch.arange(16.0))
+    assert torch.equal(system.fetch(handle), torch.arange(16.0))
+    system.free(handle)
+    assert system.stats().used_bytes == 0

@@ -48,7 +48,7 @@ def test_a_flipped_byte_in_the_pool_raises_and_names_the_layer(daemon):
         assert "layer 1" in message
         assert "torch.float32" in message
         assert "(16, 64)" in message
-        assert f"handle {victim.id}" in message
+        assert f"handle {system.locate(victim)[0]}" in message
         del loss
 
 
@@ -86,7 +86,7 @@ def test_verify_mode_passes_exact_gradients_on_views_and_recurrent_layers(daemon
             for p, q in zip(a.parameters(), b.parameters(), strict=True):
                 assert torch.equal(p.grad, q.grad), f"run {i}"
         system.flush()
-        assert system.stats()["used_bytes"] == 0
+        assert system.stats().used_bytes == 0
 
 
 def test_worker_verify_flag_trains_with_checksums(daemon, tmp_path):

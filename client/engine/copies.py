@@ -1,0 +1,148 @@
+"""Bytes between tensors and the pool: a CPU copier and a CUDA copier behind one interface.
+
+This is the seam the other tiers plug into: a copier moves a batch of offloads into
+their extents and a batch of fetches back, and says what ``take`` hands out.
+
+NOTE [Aliased fetch]
+  On the CPU, backward can read an activation where it lies in the pool: no copy back,
+  and no private memory for it. The tensor gets a storage of its own over a ctypes
+  window on the mapping, so its lifetime is the storage's: the window's finalizer runs
+  when the last view of that storage is gone, and a ``free`` that comes while views are
+  alive waits for it (the extent must not be reused under a live tensor). Views that
+  outlive the session are detached from the pool (NOTE [Detached views] in
+  client/segments.py).
+
+CUDA ordering uses events, not ``record_stream``: the D2H copy waits on an event
+recorded on the producer's stream, and the source is dropped only after the copy's
+event completes; the H2D stream waits on an event recorded after the destination was
+allocated, and the consumer waits on the copy's event.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+from client.engine.jobs import Fetch, Offload
+from client.engine.state import Slot
+from client.segments import MappedSegment
+
+__all__ = ["Copier", "CpuCopier", "CudaCopier", "PoolViews", "copier_for"]
+
+
+class PoolViews:
+    """Typed views and aliased windows over the mapped segments."""
+
+    def __init__(self, segments: list[MappedSegment]) -> None:
+        self.segments = segments
+
+    def view(self, slot: Slot) -> torch.Tensor:
+        handle = slot.handle
+        raw = self.segments[slot.segment].view(slot.offset, handle.size_bytes)
+        return raw.view(handle.dtype).view(handle.shape)
+
+    def alias(self, slot: Slot, released: Callable[[Slot], None]) -> torch.Tensor:
+        """A tensor over the slot's extent with a storage of its own (NOTE [Aliased fetch])."""
+        handle = slot.handle
+        window = (ctypes.c_uint8 * handle.size_bytes).from_buffer(self.segments[slot.segment].mmap, slot.offset)
+        weakref.finalize(window, released, slot)
+        return torch.frombuffer(window, dtype=torch.uint8).view(handle.dtype).view(handle.shape)
+
+
+class Copier(Protocol):
+    """How bytes move for one kind of device."""
+
+    def prepare_fetch(self, handle_device: torch.device, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Any, Any]:
+        """On the asking thread: the destination and an event after its allocation (or None, None)."""
+
+    def copy_out(self, jobs: list[Offload]) -> None:
+        """Copy each placed job's tensor into its extent; returns once the sources may be dropped."""
+
+    def copy_in(self, jobs: list[Fetch]) -> None:
+        """Start copying each job's extent into its destination (if it has one)."""
+
+    def before_free(self, slot: Slot) -> None:
+        """Wait for what still reads the extent (an H2D copy in flight)."""
+
+
+class CpuCopier:
+    """One thread's memcpy into the pool; fetches read the pool in place or on the asking thread."""
+
+    def __init__(self, views: PoolViews) -> None:
+        self.views = views
+
+    def prepare_fetch(self, handle_device: torch.device, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Any, Any]:
+        return None, None
+
+    def copy_out(self, jobs: list[Offload]) -> None:
+        for job in jobs:
+            dst = self.views.view(job.slot)
+            if job.tensor.is_contiguous():
+                # One thread's memcpy (ctypes releases the GIL): torch's copy_ would start an
+                # OpenMP team in this thread whose spinning steals the trainer's cores.
+                ctypes.memmove(dst.data_ptr(), job.tensor.data_ptr(), job.slot.handle.size_bytes)
+            else:
+                dst.copy_(job.tensor)
+
+    def copy_in(self, jobs: list[Fetch]) -> None:
+        """Nothing moves: ``take`` reads the confirmed extent on the asking thread."""
+
+    def before_free(self, slot: Slot) -> None:
+        """Nothing is in flight on the CPU."""
+
+
+class CudaCopier(CpuCopier):
+    """D2H and H2D streams ordered with events (see the module docstring)."""
+
+    def __init__(self, views: PoolViews) -> None:
+        super().__init__(views)
+        self.d2h_stream = torch.cuda.Stream()
+        self.h2d_stream = torch.cuda.Stream()
+
+    def prepare_fetch(self, handle_device: torch.device, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Any, Any]:
+        if handle_device.type != "cuda":
+            return None, None
+        out = torch.empty(shape, dtype=dtype, device=handle_device)
+        allocated = torch.cuda.Event()
+        allocated.record(torch.cuda.current_stream(handle_device))
+        return out, allocated
+
+    def copy_out(self, jobs: list[Offload]) -> None:
+        done = None
+        host = [job for job in jobs if job.producer is None]
+        super().copy_out(host)
+        for job in jobs:
+            if job.producer is None:
+                continue
+            with torch.cuda.stream(self.d2h_stream):
+                self.d2h_stream.wait_event(job.producer)
+                self.views.view(job.slot).copy_(job.tensor, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.d2h_stream)
+        if done is not None:
+            done.synchronize()  # sources may be dropped only once their copies are done
+
+    def copy_in(self, jobs: list[Fetch]) -> None:
+        for job in jobs:
+            if job.out is None:
+                continue
+            self.h2d_stream.wait_event(job.allocated)
+            with torch.cuda.stream(self.h2d_stream):
+                job.out.copy_(self.views.view(job.slot), non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(self.h2d_stream)
+            job.slot.copy_event = copied
+            job.slot.fetched = job.out
+
+    def before_free(self, slot: Slot) -> None:
+        if isinstance(slot.copy_event, torch.cuda.Event):
+            slot.copy_event.synchronize()  # the extent may be reused once freed
+
+
+def copier_for(views: PoolViews, cuda: bool) -> CpuCopier:
+    """The copier for this process: CUDA streams where CUDA exists, else the CPU copier."""
+    return CudaCopier(views) if cuda else CpuCopier(views)

@@ -1,0 +1,99 @@
+"""What the training threads queue for the transfer thread, and the engine's counters.
+
+NOTE [Modified sources]
+  An offload returns before its bytes are copied, so a tensor changed in place in
+  between would be stored with the new bytes. Each offload remembers the version
+  counter of its guard tensor (the tensor itself, or the saved tensor whose span is
+  copied) and reads it again once the copy is complete (after the D2H event on CUDA).
+  If it moved, some in-place operation was issued before the copy finished, so the
+  stored bytes cannot be vouched for: the handle fails with ``SourceModifiedError``
+  when fetched. Autograd without saved-tensor hooks raises for the same programs
+  ("modified by an inplace operation"); a change issued after the copy completed
+  leaves the stored bytes as they were at offload, as ``save_on_cpu`` would.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from client.engine.state import Slot
+from storm_service.errors import SourceModifiedError
+
+__all__ = ["EngineStats", "Fetch", "Flush", "Free", "Offload"]
+
+
+@dataclass
+class EngineStats:
+    """Transfer counters of one StormSystem (merged into ``StormSystem.stats()``)."""
+
+    offloaded_tensors: int = 0
+    offloaded_bytes: int = 0
+    fetched_tensors: int = 0
+    fetched_bytes: int = 0
+    prefetch_hits: int = 0
+    """Fetches whose bytes were already back when asked for."""
+    prefetch_waits: int = 0
+    """Fetches that had been prefetched but were still copying when asked for."""
+    fetch_misses: int = 0
+    """Fetches nothing had asked for in advance."""
+    fetch_wait_s: float = 0.0
+    kept_tensors: int = 0
+    kept_bytes: int = 0
+    dedup_saved_bytes: int = 0
+    """Bytes not copied because a saved tensor read an earlier copy (NOTE [Storage records])."""
+    span_saved_bytes: int = 0
+    """Bytes of saved tensors' storages outside the spans copied (NOTE [Storage records])."""
+    engine_round_trips: int = 0
+    """Requests the transfer thread waited on (never the training thread)."""
+    offload_round_trips: int = 0
+    """Of those, ``offload`` requests: one per layer in steady state (NOTE [Reservations])."""
+    fetch_round_trips: int = 0
+    """Of those, ``fetch`` requests: a miss and its prefetches go out together."""
+    freed_tensors: int = 0
+    returned_reservation_bytes: int = 0
+    """Bytes of spare reservations given back (NOTE [Reservations])."""
+
+
+@dataclass
+class Offload:
+    slot: Slot
+    tensor: torch.Tensor
+    producer: Any
+    """CUDA: an event recorded on the producer's stream at submit (None on the CPU)."""
+    guard: torch.Tensor
+    """Whose version must not move before the copy is done (NOTE [Modified sources])."""
+    version: int
+
+    def modified(self) -> SourceModifiedError | None:
+        """Call once the copy is complete: the error to fail the handle with, if the source moved."""
+        now = self.guard._version
+        if now == self.version:
+            return None
+        return SourceModifiedError(
+            f"offload: {self.slot.describe()} was changed in place before its copy into the pool was done "
+            f"(version {self.version} when offloaded, {now} after the copy)"
+        )
+
+
+@dataclass
+class Fetch:
+    slot: Slot
+    out: torch.Tensor | None
+    """CUDA: the destination, allocated on the thread that asked. None on the CPU, where
+    ``take`` reads the bytes from the pool."""
+    allocated: Any
+    """CUDA: an event recorded on the consumer's stream after allocating ``out``."""
+
+
+@dataclass
+class Free:
+    slot: Slot
+
+
+@dataclass
+class Flush:
+    done: threading.Event

@@ -1,0 +1,389 @@
+"""The transfer engine: one thread that moves activations between tensors and the pool.
+
+NOTE [Transfer engine]
+  The training thread never waits on the daemon to offload. ``submit_offload`` queues a
+  job and returns; the engine thread takes every job queued so far as one batch, places
+  each layer's run of offloads (client/engine/placement.py), has the copier copy them
+  into their extents (client/engine/copies.py), and posts one ``commit`` whose reply
+  nobody waits for. Fetches are batched the same way (one ``fetch`` request to check
+  ownership and commit, then the copies back), and so are frees. Within a batch,
+  offloads run before fetches and fetches before frees, so a handle's jobs keep their
+  order. ``take`` prefetches the handles offloaded before the one it wants
+  (client/engine/prefetch.py).
+
+  On CUDA, fetch destinations are allocated by the thread that asks (backward's), on
+  the consumer's stream, and the engine runs the H2D copies. On the CPU the engine only
+  has the daemon confirm the extents; ``take`` then reads the bytes in place or copies
+  them on the asking thread (NOTE [Aliased fetch]), so nothing is allocated in a second
+  thread's malloc arena, which would hold its own freed blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from client.engine.copies import PoolViews, copier_for
+from client.engine.jobs import EngineStats, Fetch, Flush, Free, Offload
+from client.engine.placement import Placement, pressure_policy
+from client.engine.prefetch import Prefetcher
+from client.engine.requests import Requests
+from client.engine.state import Slot, SlotTable
+from client.handle import Handle
+from client.reservations import Reservations
+from client.segments import MappedSegment
+from client.transport import Channel
+from storm_service.errors import (
+    StormError,
+    StormTimeoutError,
+    StormUnavailableError,
+    UnknownSessionError,
+)
+from storm_service.protocol import MAX_BATCH, Op
+
+__all__ = ["TransferEngine"]
+
+log = logging.getLogger("storm.client")
+
+_STOP = object()
+
+
+class TransferEngine:
+    """Owns the transfer thread, its DEALER channel, and the copier."""
+
+    def __init__(
+        self,
+        *,
+        new_channel: Callable[[], Channel],
+        token: str,
+        segments: list[MappedSegment],
+        policy: str,
+        wait_timeout_s: float,
+        prefetch_bytes: int,
+        reserve_idle_s: float,
+        timeout_s: float,
+        cuda: bool,
+        on_lost: Callable[[BaseException], None],
+    ) -> None:
+        self.token = token
+        self.timeout_s = timeout_s
+        self.stats = EngineStats()
+        self.failure: BaseException | None = None
+        self._policy = pressure_policy(policy, wait_timeout_s)
+        self._reservations = Reservations(reserve_idle_s)
+        self._pending_errors: deque[BaseException] = deque(maxlen=64)
+        self._new_channel = new_channel
+        self._on_lost = on_lost
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._backlog: deque[object] = deque()
+        self._table = SlotTable()
+        self._views = PoolViews(segments)
+        self.copier = copier_for(self._views, cuda)
+        self._prefetch = Prefetcher(prefetch_bytes, self._table, self._request_fetch)
+        self._thread = threading.Thread(target=self._run, name="storm-transfer", daemon=True)
+        self._thread.start()
+
+    # -- called from training threads ------------------------------------------
+
+    def raise_pending(self) -> None:
+        """Raise the oldest error of a posted request or a failed offload, if any."""
+        if self._pending_errors:
+            raise self._pending_errors.popleft()
+
+    def keep(self, handle: Handle, tensor: torch.Tensor) -> None:
+        """Record a handle whose tensor stays where it is (nothing to move)."""
+        slot = self._table.add(handle)
+        slot.kept = tensor
+        slot.stored.set()
+
+    def submit_offload(self, handle: Handle, tensor: torch.Tensor, guard: torch.Tensor) -> None:
+        producer = None
+        if tensor.is_cuda:
+            producer = torch.cuda.Event()
+            producer.record(torch.cuda.current_stream(tensor.device))
+        slot = self._table.add(handle)
+        self._queue.put(Offload(slot, tensor, producer, guard, guard._version))
+
+    def locate(self, handle: Handle, timeout_s: float) -> tuple[int, int, int] | None:
+        """``(daemon handle, segment, offset)`` once the offload is placed; None if it holds no extent."""
+        slot = self._table.get(handle)
+        if slot is None:
+            return None
+        slot.stored.wait(timeout_s)
+        return (slot.id, slot.segment, slot.offset) if slot.id is not None else None
+
+    def take(
+        self, handle: Handle, timeout_s: float, alias: bool = False, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Return the tensor for ``handle``, fetching it now if nothing did (NOTE [Transfer engine]).
+
+        On the CPU the bytes are read from the pool once the daemon has confirmed the
+        extent: copied out (into ``out`` if given), or with ``alias`` handed out in place
+        (NOTE [Aliased fetch]).
+        """
+        slot = self._table.get(handle)
+        if slot is None:
+            raise StormError(f"fetch: {handle!r} was already freed")
+        if slot.kept is not None and slot.id is None and slot.stored.is_set():
+            return slot.kept if out is None else out.copy_(slot.kept)
+        started = time.perf_counter()
+        with self._table.lock:
+            self._prefetch.taken(slot)
+            if not slot.fetch_requested:
+                self.stats.fetch_misses += 1
+                self._request_fetch(slot, False)
+            elif slot.fetch_done.is_set():
+                self.stats.prefetch_hits += 1
+            else:
+                self.stats.prefetch_waits += 1
+            self._prefetch.before(slot)
+        self._wait(slot.fetch_done, timeout_s, f"fetch of {slot.describe()}")
+        with self._table.lock:
+            error, tensor = slot.error, slot.fetched
+            slot.fetched = None
+            slot.fetch_requested = False
+            slot.fetch_done.clear()
+            self._prefetch.settled(slot)
+        if error is not None:
+            # A fresh copy: raising the stored instance would chain each raise's traceback (and
+            # the frames and saved tensors it holds) onto the slot, a cycle that keeps them alive.
+            raise copy.copy(error)
+        if tensor is None:
+            if alias:
+                with self._table.lock:
+                    self._table.viewed(slot, +1)
+                tensor = self._views.alias(slot, self._view_released)
+            elif out is not None:
+                tensor = out.copy_(self._views.view(slot))
+            else:
+                tensor = self._views.view(slot).clone()
+        else:
+            if slot.copy_event is not None:
+                torch.cuda.current_stream(tensor.device).wait_event(slot.copy_event)
+            if out is not None:
+                tensor = out.copy_(tensor)
+        self.stats.fetch_wait_s += time.perf_counter() - started
+        self.stats.fetched_tensors += 1
+        self.stats.fetched_bytes += handle.size_bytes
+        return tensor
+
+    def _view_released(self, slot: Slot) -> None:
+        with self._table.lock:
+            if self._table.viewed(slot, -1) or not slot.free_pending:
+                return
+            slot.free_pending = False
+        self._queue.put(Free(slot))
+
+    def submit_free(self, handle: Handle) -> None:
+        with self._table.lock:
+            slot = self._table.get(handle)
+            if slot is None:
+                return
+            slot.freed = True
+            self._table.remove(slot)
+            self._prefetch.settled(slot)
+            if slot.views:
+                slot.free_pending = True  # freed by the last aliased view (NOTE [Aliased fetch])
+                return
+        self._queue.put(Free(slot))
+
+    def viewed_extents(self) -> list[tuple[int, int, int]]:
+        return self._table.viewed_extents()
+
+    def flush(self, timeout_s: float) -> None:
+        """Wait until every job queued so far is done and the daemon has answered it."""
+        done = threading.Event()
+        self._queue.put(Flush(done))
+        self._wait(done, timeout_s, "flush")
+
+    def close(self, timeout_s: float) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout_s)
+
+    def _request_fetch(self, slot: Slot, prefetch: bool) -> None:
+        handle = slot.handle
+        # Allocate first: if this raises, nothing is marked requested.
+        out, allocated = self.copier.prepare_fetch(handle.device, handle.shape, handle.dtype)
+        self._prefetch.requested(slot, prefetch)
+        self._queue.put(Fetch(slot, out, allocated))
+
+    def _wait(self, event: threading.Event, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not event.wait(0.05):
+            if not self._thread.is_alive():
+                raise StormUnavailableError(f"{what}: the transfer thread has stopped ({self.failure!r})")
+            if time.monotonic() > deadline:
+                raise StormTimeoutError(f"{what}: not done within {timeout_s:g} s")
+
+    # -- the engine thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        channel = self._new_channel()
+        channel.on_async_error = self._posted_failed
+        requests = Requests(channel, self.token, self.timeout_s, self.stats, self._pending_errors)
+        placement = Placement(
+            policy=self._policy,
+            reservations=self._reservations,
+            stats=self.stats,
+            requests=requests,
+            serve_while_waiting=lambda: self._serve_while_waiting(requests),
+        )
+        try:
+            while True:
+                batch = [self._backlog.popleft() if self._backlog else self._next_job(placement)]
+                with self._table.lock:
+                    pass  # a fetch and its prefetches are queued under the lock: take them together
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._backlog.popleft() if self._backlog else self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if self._serve(requests, placement, batch):
+                    return
+        except BaseException as e:  # keep the reason; waiters see the thread gone
+            self.failure = e
+            log.exception("the transfer thread failed")
+        finally:
+            channel.close()
+
+    def _next_job(self, placement: Placement) -> object:
+        """The next queued job; while waiting, give back spares that expire (NOTE [Reservations])."""
+        while True:
+            try:
+                return self._queue.get(timeout=self._reservations.seconds_to_expiry(time.monotonic()))
+            except queue.Empty:
+                placement.return_spares(self._reservations.expired(time.monotonic()))
+
+    def _serve(self, requests: Requests, placement: Placement, batch: list[object]) -> bool:
+        offloads = [job for job in batch if isinstance(job, Offload)]
+        fetches = [job for job in batch if isinstance(job, Fetch)]
+        frees = [job.slot for job in batch if isinstance(job, Free)]
+        flushes = [job for job in batch if isinstance(job, Flush)]
+        if offloads:
+            self._guard(offloads, lambda: self._offload(requests, placement, offloads))
+        if fetches or flushes:
+            placement.return_spares(self._reservations.end_run())
+        if fetches:
+            self._guard(fetches, lambda: self._fetch(requests, fetches))
+        if frees:
+            self._free(requests, frees)
+        placement.return_spares(self._reservations.expired(time.monotonic()))
+        if flushes:
+            try:
+                requests.channel.settle(self.timeout_s)
+            except StormError as e:
+                self._pending_errors.append(e)
+            for job in flushes:
+                job.done.set()
+        requests.channel.drain()
+        return _STOP in batch
+
+    def _posted_failed(self, error: Exception) -> None:
+        """A commit or free failed after we moved on: report it at the next offload."""
+        if isinstance(error, UnknownSessionError):
+            self._on_lost(error)
+        self._pending_errors.append(error)
+
+    def _guard(self, jobs: list[Any], work: Callable[[], None]) -> None:
+        """Run ``work``; if it raises, fail every handle of ``jobs`` that is not done yet."""
+        try:
+            work()
+        except Exception as e:
+            log.error("transfer failed: %s", e)
+            if isinstance(e, StormUnavailableError | StormTimeoutError | UnknownSessionError):
+                self._on_lost(e)
+            for job in jobs:
+                slot = job.slot
+                if isinstance(job, Offload) and not slot.stored.is_set():
+                    slot.error = e
+                    slot.stored.set()
+                if isinstance(job, Fetch) and not slot.fetch_done.is_set():
+                    slot.error = slot.error or e
+                    slot.fetch_done.set()
+
+    def _offload(self, requests: Requests, placement: Placement, jobs: list[Offload]) -> None:
+        for layer_jobs in _runs_by_layer(jobs):
+            placement.place_layer(layer_jobs)
+            copies = [job for job in layer_jobs if job.slot.placed]
+            self.copier.copy_out(copies)
+            for job in copies:
+                job.slot.error = job.modified()
+            if copies:
+                requests.post(Op.COMMIT, handles=[job.slot.id for job in copies])
+            for job in layer_jobs:
+                job.tensor = job.guard = None  # type: ignore[assignment]
+                job.slot.stored.set()
+
+    def _serve_while_waiting(self, requests: Requests) -> None:
+        """While an offload waits for room, run the frees and fetches queued behind it.
+
+        Frees may make the room; fetches of tensors already stored must not wait behind
+        the offload, since the training thread that would free more is waiting on them.
+        Everything else keeps its place in the backlog.
+        """
+        frees: list[Slot] = []
+        fetches: list[Fetch] = []
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(job, Free):
+                frees.append(job.slot)
+            elif isinstance(job, Fetch) and job.slot.stored.is_set():
+                fetches.append(job)
+            else:
+                self._backlog.append(job)
+        if fetches:
+            self._guard(fetches, lambda: self._fetch(requests, fetches))
+        if frees:
+            self._free(requests, frees)
+
+    def _fetch(self, requests: Requests, jobs: list[Fetch]) -> None:
+        wanted = []
+        for job in jobs:
+            slot = job.slot
+            slot.stored.wait()  # its offload ran earlier in this thread: already set
+            if slot.freed or slot.fetch_done.is_set():
+                continue
+            if slot.kept is not None or slot.error is not None:
+                slot.fetched = slot.kept
+                slot.fetch_done.set()
+            else:
+                wanted.append(job)
+        if not wanted:
+            return
+        # The daemon confirms each extent is ours and committed before a byte is read.
+        requests.call(Op.FETCH, handles=[job.slot.id for job in wanted])
+        self.copier.copy_in(wanted)
+        for job in wanted:
+            job.slot.fetch_done.set()
+
+    def _free(self, requests: Requests, slots: list[Slot]) -> None:
+        ids = []
+        for slot in slots:
+            self.copier.before_free(slot)
+            slot.fetched = slot.kept = None
+            if slot.id is not None:
+                ids.append(slot.id)
+        self.stats.freed_tensors += len(slots)
+        requests.post_free(ids)
+
+
+def _runs_by_layer(jobs: list[Offload]) -> list[list[Offload]]:
+    """Split jobs into consecutive runs that share a layer id (one offload request each)."""
+    runs: list[list[Offload]] = []
+    for job in jobs:
+        if runs and runs[-1][0].slot.handle.layer_id == job.slot.handle.layer_id:
+            runs[-1].append(job)
+        else:
+            runs.append([job])
+    return runs

@@ -1,0 +1,46 @@
+"""The transfer thread's requests to the daemon: counted calls, posted frees, deferred errors."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from client.engine.jobs import EngineStats
+from client.transport import Channel
+from storm_service.errors import StormError
+from storm_service.protocol import MAX_BATCH, Op
+
+__all__ = ["Requests"]
+
+
+class Requests:
+    """One channel (the transfer thread's), the session token, and what failed after we moved on."""
+
+    def __init__(
+        self, channel: Channel, token: str, timeout_s: float, stats: EngineStats, pending_errors: deque[BaseException]
+    ) -> None:
+        self.channel = channel
+        self.token = token
+        self.timeout_s = timeout_s
+        self.stats = stats
+        self.pending_errors = pending_errors
+        """Errors of posted requests and failed offloads, raised by the next ``offload``."""
+
+    def call(self, op: Op, **fields: Any) -> dict[str, Any]:
+        self.stats.engine_round_trips += 1
+        if op is Op.OFFLOAD:
+            self.stats.offload_round_trips += 1
+        elif op is Op.FETCH:
+            self.stats.fetch_round_trips += 1
+        return self.channel.call(op, self.token, self.timeout_s, **fields)
+
+    def post(self, op: Op, **fields: Any) -> None:
+        """Send without waiting; a failure is reported through ``channel.on_async_error``."""
+        self.channel.post(op, self.token, **fields)
+
+    def post_free(self, ids: list[int]) -> None:
+        for start in range(0, len(ids), MAX_BATCH):
+            try:
+                self.channel.post(Op.FREE, self.token, handles=ids[start : start + MAX_BATCH])
+            except StormError as e:
+                self.pending_errors.append(e)
