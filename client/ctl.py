@@ -10,9 +10,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from client.settings import ClientSettings
 from client.status import watch
 from client.transport import DEFAULT_TIMEOUT_S, connect
-from storm_service.endpoints import AUTHORIZED_DIR, default_endpoint
+from storm_service.endpoints import AUTHORIZED_DIR
 from storm_service.errors import StormError
 from storm_service.protocol import Op
 from storm_service.units import format_bytes
@@ -24,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stormctl", description="Control and inspect a running stormd.")
     parser.add_argument(
         "--endpoint",
-        default=os.environ.get("STORM_ENDPOINT") or default_endpoint(),
+        default=ClientSettings.load().resolved_endpoint,
         help="daemon endpoint [env STORM_ENDPOINT; default %(default)s]",
     )
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for a reply")

@@ -2,7 +2,8 @@
 
 ``StormSystem(...)`` arguments win over the variables, which win over the defaults;
 a variable that does not parse is an error naming it. The daemon's settings are in
-``storm_service/config.py``; these are the training process's.
+``storm_service/config.py``; these are the training process's. Importing this module
+does not import torch (``stormctl`` reads its endpoint and keys from here).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from client.engine import POLICIES
-from client.transport import DEFAULT_TIMEOUT_S
+from client.transport import DEFAULT_TIMEOUT_S, CurveKeys
 from storm_service.endpoints import default_endpoint
 from storm_service.units import parse_size
 
-__all__ = ["ClientSettings"]
+__all__ = ["POLICIES", "ClientSettings"]
+
+POLICIES = ("keep", "wait", "error")
+"""What happens when the pool or quota is full (client/engine/placement.py)."""
 
 
 def _flag(text: str) -> bool:
@@ -92,6 +95,10 @@ class ClientSettings:
     @property
     def resolved_endpoint(self) -> str:
         return self.endpoint or default_endpoint()
+
+    def curve_keys(self) -> CurveKeys | None:
+        """The CURVE keys named by ``curve_server_key`` and ``curve_client_key`` (None unless both are)."""
+        return CurveKeys.load(self.curve_server_key, self.curve_client_key)
 
     def _check(self) -> None:
         for name in ("timeout_s", "fetch_timeout_s", "wait_timeout_s", "reserve_idle_s"):

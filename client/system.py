@@ -21,7 +21,7 @@ from client.segments import MappedSegment, PinnedMemoryBuffer
 from client.session import Heartbeat, Registration, register
 from client.settings import ClientSettings
 from client.stats import SystemStats
-from client.transport import Channel, CurveKeys
+from client.transport import Channel
 from storm_service.errors import StormError, StormTimeoutError, StormUnavailableError, UnknownSessionError
 from storm_service.protocol import Op
 
@@ -90,7 +90,7 @@ class StormSystem:
         self._context = zmq.Context()
         self._ids = itertools.count(1)
         self._seq = itertools.count()
-        self._curve = CurveKeys.load(self.settings.curve_server_key, self.settings.curve_client_key)
+        self._curve = self.settings.curve_keys()
         fix_mmap_threshold(self.settings.mmap_threshold_bytes)  # NOTE [Freed activations leave the process]
         try:
             self._register()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -57,11 +56,6 @@ class CurveKeys:
         if secret is None:
             raise ValueError(f"STORM_CURVE_CLIENT_KEY: {client_file} holds no secret key")
         return cls(server_public, public, secret)
-
-    @classmethod
-    def from_env(cls) -> CurveKeys | None:
-        """Keys named by ``STORM_CURVE_SERVER_KEY`` and ``STORM_CURVE_CLIENT_KEY``."""
-        return cls.load(os.environ.get("STORM_CURVE_SERVER_KEY", ""), os.environ.get("STORM_CURVE_CLIENT_KEY", ""))
 
 
 class Channel:
@@ -191,9 +185,14 @@ class Channel:
 
 @contextlib.contextmanager
 def connect(endpoint: str) -> Iterator[Channel]:
-    """A channel of its own (context included) for a few sessionless calls: ping, stats, shutdown."""
+    """A channel of its own (context included) for a few sessionless calls: ping, stats, shutdown.
+
+    CURVE keys come from the client settings (``STORM_CURVE_SERVER_KEY``, ``STORM_CURVE_CLIENT_KEY``).
+    """
+    from client.settings import ClientSettings  # settings imports this module for its defaults
+
     context = zmq.Context()
-    channel = Channel(context, endpoint, itertools.count(1), curve=CurveKeys.from_env())
+    channel = Channel(context, endpoint, itertools.count(1), curve=ClientSettings.load().curve_keys())
     try:
         yield channel
     finally:

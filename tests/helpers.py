@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import zmq
 
-from client.transport import Channel, CurveKeys
+from client.settings import ClientSettings
+from client.transport import Channel
 from storm_service.protocol import Op
 from storm_service.shm import SEGMENT_PREFIX, SHM_DIR
 
@@ -91,7 +92,7 @@ class DaemonProcess:
             self.endpoint,
             _REQUEST_IDS,
             alive=lambda: self.proc.poll() is None,
-            curve=CurveKeys.from_env(),
+            curve=ClientSettings.load().curve_keys(),
         )
 
     def stats(self) -> dict[str, Any]:

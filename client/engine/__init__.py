@@ -11,6 +11,5 @@
 
 from client.engine.jobs import EngineStats
 from client.engine.loop import TransferEngine
-from client.engine.placement import POLICIES
 
-__all__ = ["POLICIES", "EngineStats", "TransferEngine"]
+__all__ = ["EngineStats", "TransferEngine"]

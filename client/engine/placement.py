@@ -18,12 +18,11 @@ from typing import Any, Protocol
 from client.engine.jobs import EngineStats, Offload
 from client.engine.requests import Requests
 from client.reservations import Reservations
+from client.settings import POLICIES
 from storm_service.errors import PoolFullError, QuotaExceededError
 from storm_service.protocol import MAX_BATCH, Op
 
-__all__ = ["POLICIES", "Placement", "PressurePolicy", "pressure_policy"]
-
-POLICIES = ("keep", "wait", "error")
+__all__ = ["Placement", "PressurePolicy", "pressure_policy"]
 
 _Full = (PoolFullError, QuotaExceededError)
 
