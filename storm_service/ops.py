@@ -35,7 +35,7 @@ from storm_service.config import DaemonConfig
 from storm_service.endpoints import pid_namespace
 from storm_service.errors import NotCommittedError
 from storm_service.pool import ALIGNMENT, Pool
-from storm_service.protocol import MAX_LISTED_SESSIONS, Op, Request
+from storm_service.protocol import MAX_LISTED_SESSIONS, MAX_SIZE_BYTES, Op, Request
 from storm_service.sessions import Extent, ExtentState, Session, SessionTable
 from storm_service.units import format_bytes
 
@@ -190,6 +190,9 @@ def _owned_all(context: OpContext, request: Request, session: Session) -> list[E
 def handle_commit(context: OpContext, request: Request, session: Session) -> dict[str, Any]:
     extents = _owned_all(context, request, session)
     committed = sum(context.sessions.commit(session, extent) for extent in extents)
+    args = request.args
+    session.dedup_saved_bytes = min(session.dedup_saved_bytes + args.get("dedup_saved_bytes", 0), MAX_SIZE_BYTES)
+    session.span_saved_bytes = min(session.span_saved_bytes + args.get("span_saved_bytes", 0), MAX_SIZE_BYTES)
     if context.metrics is not None:
         context.metrics.offloaded.inc(committed)
     return {"committed": len(extents)}

@@ -145,7 +145,11 @@ FIELDS: dict[Op, dict[str, _Spec]] = {
     Op.UNREGISTER: {},
     Op.HEARTBEAT: {},
     Op.OFFLOAD: {"sizes": _IntList(1, MAX_SIZE_BYTES), "layer_id": _LAYER},
-    Op.COMMIT: {"handles": _HANDLES},
+    Op.COMMIT: {
+        "handles": _HANDLES,
+        "dedup_saved_bytes": _Int(0, MAX_SIZE_BYTES, required=False),
+        "span_saved_bytes": _Int(0, MAX_SIZE_BYTES, required=False),
+    },
     Op.FETCH: {"handles": _HANDLES},
     Op.FREE: {"handles": _HANDLES},
     Op.STATS: {},

@@ -109,6 +109,10 @@ class Session:
     """Most bytes held (used + reserved) at once."""
     offloaded_bytes: int = 0
     fetched_bytes: int = 0
+    dedup_saved_bytes: int = 0
+    """Bytes the client reports it did not copy: saved tensors that read an earlier copy."""
+    span_saved_bytes: int = 0
+    """Bytes the client reports it did not copy: storage outside the spans its saved tensors cover."""
     layer_bytes: dict[int, int] = field(default_factory=dict)
     """Bytes held per layer id: at most MAX_SESSION_LAYERS ids, plus the overflow key (NOTE [Layer stats cap])."""
     replies: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
@@ -137,6 +141,8 @@ class Session:
             "handles": len(self.handles),
             "offloaded_bytes": self.offloaded_bytes,
             "fetched_bytes": self.fetched_bytes,
+            "dedup_saved_bytes": self.dedup_saved_bytes,
+            "span_saved_bytes": self.span_saved_bytes,
             "idle_s": round(time.monotonic() - self.last_seen, 3),
         }
 

@@ -47,7 +47,7 @@ from storm_service.errors import (
     StormUnavailableError,
     UnknownSessionError,
 )
-from storm_service.protocol import MAX_BATCH, Op
+from storm_service.protocol import MAX_BATCH, MAX_SIZE_BYTES, Op
 
 __all__ = ["TransferEngine"]
 
@@ -85,6 +85,7 @@ class TransferEngine:
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._backlog: deque[object] = deque()
         self._table = SlotTable()
+        self._reported: dict[str, int] = {}
         self._views = PoolViews(segments)
         self.copier = copier_for(self._views, cuda)
         self._prefetch = Prefetcher(prefetch_bytes, self._table, self._request_fetch)
@@ -317,10 +318,17 @@ class TransferEngine:
             for job in copies:
                 job.slot.error = job.modified()
             if copies:
-                requests.post(Op.COMMIT, handles=[job.slot.id for job in copies])
+                requests.post(Op.COMMIT, handles=[job.slot.id for job in copies], **self._unreported_savings())
             for job in layer_jobs:
                 job.tensor = job.guard = None  # type: ignore[assignment]
                 job.slot.stored.set()
+
+    def _unreported_savings(self) -> dict[str, int]:
+        """Bytes the hooks did not copy since the last commit, for the daemon's stats (sent with a commit)."""
+        now = {"dedup_saved_bytes": self.stats.dedup_saved_bytes, "span_saved_bytes": self.stats.span_saved_bytes}
+        delta = {name: min(value - self._reported.get(name, 0), MAX_SIZE_BYTES) for name, value in now.items()}
+        self._reported = now
+        return {name: value for name, value in delta.items() if value > 0}
 
     def _serve_while_waiting(self, requests: Requests) -> None:
         """While an offload waits for room, run the frees and fetches queued behind it.

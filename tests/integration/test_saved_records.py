@@ -211,7 +211,7 @@ def test_reused_addresses_never_match_an_old_record(system):
     _assert_pool_empty(system)
 
 
-def test_a_small_view_costs_only_its_span(system):
+def test_a_small_view_costs_only_its_span(daemon, system):
     dataset = torch.randn(10_000, 1024)  # 40 MB
     batch = dataset[4096:4128]  # 128 KiB
     weight = torch.randn(1024, 8, requires_grad=True)
@@ -224,6 +224,11 @@ def test_a_small_view_costs_only_its_span(system):
     assert moved.offloaded_bytes <= batch.numel() * 4 + 64
     assert moved.span_saved_bytes >= dataset.numel() * 4 - batch.numel() * 4 - 64
     assert system.stats().span_saved_bytes >= moved.span_saved_bytes
+    carrier = system.offload(torch.ones(1))  # savings reach the daemon with the next commit
+    system.flush()
+    (session,) = [s for s in daemon.stats()["sessions"] if s["id"] == system.session_id]
+    assert session["span_saved_bytes"] >= moved.span_saved_bytes
+    system.free(carrier)
     _assert_pool_empty(system)
 
 

@@ -176,6 +176,17 @@ def test_commit_fetch_free_serve_the_owner() -> None:
     _refused(server, ErrorCode.UNKNOWN_HANDLE, Op.FREE, token, handles=handles)
 
 
+def test_commit_adds_the_clients_saved_bytes_to_its_summary() -> None:
+    server = _server()
+    token = _register(server)["token"]
+    handles = [e["handle"] for e in _ok(server, Op.OFFLOAD, token, sizes=[512, 512])["extents"]]
+    _ok(server, Op.COMMIT, token, handles=handles[:1], dedup_saved_bytes=100, span_saved_bytes=7)
+    _ok(server, Op.COMMIT, token, handles=handles[1:], span_saved_bytes=3)
+    summary = _ok(server, Op.STATS, token)["session"]
+    assert (summary["dedup_saved_bytes"], summary["span_saved_bytes"]) == (100, 10)
+    _refused(server, ErrorCode.BAD_REQUEST, Op.COMMIT, token, handles=handles, span_saved_bytes=-1)
+
+
 @pytest.mark.parametrize("op", [Op.COMMIT, Op.FETCH, Op.FREE])
 def test_another_sessions_handle_is_forbidden_and_changes_nothing(op: Op) -> None:
     server = _server()
