@@ -23,7 +23,7 @@ from client.defaults import default_system
 from client.integrity import checksum
 from client.records import ALIGN_BYTES, Geometry, RecordTable, SpanRecord, byte_range, offloadable
 from client.system import StormSystem
-from storm_service.errors import IntegrityError
+from storm_service.errors import IntegrityError, SourceModifiedError
 
 __all__ = ["OffloadStats", "active_offloader", "offload_saved_tensors"]
 
@@ -64,6 +64,13 @@ class _Packed:
 
     def unpack(self, system: StormSystem) -> torch.Tensor:
         record = self.record
+        root = record.root()
+        if root is not None and root._version != record.version:  # NOTE [Modified sources]
+            raise SourceModifiedError(
+                f"unpack: a tensor saved for backward in layer {record.layer} ({record.geometry.dtype} "
+                f"{tuple(record.geometry.size)}) was changed in place since it was saved "
+                f"(version {record.version} then, {root._version} now)"
+            )
         restored = record.restore(lambda handle: system.fetch(handle, alias=True), again=self.unpacked)
         self.unpacked = True
         if record.checksum is not None:

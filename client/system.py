@@ -145,7 +145,7 @@ class StormSystem:
         self._heartbeat.stop()
         self._engine.close(self.timeout_s)
         viewed: dict[int, list[tuple[int, int]]] = {}
-        for segment_index, offset, size_bytes in self._engine.viewed_extents():
+        for segment_index, offset, size_bytes in self._engine.table.viewed_extents():
             viewed.setdefault(segment_index, []).append((offset, size_bytes))
         for index, segment in enumerate(self.segments):
             segment.close(keep=viewed.get(index, []))

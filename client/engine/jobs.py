@@ -7,9 +7,12 @@ NOTE [Modified sources]
   copied) and reads it again once the copy is complete (after the D2H event on CUDA).
   If it moved, some in-place operation was issued before the copy finished, so the
   stored bytes cannot be vouched for: the handle fails with ``SourceModifiedError``
-  when fetched. Autograd without saved-tensor hooks raises for the same programs
-  ("modified by an inplace operation"); a change issued after the copy completed
-  leaves the stored bytes as they were at offload, as ``save_on_cpu`` would.
+  when fetched. PyTorch bumps a version only when an in-place kernel ends, so a change
+  still running when the copy completes is not seen here: the autograd hooks therefore
+  also check, at unpack, the version of the saved tensor's base while it lives, which is
+  autograd's own rule ("modified by an inplace operation"), and a tensor kept in place
+  (pool full) is checked when fetched. A source whose storage was freed or resized is
+  not read (checked before the copy; a resize that lands during the copy is not seen).
 """
 
 from __future__ import annotations
@@ -67,6 +70,19 @@ class Offload:
     guard: torch.Tensor
     """Whose version must not move before the copy is done (NOTE [Modified sources])."""
     version: int
+    address: int
+    """``tensor.data_ptr()`` at submit: a storage freed or resized since must not be read."""
+
+    def moved(self) -> bool:
+        """Whether the source's storage was freed or resized since submit (the handle then fails)."""
+        storage = self.tensor.untyped_storage()
+        end = self.tensor.storage_offset() * self.tensor.element_size() + self.slot.handle.size_bytes
+        if self.tensor.data_ptr() == self.address and storage.nbytes() >= end:
+            return False
+        self.slot.error = SourceModifiedError(
+            f"offload: the storage of {self.slot.describe()} was freed or resized before its copy into the pool"
+        )
+        return True
 
     def modified(self) -> SourceModifiedError | None:
         """Call once the copy is complete: the error to fail the handle with, if the source moved."""

@@ -47,7 +47,7 @@ from storm_service.errors import (
     StormUnavailableError,
     UnknownSessionError,
 )
-from storm_service.protocol import MAX_BATCH, MAX_SIZE_BYTES, Op
+from storm_service.protocol import MAX_BATCH, Op
 
 __all__ = ["TransferEngine"]
 
@@ -84,24 +84,34 @@ class TransferEngine:
         self._on_lost = on_lost
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._backlog: deque[object] = deque()
-        self._table = SlotTable()
-        self._reported: dict[str, int] = {}
+        self.table = SlotTable()
         self._views = PoolViews(segments)
         self.copier = copier_for(self._views, cuda)
-        self._prefetch = Prefetcher(prefetch_bytes, self._table, self._request_fetch)
+        self._prefetch = Prefetcher(prefetch_bytes, self.table, self._request_fetch)
         self._thread = threading.Thread(target=self._run, name="storm-transfer", daemon=True)
         self._thread.start()
 
     # -- called from training threads ------------------------------------------
 
     def raise_pending(self) -> None:
-        """Raise the oldest error of a posted request or a failed offload, if any."""
-        if self._pending_errors:
-            raise self._pending_errors.popleft()
+        """Raise the oldest error of a posted request or a failed offload, if any, and forget the rest.
+
+        Errors queued since the last report come from one burst (a step that found the pool
+        full): the first stands for all, so the next step starts clean. A copy is raised, as
+        a traceback on the stored one (also a handle's error) would pin that step's tensors.
+        """
+        if not self._pending_errors:
+            return
+        first = copy.copy(self._pending_errors[0])
+        more = len(self._pending_errors) - 1
+        self._pending_errors.clear()
+        if more:
+            first.add_note(f"{more} more offload or posted request(s) failed the same way since the last report")
+        raise first
 
     def keep(self, handle: Handle, tensor: torch.Tensor) -> None:
         """Record a handle whose tensor stays where it is (nothing to move)."""
-        slot = self._table.add(handle)
+        slot = self.table.add(handle)
         slot.kept = tensor
         slot.stored.set()
 
@@ -110,12 +120,12 @@ class TransferEngine:
         if tensor.is_cuda:
             producer = torch.cuda.Event()
             producer.record(torch.cuda.current_stream(tensor.device))
-        slot = self._table.add(handle)
-        self._queue.put(Offload(slot, tensor, producer, guard, guard._version))
+        slot = self.table.add(handle)
+        self._queue.put(Offload(slot, tensor, producer, guard, guard._version, tensor.data_ptr()))
 
     def locate(self, handle: Handle, timeout_s: float) -> tuple[int, int, int] | None:
         """``(daemon handle, segment, offset)`` once the offload is placed; None if it holds no extent."""
-        slot = self._table.get(handle)
+        slot = self.table.get(handle)
         if slot is None:
             return None
         slot.stored.wait(timeout_s)
@@ -130,13 +140,13 @@ class TransferEngine:
         extent: copied out (into ``out`` if given), or with ``alias`` handed out in place
         (NOTE [Aliased fetch]).
         """
-        slot = self._table.get(handle)
+        slot = self.table.get(handle)
         if slot is None:
             raise StormError(f"fetch: {handle!r} was already freed")
         if slot.kept is not None and slot.id is None and slot.stored.is_set():
-            return slot.kept if out is None else out.copy_(slot.kept)
+            return slot.take_kept(out)
         started = time.perf_counter()
-        with self._table.lock:
+        with self.table.lock:
             self._prefetch.taken(slot)
             if not slot.fetch_requested:
                 self.stats.fetch_misses += 1
@@ -147,20 +157,21 @@ class TransferEngine:
                 self.stats.prefetch_waits += 1
             self._prefetch.before(slot)
         self._wait(slot.fetch_done, timeout_s, f"fetch of {slot.describe()}")
-        with self._table.lock:
+        with self.table.lock:
             error, tensor = slot.error, slot.fetched
             slot.fetched = None
             slot.fetch_requested = False
             slot.fetch_done.clear()
             self._prefetch.settled(slot)
         if error is not None:
-            # A fresh copy: raising the stored instance would chain each raise's traceback (and
-            # the frames and saved tensors it holds) onto the slot, a cycle that keeps them alive.
+            # Reported now: the queued errors of its burst would only fail the next step. A fresh
+            # copy, since a traceback on the stored instance would keep the step's tensors alive.
+            self._pending_errors.clear()
             raise copy.copy(error)
         if tensor is None:
             if alias:
-                with self._table.lock:
-                    self._table.viewed(slot, +1)
+                with self.table.lock:
+                    self.table.viewed(slot, +1)
                 tensor = self._views.alias(slot, self._view_released)
             elif out is not None:
                 tensor = out.copy_(self._views.view(slot))
@@ -176,28 +187,25 @@ class TransferEngine:
         self.stats.fetched_bytes += handle.size_bytes
         return tensor
 
-    def _view_released(self, slot: Slot) -> None:
-        with self._table.lock:
-            if self._table.viewed(slot, -1) or not slot.free_pending:
+    def _view_released(self, slot: Slot) -> None:  # NOTE [Aliased fetch]
+        with self.table.lock:
+            if self.table.viewed(slot, -1) or not slot.free_pending:
                 return
             slot.free_pending = False
         self._queue.put(Free(slot))
 
     def submit_free(self, handle: Handle) -> None:
-        with self._table.lock:
-            slot = self._table.get(handle)
+        with self.table.lock:
+            slot = self.table.get(handle)
             if slot is None:
                 return
             slot.freed = True
-            self._table.remove(slot)
+            self.table.remove(slot)
             self._prefetch.settled(slot)
             if slot.views:
                 slot.free_pending = True  # freed by the last aliased view (NOTE [Aliased fetch])
                 return
         self._queue.put(Free(slot))
-
-    def viewed_extents(self) -> list[tuple[int, int, int]]:
-        return self._table.viewed_extents()
 
     def flush(self, timeout_s: float) -> None:
         """Wait until every job queued so far is done and the daemon has answered it."""
@@ -240,7 +248,7 @@ class TransferEngine:
         try:
             while True:
                 batch = [self._backlog.popleft() if self._backlog else self._next_job(placement)]
-                with self._table.lock:
+                with self.table.lock:
                     pass  # a fetch and its prefetches are queued under the lock: take them together
                 while len(batch) < MAX_BATCH:
                     try:
@@ -313,22 +321,15 @@ class TransferEngine:
     def _offload(self, requests: Requests, placement: Placement, jobs: list[Offload]) -> None:
         for layer_jobs in _runs_by_layer(jobs):
             placement.place_layer(layer_jobs)
-            copies = [job for job in layer_jobs if job.slot.placed]
+            copies = [job for job in layer_jobs if job.slot.placed and not job.moved()]
             self.copier.copy_out(copies)
             for job in copies:
                 job.slot.error = job.modified()
             if copies:
-                requests.post(Op.COMMIT, handles=[job.slot.id for job in copies], **self._unreported_savings())
+                requests.post(Op.COMMIT, handles=[job.slot.id for job in copies], **requests.unreported_savings())
             for job in layer_jobs:
                 job.tensor = job.guard = None  # type: ignore[assignment]
                 job.slot.stored.set()
-
-    def _unreported_savings(self) -> dict[str, int]:
-        """Bytes the hooks did not copy since the last commit, for the daemon's stats (sent with a commit)."""
-        now = {"dedup_saved_bytes": self.stats.dedup_saved_bytes, "span_saved_bytes": self.stats.span_saved_bytes}
-        delta = {name: min(value - self._reported.get(name, 0), MAX_SIZE_BYTES) for name, value in now.items()}
-        self._reported = now
-        return {name: value for name, value in delta.items() if value > 0}
 
     def _serve_while_waiting(self, requests: Requests) -> None:
         """While an offload waits for room, run the frees and fetches queued behind it.

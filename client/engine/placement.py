@@ -36,7 +36,8 @@ class Keep:
     """The tensor stays where it is; training goes on (``kept_tensors`` counts it)."""
 
     def resolve(self, placement: Placement, job: Offload) -> None:
-        job.slot.kept = job.tensor
+        job.slot.error = job.modified()
+        job.slot.kept, job.slot.kept_version = job.tensor, job.tensor._version
         placement.stats.kept_tensors += 1
         placement.stats.kept_bytes += job.slot.handle.size_bytes
 

@@ -8,7 +8,7 @@ from typing import Any
 from client.engine.jobs import EngineStats
 from client.transport import Channel
 from storm_service.errors import StormError
-from storm_service.protocol import MAX_BATCH, Op
+from storm_service.protocol import MAX_BATCH, MAX_SIZE_BYTES, Op
 
 __all__ = ["Requests"]
 
@@ -25,6 +25,14 @@ class Requests:
         self.stats = stats
         self.pending_errors = pending_errors
         """Errors of posted requests and failed offloads, raised by the next ``offload``."""
+        self._reported: dict[str, int] = {}
+
+    def unreported_savings(self) -> dict[str, int]:
+        """Bytes the hooks did not copy since the last commit, for the daemon's stats (sent with a commit)."""
+        now = {"dedup_saved_bytes": self.stats.dedup_saved_bytes, "span_saved_bytes": self.stats.span_saved_bytes}
+        delta = {name: min(value - self._reported.get(name, 0), MAX_SIZE_BYTES) for name, value in now.items()}
+        self._reported = now
+        return {name: value for name, value in delta.items() if value > 0}
 
     def call(self, op: Op, **fields: Any) -> dict[str, Any]:
         self.stats.engine_round_trips += 1

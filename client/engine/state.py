@@ -20,6 +20,7 @@ NOTE [Handle states]
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from client.handle import Handle
+from storm_service.errors import SourceModifiedError
 
 __all__ = ["Slot", "SlotTable"]
 
@@ -43,6 +45,8 @@ class Slot:
     offset: int = -1
     kept: torch.Tensor | None = None
     """The original tensor, when the pool had no room under policy ``keep`` (or it is empty)."""
+    kept_version: int = 0
+    """``kept._version`` when it was kept: a kept tensor changed in place since is refused."""
     error: BaseException | None = None
     freed: bool = False
     fetch_requested: bool = False
@@ -61,6 +65,15 @@ class Slot:
     @property
     def placed(self) -> bool:
         return self.id is not None
+
+    def take_kept(self, out: torch.Tensor | None) -> torch.Tensor:
+        """The kept tensor, unless it changed in place since it was kept (NOTE [Modified sources])."""
+        assert self.kept is not None
+        if self.error is not None:
+            raise copy.copy(self.error)  # a copy: a traceback on the stored one would pin its frames
+        if self.kept._version != self.kept_version:
+            raise SourceModifiedError(f"fetch: {self.describe()} was kept in place and changed in place since")
+        return self.kept if out is None else out.copy_(self.kept)
 
     def describe(self) -> str:
         """The handle, with where it is: for messages."""

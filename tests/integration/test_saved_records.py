@@ -348,3 +348,57 @@ def test_tensors_that_escape_keep_their_bytes_after_close(daemon):
     )
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     assert "escaped tensors kept their bytes" in result.stdout
+
+
+class _SaveSecond(torch.autograd.Function):
+    """Saves only its second input; the gradient of the first is that saved tensor."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(w)
+        return x.sum().reshape(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        return w.clone(), None
+
+
+@pytest.mark.parametrize("pool_size", ["256MiB", "8MiB"], ids=["stored", "kept-pool-full"])
+def test_a_saved_tensor_changed_in_place_is_refused_at_unpack(daemon_factory, pool_size):
+    """Whenever the change happened (during the copy, after it, or to a tensor kept in place
+    because the pool was full), backward refuses as plain autograd does, never mixed bytes."""
+    daemon = daemon_factory(pool_size=pool_size)
+    with StormSystem(daemon.endpoint, policy="keep") as system:
+        for _ in range(5):
+            x = torch.zeros(4 << 20, requires_grad=True)
+            w = torch.rand(4 << 20) + 0.5  # 16 MiB: the in-place op below runs while it is copied
+            with offload_saved_tensors(system, min_bytes=0):
+                y = _SaveSecond.apply(x, w)
+            w.pow_(1.37)
+            with pytest.raises(SourceModifiedError, match="changed in place"):
+                torch.autograd.grad(y, x)
+            del y
+        _assert_pool_empty(system)
+
+
+def test_a_storage_freed_before_its_copy_fails_the_fetch_instead_of_reading_it(daemon):
+    """FSDP-style ``resize_(0)`` after the pack and before the copy: the copy must not read it.
+
+    The daemon is stopped so that the transfer thread waits on it before copying. (A
+    resize that lands *while* the copy runs cannot be seen: see NOTE [Modified sources].)
+    """
+    with StormSystem(daemon.endpoint) as system:
+        x = torch.randn(16, requires_grad=True)
+        w = torch.randn(16 << 20)  # 64 MiB: its pages go back to the OS when freed
+        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        try:
+            with offload_saved_tensors(system, min_bytes=0):
+                y = _SaveSecond.apply(x, w).sum()
+            w.untyped_storage().resize_(0)
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+        with pytest.raises(SourceModifiedError, match="freed or resized"):
+            torch.autograd.grad(y, x)
+        del y
+        _assert_pool_empty(system)

@@ -351,3 +351,25 @@ def test_a_forked_child_cannot_use_the_parents_system(system):
     assert torch.equal(system.fetch(handle), torch.arange(16.0))
     system.free(handle)
     assert system.stats().used_bytes == 0
+
+
+@pytest.mark.parametrize("policy", ["error", "wait"])
+def test_after_a_step_that_found_the_pool_full_the_next_steps_that_fit_succeed(daemon_factory, policy):
+    """One refusal is reported once, and the refused step's memory comes back."""
+    daemon = daemon_factory(pool_size="8MiB")
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(512, 512), nn.GELU()) for _ in range(6)])
+
+    def step(system, batch):
+        try:
+            with offload_saved_tensors(system, min_bytes=0):
+                loss = model(torch.randn(batch, 512)).sum()
+            loss.backward()
+            return "ok"
+        except (PoolFullError, QuotaExceededError):
+            return "full"
+
+    with StormSystem(daemon.endpoint, policy=policy, wait_timeout_s=0.5) as system:
+        assert step(system, 1024) == "full"
+        gc.collect()
+        assert [step(system, 8) for _ in range(5)] == ["ok"] * 5
+        assert system.stats().used_bytes == 0

@@ -62,7 +62,7 @@ def _jobs(sizes: list[int], layer_id: int = 0, first_seq: int = 0) -> list[Offlo
     for seq, size in enumerate(sizes, start=first_seq):
         tensor = torch.zeros(size, dtype=torch.uint8)
         handle = Handle((size,), torch.uint8, tensor.device, size, layer_id, seq)
-        jobs.append(Offload(Slot(handle), tensor, None, tensor, tensor._version))
+        jobs.append(Offload(Slot(handle), tensor, None, tensor, tensor._version, tensor.data_ptr()))
     return jobs
 
 
@@ -198,7 +198,7 @@ def test_cpu_copier_copies_contiguous_and_strided_sources_and_aliases_the_extent
     for seq, tensor in enumerate([source, source.t()]):
         handle = Handle(tuple(tensor.shape), tensor.dtype, tensor.device, tensor.numel() * 4, 0, seq)
         slot = Slot(handle, id=seq + 1, segment=0, offset=seq * 512)
-        jobs.append(Offload(slot, tensor, None, tensor, tensor._version))
+        jobs.append(Offload(slot, tensor, None, tensor, tensor._version, tensor.data_ptr()))
     copier.copy_out(jobs)
     assert torch.equal(views.view(jobs[0].slot), source)
     assert torch.equal(views.view(jobs[1].slot), source.t())
