@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from client import SourceModifiedError, StormSystem, offload_saved_tensors
+from client.hooks import DEFAULT_MIN_BYTES
 
 
 @pytest.fixture
@@ -46,18 +47,30 @@ def _assert_pool_empty(system: StormSystem) -> None:
     assert system.stats().used_bytes == 0
 
 
-def test_gru_gradients_equal_200_times_in_a_row(system):
-    for i in range(200):
-        torch.manual_seed(3)
-        a = nn.GRU(20, 32, batch_first=True, num_layers=2)
+def _assert_equal_runs(system, runs, build, make_data, loss, what, min_bytes=0, seed=None):
+    """``runs`` times: one seeded model and its data, plainly and under STORM; gradients must be equal."""
+    for i in range(runs):
+        torch.manual_seed(i if seed is None else seed)
+        a = build()
         b = copy.deepcopy(a)
-        x = torch.randn(6, 12, 20)
-        a(x)[0].square().sum().backward()
-        with offload_saved_tensors(system, min_bytes=0):
-            out = b(x)[0]
-        out.square().sum().backward()
-        _assert_same_grads(a, b, f"run {i}")
+        data = make_data()
+        loss(a, data).backward()
+        with offload_saved_tensors(system, min_bytes=min_bytes):
+            total = loss(b, data)
+        total.backward()
+        _assert_same_grads(a, b, f"{what} run {i}")
     _assert_pool_empty(system)
+
+
+def _output_loss(module, x):
+    return module(x)[0].square().sum()
+
+
+def test_gru_gradients_equal_200_times_in_a_row(system):
+    def build():
+        return nn.GRU(20, 32, batch_first=True, num_layers=2)
+
+    _assert_equal_runs(system, 200, build, lambda: torch.randn(6, 12, 20), _output_loss, "GRU", seed=3)
 
 
 @pytest.mark.parametrize(
@@ -69,62 +82,34 @@ def test_gru_gradients_equal_200_times_in_a_row(system):
     ],
 )
 def test_recurrent_layers_at_default_min_bytes(system, name, build, shape):
-    for i in range(10):
-        torch.manual_seed(i)
-        a = build()
-        b = copy.deepcopy(a)
-        x = torch.randn(shape)
-        a(x)[0].square().sum().backward()
-        with offload_saved_tensors(system):
-            out = b(x)[0]
-        out.square().sum().backward()
-        _assert_same_grads(a, b, f"{name} run {i}")
-    _assert_pool_empty(system)
+    _assert_equal_runs(system, 10, build, lambda: torch.randn(shape), _output_loss, name, DEFAULT_MIN_BYTES)
 
 
 def test_lstm_with_packed_sequences(system):
-    for i in range(20):
-        torch.manual_seed(i)
-        a = nn.LSTM(8, 16, num_layers=2, proj_size=4)
-        b = copy.deepcopy(a)
-        x = torch.randn(7, 3, 8)
-        lengths = torch.tensor([7, 5, 2])
+    lengths = torch.tensor([7, 5, 2])
 
-        def loss(module, x=x, lengths=lengths):
-            packed = nn.utils.rnn.pack_padded_sequence(x, lengths)
-            out, _ = nn.utils.rnn.pad_packed_sequence(module(packed)[0])
-            return out.square().sum()
+    def loss(module, x):
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths)
+        out, _ = nn.utils.rnn.pad_packed_sequence(module(packed)[0])
+        return out.square().sum()
 
-        loss(a).backward()
-        with offload_saved_tensors(system, min_bytes=0):
-            total = loss(b)
-        total.backward()
-        _assert_same_grads(a, b, f"run {i}")
-    _assert_pool_empty(system)
+    def build():
+        return nn.LSTM(8, 16, num_layers=2, proj_size=4)
+
+    _assert_equal_runs(system, 20, build, lambda: torch.randn(7, 3, 8), loss, "packed LSTM")
 
 
 @pytest.mark.parametrize("cell_type", [nn.GRUCell, nn.LSTMCell, nn.RNNCell])
 def test_cell_loops(system, cell_type):
-    for i in range(20):
-        torch.manual_seed(i)
-        a = cell_type(12, 24)
-        b = copy.deepcopy(a)
-        xs = torch.randn(8, 5, 12)
+    def loss(cell, xs):
+        state = None
+        outs = []
+        for x in xs:
+            state = cell(x, state)
+            outs.append(state[0] if isinstance(state, tuple) else state)
+        return torch.stack(outs).square().sum()
 
-        def loss(cell, xs=xs):
-            state = None
-            outs = []
-            for x in xs:
-                state = cell(x, state)
-                outs.append(state[0] if isinstance(state, tuple) else state)
-            return torch.stack(outs).square().sum()
-
-        loss(a).backward()
-        with offload_saved_tensors(system, min_bytes=0):
-            total = loss(b)
-        total.backward()
-        _assert_same_grads(a, b, f"{cell_type.__name__} run {i}")
-    _assert_pool_empty(system)
+    _assert_equal_runs(system, 20, lambda: cell_type(12, 24), lambda: torch.randn(8, 5, 12), loss, cell_type.__name__)
 
 
 @pytest.mark.parametrize(
