@@ -40,7 +40,7 @@ class StormSystem:
     gets its own DEALER socket, since ZeroMQ sockets are not thread-safe.
 
     ``policy`` says what happens when the pool or the quota is full: ``keep`` leaves the
-    tensor where it is (counted in ``stats()["kept_tensors"]``), ``wait`` retries for up
+    tensor where it is (counted in ``stats().kept_tensors``), ``wait`` retries for up
     to ``wait_timeout_s`` and then fails, ``error`` fails at once; failures surface as
     :class:`PoolFullError` / :class:`QuotaExceededError` from the next ``offload`` or the
     handle's ``fetch``.
@@ -49,6 +49,9 @@ class StormSystem:
     hooks when it is packed and checks it when it is unpacked; a mismatch raises
     :class:`IntegrityError` naming the layer, dtype, shape and handle (NOTE [Verify mode]
     in docs/design.md). It costs a hash of every saved byte twice; it is off by default.
+
+    Every keyword left as None takes its ``STORM_*`` variable, else its default
+    (``client/settings.py``).
     """
 
     def __init__(
