@@ -18,10 +18,12 @@ from client.transport import DEFAULT_TIMEOUT_S, CurveKeys
 from storm_service.endpoints import default_endpoint
 from storm_service.units import parse_size
 
-__all__ = ["POLICIES", "ClientSettings"]
+__all__ = ["POLICIES", "SELECTIONS", "ClientSettings"]
 
 POLICIES = ("keep", "wait", "error")
 """What happens when the pool or quota is full (client/engine/placement.py)."""
+SELECTIONS = ("all", "budget", "checkpoint")
+"""Which saved tensors are offloaded (client/selection.py)."""
 
 
 def _flag(text: str) -> bool:
@@ -40,10 +42,27 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _policy(text: str) -> str:
-    if text not in POLICIES:
-        raise ValueError(f"expected one of {', '.join(POLICIES)}")
-    return text
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("expected a whole number >= 0")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise ValueError("expected a number of GB/s >= 0 (0: no limit)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -64,6 +83,19 @@ class ClientSettings:
     """``STORM_PREFETCH_BYTES``: fetched-but-unused bytes backward prefetch keeps in flight."""
     reserve_idle_s: float = 2.0
     """``STORM_RESERVE_IDLE_S``: spare reservations untaken this long are given back."""
+    select: str = "all"
+    """``STORM_SELECT``: which saved tensors leave the device: all, budget or checkpoint."""
+    max_inflight_layers: int = 2
+    """``STORM_MAX_INFLIGHT_LAYERS``: layers whose copies may still run when the next layer
+    starts offloading; it waits for older ones (NOTE [Bounded copies in flight]). 0: no bound."""
+    keep_last_layers: int = 1
+    """``STORM_KEEP_LAST_LAYERS``: with ``module=``, the last layers' saved tensors stay on the
+    device, since backward needs them first."""
+    budget_cap_bytes: int = 0
+    """``STORM_BUDGET_CAP``: with ``select="budget"``, the most bytes one layer may offload (0: no cap)."""
+    link_gbps: float = 0.0
+    """``STORM_LINK_GBPS``: throttle pool copies to this many GB/s each way, to emulate a
+    device link on the CPU (NOTE [Link emulator]). 0: no limit."""
     verify: bool = False
     """``STORM_VERIFY``: checksum saved tensors at pack, check them at unpack (NOTE [Verify mode])."""
     mmap_threshold_bytes: int = 1 << 20
@@ -105,11 +137,20 @@ class ClientSettings:
             value = getattr(self, name)
             if not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        for name in ("prefetch_bytes", "mmap_threshold_bytes"):
+        for name, choices in (("policy", POLICIES), ("select", SELECTIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if not 0 <= self.link_gbps < math.inf:
+            raise ValueError(f"link_gbps must be a number of GB/s >= 0 (0: no limit), got {self.link_gbps!r}")
+        for name in (
+            "prefetch_bytes",
+            "mmap_threshold_bytes",
+            "max_inflight_layers",
+            "keep_last_layers",
+            "budget_cap_bytes",
+        ):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a number of bytes >= 0, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
 
 _VARIABLES = {
@@ -120,6 +161,11 @@ _VARIABLES = {
     "wait_timeout_s": "STORM_WAIT_TIMEOUT_S",
     "prefetch_bytes": "STORM_PREFETCH_BYTES",
     "reserve_idle_s": "STORM_RESERVE_IDLE_S",
+    "select": "STORM_SELECT",
+    "max_inflight_layers": "STORM_MAX_INFLIGHT_LAYERS",
+    "keep_last_layers": "STORM_KEEP_LAST_LAYERS",
+    "budget_cap_bytes": "STORM_BUDGET_CAP",
+    "link_gbps": "STORM_LINK_GBPS",
     "verify": "STORM_VERIFY",
     "mmap_threshold_bytes": "STORM_MMAP_THRESHOLD",
     "curve_server_key": "STORM_CURVE_SERVER_KEY",
@@ -130,7 +176,12 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "fetch_timeout_s": _seconds,
     "wait_timeout_s": _seconds,
     "reserve_idle_s": _seconds,
-    "policy": _policy,
+    "policy": _one_of(POLICIES),
+    "select": _one_of(SELECTIONS),
+    "max_inflight_layers": _count,
+    "keep_last_layers": _count,
+    "budget_cap_bytes": parse_size,
+    "link_gbps": _rate,
     "prefetch_bytes": parse_size,
     "verify": _flag,
     "mmap_threshold_bytes": parse_size,

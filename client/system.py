@@ -50,6 +50,11 @@ class StormSystem:
     :class:`IntegrityError` naming the layer, dtype, shape and handle (NOTE [Verify mode]
     in docs/design.md). It costs a hash of every saved byte twice; it is off by default.
 
+    ``select`` says which saved tensors leave the device (``all``, ``budget``,
+    ``checkpoint``: client/selection.py); ``max_inflight_layers`` bounds the layers whose
+    copies may still run when the next layer starts offloading (NOTE [Bounded copies in
+    flight]); ``link_gbps`` emulates a device link on the CPU (NOTE [Link emulator]).
+
     Every keyword left as None takes its ``STORM_*`` variable, else its default
     (``client/settings.py``).
     """
@@ -67,6 +72,11 @@ class StormSystem:
         reserve_idle_s: float | None = None,
         fetch_timeout_s: float | None = None,
         verify: bool | None = None,
+        select: str | None = None,
+        max_inflight_layers: int | None = None,
+        keep_last_layers: int | None = None,
+        budget_cap_bytes: int | None = None,
+        link_gbps: float | None = None,
     ) -> None:
         self.settings = ClientSettings.load(
             endpoint=endpoint,
@@ -77,6 +87,11 @@ class StormSystem:
             reserve_idle_s=reserve_idle_s,
             fetch_timeout_s=fetch_timeout_s,
             verify=verify,
+            select=select,
+            max_inflight_layers=max_inflight_layers,
+            keep_last_layers=keep_last_layers,
+            budget_cap_bytes=budget_cap_bytes,
+            link_gbps=link_gbps,
         )
         self.endpoint = self.settings.resolved_endpoint
         self.name = (name or f"pid-{os.getpid()}")[:256]
@@ -130,6 +145,8 @@ class StormSystem:
             timeout_s=self.timeout_s,
             cuda=cuda,
             on_lost=self._mark_lost,
+            max_inflight_layers=settings.max_inflight_layers,
+            link_gbps=settings.link_gbps,
         )
         self._heartbeat = Heartbeat(
             self._new_channel, self.token, registration.heartbeat_interval_s, self.timeout_s, self._mark_lost

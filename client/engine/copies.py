@@ -21,6 +21,7 @@ allocated, and the consumer waits on the copy's event.
 from __future__ import annotations
 
 import ctypes
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from client.engine.jobs import Fetch, Offload
+from client.engine.link import D2H, H2D, Link
 from client.engine.state import Slot
 from client.segments import MappedSegment
 
@@ -70,15 +72,20 @@ class Copier(Protocol):
 
 
 class CpuCopier:
-    """One thread's memcpy into the pool; fetches read the pool in place or on the asking thread."""
+    """One thread's memcpy into the pool; fetches read the pool in place or on the asking thread.
 
-    def __init__(self, views: PoolViews) -> None:
+    With a ``link``, each batch takes as long as it would over that link (NOTE [Link emulator]).
+    """
+
+    def __init__(self, views: PoolViews, link: Link | None = None) -> None:
         self.views = views
+        self.link = link
 
     def prepare_fetch(self, handle_device: torch.device, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Any, Any]:
         return None, None
 
     def copy_out(self, jobs: list[Offload]) -> None:
+        started = time.monotonic()
         for job in jobs:
             dst = self.views.view(job.slot)
             if job.tensor.is_contiguous():
@@ -87,9 +94,16 @@ class CpuCopier:
                 ctypes.memmove(dst.data_ptr(), job.tensor.data_ptr(), job.slot.handle.size_bytes)
             else:
                 dst.copy_(job.tensor)
+        if self.link is not None and jobs:
+            self.link.carry(D2H, sum(job.slot.handle.size_bytes for job in jobs), started)
 
     def copy_in(self, jobs: list[Fetch]) -> None:
-        """Nothing moves: ``take`` reads the confirmed extent on the asking thread."""
+        """Nothing moves: ``take`` reads the confirmed extent on the asking thread.
+
+        With a link, the bytes are ready once they would have crossed it.
+        """
+        if self.link is not None and jobs:
+            self.link.carry(H2D, sum(job.slot.handle.size_bytes for job in jobs), time.monotonic())
 
     def before_free(self, slot: Slot) -> None:
         """Nothing is in flight on the CPU."""
@@ -143,6 +157,6 @@ class CudaCopier(CpuCopier):
             slot.copy_event.synchronize()  # the extent may be reused once freed
 
 
-def copier_for(views: PoolViews, cuda: bool) -> CpuCopier:
-    """The copier for this process: CUDA streams where CUDA exists, else the CPU copier."""
-    return CudaCopier(views) if cuda else CpuCopier(views)
+def copier_for(views: PoolViews, cuda: bool, link: Link | None = None) -> CpuCopier:
+    """The copier for this process: CUDA streams where CUDA exists, else the CPU copier (with ``link``)."""
+    return CudaCopier(views) if cuda else CpuCopier(views, link)

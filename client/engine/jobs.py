@@ -57,6 +57,17 @@ class EngineStats:
     fetch_round_trips: int = 0
     """Of those, ``fetch`` requests: a miss and its prefetches go out together."""
     freed_tensors: int = 0
+    copy_out_bytes: int = 0
+    copy_out_s: float = 0.0
+    """Bytes the copier moved into the pool, and the seconds it took (the link's measured rate)."""
+    copy_in_bytes: int = 0
+    copy_in_s: float = 0.0
+    """Likewise back from the pool (on the CPU: the daemon's confirmation, and the link if emulated)."""
+    window_waits: int = 0
+    window_wait_s: float = 0.0
+    """Times, and seconds, a new layer waited for older copies (NOTE [Bounded copies in flight])."""
+    prefetch_oom: int = 0
+    """Prefetches dropped for want of device memory (fetched on demand instead)."""
     returned_reservation_bytes: int = 0
     """Bytes of spare reservations given back (NOTE [Reservations])."""
 

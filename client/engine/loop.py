@@ -8,8 +8,11 @@ NOTE [Transfer engine]
   nobody waits for. Fetches are batched the same way (one ``fetch`` request to check
   ownership and commit, then the copies back), and so are frees. Within a batch,
   offloads run before fetches and fetches before frees, so a handle's jobs keep their
-  order. ``take`` prefetches the handles offloaded before the one it wants
-  (client/engine/prefetch.py).
+  order, except that fetches of handles already stored go first: backward must not wait
+  behind forward's copies. Between layers of a long batch of offloads the thread also
+  serves fetches queued meanwhile. ``take`` prefetches the handles offloaded before the
+  one it wants (client/engine/prefetch.py); a new layer's first offload waits for older
+  layers' copies (NOTE [Bounded copies in flight] in client/engine/window.py).
 
   On CUDA, fetch destinations are allocated by the thread that asks (backward's), on
   the consumer's stream, and the engine runs the H2D copies. On the CPU the engine only
@@ -27,26 +30,23 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from client.engine.copies import PoolViews, copier_for
+from client.engine.failures import Failures
 from client.engine.jobs import EngineStats, Fetch, Flush, Free, Offload
+from client.engine.link import Link
 from client.engine.placement import Placement, pressure_policy
 from client.engine.prefetch import Prefetcher
 from client.engine.requests import Requests
 from client.engine.state import Slot, SlotTable
+from client.engine.window import InflightWindow
 from client.handle import Handle
 from client.reservations import Reservations
 from client.segments import MappedSegment
 from client.transport import Channel
-from storm_service.errors import (
-    StormError,
-    StormTimeoutError,
-    StormUnavailableError,
-    UnknownSessionError,
-)
+from storm_service.errors import StormError, StormTimeoutError, StormUnavailableError
 from storm_service.protocol import MAX_BATCH, Op
 
 __all__ = ["TransferEngine"]
@@ -72,6 +72,8 @@ class TransferEngine:
         timeout_s: float,
         cuda: bool,
         on_lost: Callable[[BaseException], None],
+        max_inflight_layers: int = 0,
+        link_gbps: float = 0.0,
     ) -> None:
         self.token = token
         self.timeout_s = timeout_s
@@ -79,35 +81,25 @@ class TransferEngine:
         self.failure: BaseException | None = None
         self._policy = pressure_policy(policy, wait_timeout_s)
         self._reservations = Reservations(reserve_idle_s)
-        self._pending_errors: deque[BaseException] = deque(maxlen=64)
+        self._failures = Failures(on_lost)
         self._new_channel = new_channel
-        self._on_lost = on_lost
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._backlog: deque[object] = deque()
         self.table = SlotTable()
         self._views = PoolViews(segments)
-        self.copier = copier_for(self._views, cuda)
+        self.copier = copier_for(self._views, cuda, Link(link_gbps) if link_gbps > 0 else None)
         self._prefetch = Prefetcher(prefetch_bytes, self.table, self._request_fetch)
+        self._window = InflightWindow(max_inflight_layers, self._wait_stored, self.stats)
+        self._stored_timeout_s = wait_timeout_s + timeout_s
+        """A placement may retry (policy wait) and then post its commit: the most a store takes."""
         self._thread = threading.Thread(target=self._run, name="storm-transfer", daemon=True)
         self._thread.start()
 
     # -- called from training threads ------------------------------------------
 
     def raise_pending(self) -> None:
-        """Raise the oldest error of a posted request or a failed offload, if any, and forget the rest.
-
-        Errors queued since the last report come from one burst (a step that found the pool
-        full): the first stands for all, so the next step starts clean. A copy is raised, as
-        a traceback on the stored one (also a handle's error) would pin that step's tensors.
-        """
-        if not self._pending_errors:
-            return
-        first = copy.copy(self._pending_errors[0])
-        more = len(self._pending_errors) - 1
-        self._pending_errors.clear()
-        if more:
-            first.add_note(f"{more} more offload or posted request(s) failed the same way since the last report")
-        raise first
+        """Raise the oldest error of a posted request or a failed offload, if any (client/engine/failures.py)."""
+        self._failures.raise_pending()
 
     def keep(self, handle: Handle, tensor: torch.Tensor) -> None:
         """Record a handle whose tensor stays where it is (nothing to move)."""
@@ -121,6 +113,7 @@ class TransferEngine:
             producer = torch.cuda.Event()
             producer.record(torch.cuda.current_stream(tensor.device))
         slot = self.table.add(handle)
+        self._window.admit(slot)
         self._queue.put(Offload(slot, tensor, producer, guard, guard._version, tensor.data_ptr()))
 
     def locate(self, handle: Handle, timeout_s: float) -> tuple[int, int, int] | None:
@@ -166,7 +159,7 @@ class TransferEngine:
         if error is not None:
             # Reported now: the queued errors of its burst would only fail the next step. A fresh
             # copy, since a traceback on the stored instance would keep the step's tensors alive.
-            self._pending_errors.clear()
+            self._failures.pending.clear()
             raise copy.copy(error)
         if tensor is None:
             if alias:
@@ -220,9 +213,18 @@ class TransferEngine:
     def _request_fetch(self, slot: Slot, prefetch: bool) -> None:
         handle = slot.handle
         # Allocate first: if this raises, nothing is marked requested.
-        out, allocated = self.copier.prepare_fetch(handle.device, handle.shape, handle.dtype)
+        try:
+            out, allocated = self.copier.prepare_fetch(handle.device, handle.shape, handle.dtype)
+        except torch.OutOfMemoryError:
+            if not prefetch:
+                raise
+            self.stats.prefetch_oom += 1  # fetched on demand when backward asks
+            return
         self._prefetch.requested(slot, prefetch)
         self._queue.put(Fetch(slot, out, allocated))
+
+    def _wait_stored(self, slot: Slot) -> None:
+        self._wait(slot.stored, self._stored_timeout_s, f"offload of {slot.describe()}")
 
     def _wait(self, event: threading.Event, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
@@ -236,8 +238,8 @@ class TransferEngine:
 
     def _run(self) -> None:
         channel = self._new_channel()
-        channel.on_async_error = self._posted_failed
-        requests = Requests(channel, self.token, self.timeout_s, self.stats, self._pending_errors)
+        channel.on_async_error = self._failures.posted
+        requests = Requests(channel, self.token, self.timeout_s, self.stats, self._failures.pending)
         placement = Placement(
             policy=self._policy,
             reservations=self._reservations,
@@ -276,12 +278,16 @@ class TransferEngine:
         fetches = [job for job in batch if isinstance(job, Fetch)]
         frees = [job.slot for job in batch if isinstance(job, Free)]
         flushes = [job for job in batch if isinstance(job, Flush)]
+        ready = [job for job in fetches if job.slot.stored.is_set()]
+        later = [job for job in fetches if not job.slot.stored.is_set()]
+        if ready:  # backward waits on these; nothing in this batch comes before them
+            self._failures.guard(ready, lambda: self._fetch(requests, ready))
         if offloads:
-            self._guard(offloads, lambda: self._offload(requests, placement, offloads))
+            self._failures.guard(offloads, lambda: self._offload(requests, placement, offloads))
         if fetches or flushes:
             placement.return_spares(self._reservations.end_run())
-        if fetches:
-            self._guard(fetches, lambda: self._fetch(requests, fetches))
+        if later:
+            self._failures.guard(later, lambda: self._fetch(requests, later))
         if frees:
             self._free(requests, frees)
         placement.return_spares(self._reservations.expired(time.monotonic()))
@@ -289,40 +295,22 @@ class TransferEngine:
             try:
                 requests.channel.settle(self.timeout_s)
             except StormError as e:
-                self._pending_errors.append(e)
+                self._failures.pending.append(e)
             for job in flushes:
                 job.done.set()
         requests.channel.drain()
         return _STOP in batch
 
-    def _posted_failed(self, error: Exception) -> None:
-        """A commit or free failed after we moved on: report it at the next offload."""
-        if isinstance(error, UnknownSessionError):
-            self._on_lost(error)
-        self._pending_errors.append(error)
-
-    def _guard(self, jobs: list[Any], work: Callable[[], None]) -> None:
-        """Run ``work``; if it raises, fail every handle of ``jobs`` that is not done yet."""
-        try:
-            work()
-        except Exception as e:
-            log.error("transfer failed: %s", e)
-            if isinstance(e, StormUnavailableError | StormTimeoutError | UnknownSessionError):
-                self._on_lost(e)
-            for job in jobs:
-                slot = job.slot
-                if isinstance(job, Offload) and not slot.stored.is_set():
-                    slot.error = e
-                    slot.stored.set()
-                if isinstance(job, Fetch) and not slot.fetch_done.is_set():
-                    slot.error = slot.error or e
-                    slot.fetch_done.set()
-
     def _offload(self, requests: Requests, placement: Placement, jobs: list[Offload]) -> None:
-        for layer_jobs in _runs_by_layer(jobs):
+        for index, layer_jobs in enumerate(_runs_by_layer(jobs)):
+            if index and not self._queue.empty():
+                self._serve_while_waiting(requests)  # fetches queued meanwhile go first
             placement.place_layer(layer_jobs)
             copies = [job for job in layer_jobs if job.slot.placed and not job.moved()]
+            started = time.perf_counter()
             self.copier.copy_out(copies)
+            self.stats.copy_out_s += time.perf_counter() - started
+            self.stats.copy_out_bytes += sum(job.slot.handle.size_bytes for job in copies)
             for job in copies:
                 job.slot.error = job.modified()
             if copies:
@@ -352,7 +340,7 @@ class TransferEngine:
             else:
                 self._backlog.append(job)
         if fetches:
-            self._guard(fetches, lambda: self._fetch(requests, fetches))
+            self._failures.guard(fetches, lambda: self._fetch(requests, fetches))
         if frees:
             self._free(requests, frees)
 
@@ -371,8 +359,11 @@ class TransferEngine:
         if not wanted:
             return
         # The daemon confirms each extent is ours and committed before a byte is read.
+        started = time.perf_counter()
         requests.call(Op.FETCH, handles=[job.slot.id for job in wanted])
         self.copier.copy_in(wanted)
+        self.stats.copy_in_s += time.perf_counter() - started
+        self.stats.copy_in_bytes += sum(job.slot.handle.size_bytes for job in wanted)
         for job in wanted:
             job.slot.fetch_done.set()
 
