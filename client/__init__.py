@@ -1,7 +1,7 @@
 """STORM's client library: what a training script imports.
 
-``from client import StormSystem, StormModel, offload_saved_tensors`` and the error
-classes. Submodules load on first use, so ``stormctl`` (which needs only the protocol
+``from client import StormSystem, StormModel, offload_saved_tensors, offload_checkpoint``
+and the error classes. Submodules load on first use, so ``stormctl`` (which needs only the protocol
 client) starts without importing torch.
 """
 
@@ -33,6 +33,7 @@ from storm_service.errors import (
 
 if TYPE_CHECKING:
     from client.autograd import StormForwardFunction, fetch_activation_from_cpu, offload_activation_to_cpu
+    from client.checkpoint import offload_checkpoint
     from client.defaults import default_system, set_default_system
     from client.handle import Handle
     from client.hooks import OffloadStats, offload_saved_tensors
@@ -71,6 +72,7 @@ __all__ = [
     "default_system",
     "fetch_activation_from_cpu",
     "offload_activation_to_cpu",
+    "offload_checkpoint",
     "offload_saved_tensors",
     "set_default_system",
 ]
@@ -79,6 +81,7 @@ _LAZY = {
     "StormForwardFunction": "client.autograd",
     "fetch_activation_from_cpu": "client.autograd",
     "offload_activation_to_cpu": "client.autograd",
+    "offload_checkpoint": "client.checkpoint",
     "default_system": "client.defaults",
     "set_default_system": "client.defaults",
     "Handle": "client.handle",

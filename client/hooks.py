@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from client.checkpoint import checkpointed
 from client.defaults import default_system
 from client.integrity import checksum
 from client.records import ALIGN_BYTES, Geometry, RecordTable, SpanRecord, byte_range, offloadable
+from client.selection import BudgetChooser, LayerProfile, profile_for
+from client.settings import SELECTIONS
 from client.system import StormSystem
 from storm_service.errors import IntegrityError, SourceModifiedError
 
@@ -47,6 +50,9 @@ class OffloadStats:
     skipped_tensors: int = 0
     """Parameters, tensors under ``min_bytes`` and tensors that are not plain strided ones, left where they were."""
     layer_bytes: dict[str, int] = field(default_factory=dict)
+    """Bytes offloaded, per layer: what the selection chose."""
+    left_bytes: dict[str, int] = field(default_factory=dict)
+    """Bytes the selection left on the device, per layer (``budget``, ``keep_last_layers``)."""
 
 
 class _Packed:
@@ -111,13 +117,35 @@ def _element_bytes(
 
 
 class _SavedTensorOffloader:
-    def __init__(self, system: StormSystem, min_bytes: int, stats: OffloadStats) -> None:
+    def __init__(
+        self,
+        system: StormSystem,
+        min_bytes: int,
+        stats: OffloadStats,
+        budget: BudgetChooser | None = None,
+        keep_from: int | None = None,
+    ) -> None:
         self.system = system
         self.min_bytes = min_bytes
         self.stats = stats
         self.layer_id: int | None = None
         self.layer_name: str | None = None
+        self._budget = budget
+        self._keep_from = keep_from
+        """Layers with this index or later stay on the device (``keep_last_layers``)."""
         self._records = RecordTable()
+
+    @property
+    def layer(self) -> str:
+        return self.layer_name or (str(self.layer_id) if self.layer_id is not None else "-")
+
+    def _selected(self, tensor: torch.Tensor, nbytes: int) -> bool:
+        """Whether the selection policy lets this copy go (client/selection.py)."""
+        kept = self._keep_from is not None and self.layer_id is not None and self.layer_id >= self._keep_from
+        if kept or (self._budget is not None and not self._budget.allows(self.layer, nbytes, tensor.device)):
+            self.stats.left_bytes[self.layer] = self.stats.left_bytes.get(self.layer, 0) + nbytes
+            return False
+        return True
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor | _Packed:
         if not offloadable(tensor) or tensor.numel() * tensor.element_size() < self.min_bytes:
@@ -137,6 +165,9 @@ class _SavedTensorOffloader:
                 self.stats.dedup_saved_bytes += hi - lo
                 self.system.note_saved_bytes(dedup=hi - lo)
                 return _Packed(record, shared, tensor)
+        span_lo, span_hi = geometry.span
+        if not self._selected(tensor, span_hi - span_lo):
+            return tensor
         record = self._offload(tensor, storage, geometry, root, version)
         shifted = geometry.shifted(record.lo)
         assert shifted is not None  # the copy starts on an element boundary of its first tensor
@@ -154,7 +185,7 @@ class _SavedTensorOffloader:
         digest = (
             checksum(_element_bytes(geometry, storage, tensor.device, geometry.dense)) if self.system.verify else None
         )
-        name = self.layer_name or (str(self.layer_id) if self.layer_id is not None else "-")
+        name = self.layer
         handle = self.system.offload(span, layer_id=self.layer_id, guard=tensor)
         record = SpanRecord(
             handle=handle,
@@ -183,6 +214,7 @@ def offload_saved_tensors(
     system: StormSystem | None = None,
     min_bytes: int = DEFAULT_MIN_BYTES,
     module: nn.Module | None = None,
+    select: str | None = None,
 ) -> Iterator[OffloadStats]:
     """Offload what autograd saves for backward, inside the ``with`` block, to the pool.
 
@@ -190,27 +222,77 @@ def offload_saved_tensors(
     ``module``, each of its direct children is a layer: the daemon's per-layer stats
     and ``OffloadStats.layer_bytes`` are keyed by the child's name. Yields the stats.
 
+    ``select`` (default: the system's ``select`` setting) says what leaves the device:
+    ``all``; ``budget``, what the link can carry behind each layer's compute (NOTE
+    [Offload budget] in client/selection.py); ``checkpoint``, which needs ``module``:
+    each child is checkpointed and only its input is offloaded (NOTE [Offloaded
+    checkpoint] in client/checkpoint.py). The last ``keep_last_layers`` children are
+    left alone.
+
     ::
 
         with offload_saved_tensors(system, module=model) as moved:
             loss = loss_fn(model(x), y)
         loss.backward()
     """
+    system = system or default_system()
+    select = select or system.settings.select
+    if select not in SELECTIONS:
+        raise ValueError(f"offload_saved_tensors: select must be one of {SELECTIONS}, got {select!r}")
+    if select != "all" and module is None:
+        raise ValueError(
+            f"offload_saved_tensors: select={select!r} works per layer and needs module= (its children "
+            "are the layers); client.offload_checkpoint(function, *args) checkpoints one call"
+        )
     stats = OffloadStats()
-    offloader = _SavedTensorOffloader(system or default_system(), min_bytes, stats)
-    handles = []
-    if module is not None:
-        for index, (name, child) in enumerate(module.named_children()):
-            handles.append(child.register_forward_pre_hook(_enter_layer(offloader, index, name)))
+    children = list(module.named_children()) if module is not None else []
+    keep_from = len(children) - system.settings.keep_last_layers if module is not None else None
+    profile = profile_for(module) if module is not None and select == "budget" else None
+    budget = BudgetChooser(system, profile, system.settings.budget_cap_bytes) if profile is not None else None
+    offloader = _SavedTensorOffloader(system, min_bytes, stats, budget, keep_from)
+    undo: list[Callable[[], None]] = []
+    for index, (name, child) in enumerate(children):
+        undo.append(child.register_forward_pre_hook(_enter_layer(offloader, index, name, profile)).remove)
+        if select == "checkpoint" and keep_from is not None and index < keep_from:
+            undo.append(_checkpoint_child(child, offloader, index, name))
     stack = _stack()
     stack.append(offloader)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack):
+        if select == "checkpoint":  # saved tensors outside the checkpointed children stay
             yield stats
+        else:
+            with torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack):
+                yield stats
     finally:
         stack.pop()
-        for hook in handles:
-            hook.remove()
+        for step in reversed(undo):
+            step()
+        if profile is not None:
+            profile.end()
+
+
+def _checkpoint_child(child: nn.Module, offloader: _SavedTensorOffloader, index: int, name: str) -> Callable[[], None]:
+    """Run ``child`` through ``offload_checkpoint`` until the returned function undoes it."""
+    own = child.__dict__.get("forward")
+    original = child.forward
+    stats = offloader.stats
+
+    def forward(*args: object, **kwargs: object) -> object:
+        out, sizes = checkpointed(original, args, kwargs, offloader.system, index, offloader.min_bytes)
+        stats.offloaded_storages += len(sizes)
+        stats.offloaded_bytes += sum(sizes)
+        stats.layer_bytes[name] = stats.layer_bytes.get(name, 0) + sum(sizes)
+        return out
+
+    child.forward = forward
+
+    def undo() -> None:
+        if own is None:
+            del child.forward
+        else:
+            child.forward = own
+
+    return undo
 
 
 @contextmanager
@@ -246,8 +328,13 @@ def _stack() -> list[_SavedTensorOffloader]:
     return stack
 
 
-def _enter_layer(offloader: _SavedTensorOffloader, index: int, name: str) -> Callable[[nn.Module, object], None]:
-    def hook(module: nn.Module, args: object) -> None:
+def _enter_layer(
+    offloader: _SavedTensorOffloader, index: int, name: str, profile: LayerProfile | None
+) -> Callable[[nn.Module, tuple[object, ...]], None]:
+    def hook(module: nn.Module, args: tuple[object, ...]) -> None:
         offloader.layer_id, offloader.layer_name = index, name
+        if profile is not None:
+            device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+            profile.enter(name, device)
 
     return hook

@@ -88,7 +88,7 @@ class ClientSettings:
     max_inflight_layers: int = 2
     """``STORM_MAX_INFLIGHT_LAYERS``: layers whose copies may still run when the next layer
     starts offloading; it waits for older ones (NOTE [Bounded copies in flight]). 0: no bound."""
-    keep_last_layers: int = 1
+    keep_last_layers: int = 0
     """``STORM_KEEP_LAST_LAYERS``: with ``module=``, the last layers' saved tensors stay on the
     device, since backward needs them first."""
     budget_cap_bytes: int = 0

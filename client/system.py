@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import zmq
 
-from client.engine import TransferEngine
+from client.engine import EngineStats, TransferEngine
 from client.handle import Handle
 from client.malloc import fix_mmap_threshold
 from client.segments import MappedSegment, PinnedMemoryBuffer
@@ -251,6 +251,14 @@ class StormSystem:
         """Count bytes the autograd hooks did not copy (``span_saved_bytes``, ``dedup_saved_bytes`` in stats)."""
         self._engine.stats.span_saved_bytes += span
         self._engine.stats.dedup_saved_bytes += dedup
+
+    def inflight_bytes(self) -> int:
+        """Bytes offloaded whose copies into the pool are not done: still held on their device."""
+        return self._engine.inflight_bytes()
+
+    def transfer_stats(self) -> EngineStats:
+        """This client's transfer counters so far (no request to the daemon; ``stats()`` adds its view)."""
+        return copy.copy(self._engine.stats)
 
     def locate(self, handle: Handle) -> tuple[int, int, int] | None:
         """``(daemon handle id, segment, offset)`` of the extent that holds ``handle``, once its

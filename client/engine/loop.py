@@ -116,6 +116,11 @@ class TransferEngine:
         self._window.admit(slot)
         self._queue.put(Offload(slot, tensor, producer, guard, guard._version, tensor.data_ptr()))
 
+    def inflight_bytes(self) -> int:
+        """Bytes of offloads not stored yet: their sources are still held where they were."""
+        with self.table.lock:
+            return sum(slot.handle.size_bytes for slot in self.table.newest_first() if not slot.stored.is_set())
+
     def locate(self, handle: Handle, timeout_s: float) -> tuple[int, int, int] | None:
         """``(daemon handle, segment, offset)`` once the offload is placed; None if it holds no extent."""
         slot = self.table.get(handle)
