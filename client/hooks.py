@@ -248,7 +248,7 @@ def offload_saved_tensors(
     children = list(module.named_children()) if module is not None else []
     keep_from = len(children) - system.settings.keep_last_layers if module is not None else None
     profile = profile_for(module) if module is not None and select == "budget" else None
-    budget = BudgetChooser(system, profile, system.settings.budget_cap_bytes) if profile is not None else None
+    budget = BudgetChooser(system, profile) if profile is not None else None
     offloader = _SavedTensorOffloader(system, min_bytes, stats, budget, keep_from)
     undo: list[Callable[[], None]] = []
     for index, (name, child) in enumerate(children):
@@ -263,6 +263,8 @@ def offload_saved_tensors(
         else:
             with torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack):
                 yield stats
+        if stats.offloaded_bytes:
+            system.prefetch_latest()  # backward starts with the latest
     finally:
         stack.pop()
         for step in reversed(undo):

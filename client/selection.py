@@ -6,9 +6,13 @@
 
 NOTE [Offload budget]
   A link K times slower than the compute it hides behind can carry, without slowing
-  the step, about 1/K of what forward saves. ``budget`` offloads, per layer, at most
-  ``bandwidth * layer time`` bytes (capped by ``budget_cap_bytes``), in the order the
-  layer saves them; the rest stays on the device. Both figures are measured online:
+  the step, about 1/K of what forward saves. ``budget`` plans the link's time over the
+  forward (``Budget``): a saved tensor goes only if its copy, queued behind those
+  already planned, ends before the bounded window would wait for it; the rest stays on
+  the device. So a layer offloads about ``FILL * bandwidth * layer time`` bytes (capped
+  by ``budget_cap_bytes``), a tensor larger than that when the link was idle before it.
+  The last layer offloads nothing: no compute is left to hide its copy out, and
+  backward needs it back at once. Both figures are measured online:
   the layer time is the time from one layer's start to the next one's (CUDA events on
   the current stream; the clock on the CPU), the minimum over the steps seen, since
   a step that waited on the link only looks slower; the bandwidth is the transfer
@@ -34,6 +38,8 @@ if TYPE_CHECKING:
 __all__ = ["Budget", "BudgetChooser", "LayerClock", "LayerProfile", "measured_bandwidth", "profile_for"]
 
 PROBE_BYTES = 32 << 20
+FILL = 0.9
+"""The share of the link a budget plans to use: copies have per-batch costs the rate leaves out."""
 
 
 class LayerClock:
@@ -59,20 +65,35 @@ class LayerClock:
 
 
 class LayerProfile:
-    """The layer times of one module (or of one system, without one), learned step by step."""
+    """What one module's forward looks like, learned step by step: its layers in order,
+    how long each takes, and how many bytes each offers to offload."""
 
     def __init__(self) -> None:
         self.layer_s: dict[str, float] = {}
         """Per layer name: the shortest time seen from its start to the next layer's."""
+        self.order: list[str] = []
+        """The layers in the order the last settled forward ran them."""
+        self.offered: dict[str, int] = {}
+        """Per layer: the bytes of saved tensors it offered in its last forward."""
         self._clock: LayerClock | None = None
         self._marks: list[tuple[str, Any]] = []
         self._pending: list[list[tuple[str, Any]]] = []
+        self._offering: dict[str, int] = {}
+
+    @property
+    def last(self) -> str | None:
+        """The layer backward starts from."""
+        return self.order[-1] if self.order else None
 
     def enter(self, name: str, device: torch.device) -> None:
-        """A layer starts (call at its forward pre-hook, or once for a whole block)."""
+        """A layer starts (call at its forward pre-hook)."""
         if self._clock is None:
             self._clock = LayerClock(device)
         self._marks.append((name, self._clock.mark()))
+
+    def offer(self, name: str, nbytes: int) -> None:
+        """``name`` saved ``nbytes`` that could be offloaded."""
+        self._offering[name] = self._offering.get(name, 0) + nbytes
 
     def end(self) -> None:
         """The block ends: the last layer's time runs to here."""
@@ -80,6 +101,8 @@ class LayerProfile:
             self._marks.append(("", self._clock.mark()))
             self._pending.append(self._marks)
         self._marks = []
+        if self._offering:
+            self.offered, self._offering = self._offering, {}
         self._settle()
 
     def _settle(self) -> None:
@@ -94,26 +117,62 @@ class LayerProfile:
             for (name, _), seconds in zip(marks, times, strict=False):
                 assert seconds is not None
                 self.layer_s[name] = min(self.layer_s.get(name, seconds), seconds)
+            self.order = [name for name, _ in marks[:-1]]
         self._pending = still
 
 
 class Budget:
-    """Bytes each layer may still offload in this step (NOTE [Offload budget])."""
+    """A plan of the link's time over one forward (NOTE [Offload budget]).
 
-    def __init__(self, profile: LayerProfile, bytes_per_s: float, cap_bytes: int) -> None:
+    Times are on the forward's planned timeline: layer k starts at the sum of the
+    measured times before it. A tensor of layer k is taken to be saved at a point of
+    layer k in proportion to the bytes the layer has offered so far; its copy starts
+    then or when the link is free, whichever is later, and must end before layer
+    k + ``window`` starts (where the bounded window would wait for it) or, in the last
+    layers, before forward ends. The last layer offloads nothing.
+    """
+
+    def __init__(self, profile: LayerProfile, bytes_per_s: float, cap_bytes: int, window: int) -> None:
         self.bytes_per_s = bytes_per_s
-        self.allowed = {
-            name: min(int(bytes_per_s * seconds), cap_bytes or int(bytes_per_s * seconds))
-            for name, seconds in profile.layer_s.items()
-        }
-        self._left = dict(self.allowed)
+        self._profile = profile
+        self._cap_bytes = cap_bytes
+        self._start: dict[str, float] = {}
+        self._deadline: dict[str, float] = {}
+        clock = 0.0
+        starts = []
+        for name in profile.order:
+            starts.append(clock)
+            clock += profile.layer_s.get(name, 0.0)
+        self.forward_s = clock
+        for index, name in enumerate(profile.order):
+            self._start[name] = starts[index]
+            ahead = index + max(window, 1)
+            self._deadline[name] = starts[ahead] if window > 0 and ahead < len(starts) else clock
+        self._link_free = 0.0
+        self._offered: dict[str, int] = {}
+        self.taken: dict[str, int] = {}
+
+    @property
+    def hideable_bytes(self) -> int:
+        """The most the plan's rate carries during this forward: that rate times its length."""
+        return int(self.bytes_per_s * self.forward_s)
 
     def take(self, layer: str, nbytes: int) -> bool:
-        """Whether ``nbytes`` of ``layer`` may go; counts them if so."""
-        left = self._left.get(layer, 0)
-        if nbytes > left:
+        """Whether ``nbytes`` saved now by ``layer`` may go; plans their copy if so."""
+        profile = self._profile
+        offered = self._offered.get(layer, 0)
+        self._offered[layer] = offered + nbytes
+        if layer not in self._start or layer == profile.last or self.bytes_per_s <= 0:
             return False
-        self._left[layer] = left - nbytes
+        if self._cap_bytes and self.taken.get(layer, 0) + nbytes > self._cap_bytes:
+            return False
+        share = offered / profile.offered[layer] if profile.offered.get(layer) else 0.0
+        now = self._start[layer] + profile.layer_s[layer] * min(share, 1.0)
+        done = max(now, self._link_free) + nbytes / self.bytes_per_s
+        if done > self._deadline[layer]:
+            return False
+        self._link_free = done
+        self.taken[layer] = self.taken.get(layer, 0) + nbytes
         return True
 
 
@@ -142,15 +201,16 @@ def profile_for(owner: object) -> LayerProfile:
 class BudgetChooser:
     """``select="budget"`` for one step: whether a layer may offload the next tensor."""
 
-    def __init__(self, system: StormSystem, profile: LayerProfile, cap_bytes: int) -> None:
+    def __init__(self, system: StormSystem, profile: LayerProfile) -> None:
         self._system = system
         self._profile = profile
-        self._cap_bytes = cap_bytes
         self.budget: Budget | None = None
 
     def allows(self, layer: str, nbytes: int, device: torch.device) -> bool:
+        self._profile.offer(layer, nbytes)
         if self.budget is None:
-            known = bool(self._profile.layer_s)  # the first step measures and offloads nothing
-            bytes_per_s = measured_bandwidth(self._system, device) if known else 0.0
-            self.budget = Budget(self._profile, bytes_per_s, self._cap_bytes)
+            known = bool(self._profile.order)  # the first step measures and offloads nothing
+            bytes_per_s = FILL * measured_bandwidth(self._system, device) if known else 0.0
+            settings = self._system.settings
+            self.budget = Budget(self._profile, bytes_per_s, settings.budget_cap_bytes, settings.max_inflight_layers)
         return self.budget.take(layer, nbytes)

@@ -1,7 +1,8 @@
 """Backward prefetch: pass counting and the bytes in flight.
 
 Backward consumes activations in reverse order of offload, so when a handle is taken
-the ones offloaded just before it are fetched ahead, until ``budget_bytes`` of
+the ones offloaded just before it are fetched ahead (and when forward ends, the
+latest ones: ``newest``), until ``budget_bytes`` of
 fetched-but-unused tensors are in flight; refills wait until less than half of that is
 in flight, so prefetches leave in batches (one ``fetch`` request for many tensors).
 On the CPU a prefetch only has the daemon confirm extents and allocates nothing, so it
@@ -48,13 +49,19 @@ class Prefetcher:
 
     def before(self, slot: Slot) -> None:
         """Request the handles offloaded before ``slot``, within the budget."""
+        self._from(slot.handle.seq)
+
+    def newest(self) -> None:
+        """Request the latest handles, within the budget: forward has ended, backward starts there."""
+        self._from(None)
+
+    def _from(self, seq: int | None) -> None:
         if self.budget_bytes <= 0 or self.inflight_bytes * 2 > self.budget_bytes:
             return
-        seq = slot.handle.seq
         last_layer: int | None = None
         for other in self._table.newest_first():
             handle = other.handle
-            if handle.seq >= seq or other.fetch_requested or other.taken_pass == self._pass:
+            if (seq is not None and handle.seq >= seq) or other.fetch_requested or other.taken_pass == self._pass:
                 continue
             full = self.inflight_bytes + handle.size_bytes > self.budget_bytes
             same_layer = handle.layer_id is not None and handle.layer_id == last_layer
