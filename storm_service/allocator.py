@@ -3,20 +3,39 @@
 NOTE [Extent allocator invariants]
   * Every live extent starts at a multiple of ``alignment`` and its length is the
     request rounded up to ``alignment``; live extents never overlap.
-  * Free extents are kept sorted by offset and are never adjacent: ``free`` merges a
-    returned extent with both neighbours, so ``free_bytes + used_bytes == size_bytes``
-    always and the pool returns to one free extent once everything is freed.
+  * Free extents are never adjacent: ``free`` merges a returned extent with both
+    neighbours, so ``free_bytes + used_bytes == size_bytes`` always and the range
+    returns to one free extent once everything is freed.
   * Allocation is best fit (the smallest free extent that holds the request, lowest
     offset on ties), which keeps large holes whole for large activations.
-``tests/unit/test_allocator.py`` checks these with hypothesis.
+``tests/unit/test_allocator.py`` and ``tests/unit/test_allocator_index.py`` check these
+with hypothesis.
+
+NOTE [Indexed free space]
+  Every operation costs O(log n) in the number of free extents, whatever the
+  fragmentation: the serving loop runs it per tensor, and a linear scan of a pool cut
+  into a million holes took seconds per request. Free space is indexed three ways:
+  * ``_by_size``: a sorted list of one int key per free extent, ``length << 48 |
+    offset``; the first key at or past ``need << 48`` is the best fit (the smallest
+    length that holds the request, then the lowest offset). Offsets stay below 2**48
+    (``MAX_SIZE_BYTES``); an int key compares faster than a tuple.
+  * ``_free_at``: offset -> length, which finds the free neighbour that starts where a
+    freed extent ends;
+  * ``_free_until``: end -> offset, which finds the free neighbour that ends where a
+    freed extent starts.
+  So coalescing needs no ordered search at all, and best fit one bisection.
 """
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
 
+from sortedcontainers import SortedList
+
 __all__ = ["ExtentAllocator", "FreeStats"]
+
+_SHIFT = 48
+_OFFSET_MASK = (1 << _SHIFT) - 1
 
 
 @dataclass(frozen=True)
@@ -34,12 +53,16 @@ class ExtentAllocator:
             raise ValueError(f"alignment must be a power of two, got {alignment}")
         if size_bytes < alignment:
             raise ValueError(f"size_bytes {size_bytes} is smaller than the alignment {alignment}")
+        if size_bytes > _OFFSET_MASK:
+            raise ValueError(f"size_bytes {size_bytes} is larger than {_OFFSET_MASK}")
         self.alignment = alignment
         self.size_bytes = size_bytes - size_bytes % alignment
-        self._free_offsets: list[int] = [0]
-        self._free_len: dict[int, int] = {0: self.size_bytes}
+        self._by_size: SortedList = SortedList()
+        self._free_at: dict[int, int] = {}
+        self._free_until: dict[int, int] = {}
         self._live: dict[int, int] = {}
         self.used_bytes = 0
+        self._add_free(0, self.size_bytes)
 
     def round_up(self, size_bytes: int) -> int:
         return -(-size_bytes // self.alignment) * self.alignment
@@ -49,46 +72,47 @@ class ExtentAllocator:
         if size_bytes <= 0:
             raise ValueError(f"allocate: size_bytes must be positive, got {size_bytes}")
         need = self.round_up(size_bytes)
-        best = -1
-        best_len = 0
-        for offset in self._free_offsets:
-            length = self._free_len[offset]
-            if length >= need and (best < 0 or length < best_len):
-                best, best_len = offset, length
-                if length == need:
-                    break
-        if best < 0:
+        by_size = self._by_size
+        index = by_size.bisect_left(need << _SHIFT)
+        if index == len(by_size):
             return None
-        del self._free_len[best]
-        index = bisect.bisect_left(self._free_offsets, best)
-        if best_len == need:
-            del self._free_offsets[index]
-        else:
-            self._free_offsets[index] = best + need
-            self._free_len[best + need] = best_len - need
-        self._live[best] = need
+        key = by_size.pop(index)
+        offset, length = key & _OFFSET_MASK, key >> _SHIFT
+        del self._free_at[offset]
+        del self._free_until[offset + length]
+        if length > need:
+            self._add_free(offset + need, length - need)
+        self._live[offset] = need
         self.used_bytes += need
-        return best
+        return offset
 
     def free(self, offset: int) -> int:
-        """Return the extent at ``offset`` to the free list; returns its length in bytes."""
+        """Return the extent at ``offset`` to free space; returns its length in bytes."""
         length = self._live.pop(offset, None)
         if length is None:
             raise KeyError(f"free: no live extent at offset {offset}")
         self.used_bytes -= length
-        index = bisect.bisect_left(self._free_offsets, offset)
         start, end = offset, offset + length
-        if index < len(self._free_offsets) and self._free_offsets[index] == end:
-            end += self._free_len.pop(end)
-            del self._free_offsets[index]
-        if index > 0:
-            before = self._free_offsets[index - 1]
-            if before + self._free_len[before] == start:
-                self._free_len[before] += end - start
-                return length
-        self._free_offsets.insert(index, start)
-        self._free_len[start] = end - start
+        after = self._free_at.get(end)
+        if after is not None:
+            self._remove_free(end, after)
+            end += after
+        before = self._free_until.get(start)
+        if before is not None:
+            self._remove_free(before, start - before)
+            start = before
+        self._add_free(start, end - start)
         return length
+
+    def _add_free(self, offset: int, length: int) -> None:
+        self._by_size.add(length << _SHIFT | offset)
+        self._free_at[offset] = length
+        self._free_until[offset + length] = offset
+
+    def _remove_free(self, offset: int, length: int) -> None:
+        self._by_size.remove(length << _SHIFT | offset)
+        del self._free_at[offset]
+        del self._free_until[offset + length]
 
     def length_of(self, offset: int) -> int:
         return self._live[offset]
@@ -102,11 +126,11 @@ class ExtentAllocator:
         return len(self._live)
 
     def free_stats(self) -> FreeStats:
-        lengths = self._free_len.values()
+        by_size = self._by_size
         return FreeStats(
             free_bytes=self.free_bytes,
-            largest_free_bytes=max(lengths, default=0),
-            free_extents=len(self._free_len),
+            largest_free_bytes=by_size[-1] >> _SHIFT if by_size else 0,
+            free_extents=len(by_size),
         )
 
     def live_extents(self) -> list[tuple[int, int]]:
@@ -115,4 +139,4 @@ class ExtentAllocator:
 
     def free_extents(self) -> list[tuple[int, int]]:
         """``(offset, length)`` of every free extent, sorted by offset."""
-        return [(offset, self._free_len[offset]) for offset in self._free_offsets]
+        return sorted(self._free_at.items())
