@@ -17,8 +17,9 @@ NOTE [Indexed free space]
   into a million holes took seconds per request. Free space is indexed three ways:
   * ``_by_size``: a sorted list of one int key per free extent, ``length << 48 |
     offset``; the first key at or past ``need << 48`` is the best fit (the smallest
-    length that holds the request, then the lowest offset). Offsets stay below 2**48
-    (``MAX_SIZE_BYTES``); an int key compares faster than a tuple.
+    length that holds the request, then the lowest offset). A range is at most 2**48
+    bytes (``MAX_SIZE_BYTES``), so offsets stay below 2**48; an int key compares faster
+    than a tuple.
   * ``_free_at``: offset -> length, which finds the free neighbour that starts where a
     freed extent ends;
   * ``_free_until``: end -> offset, which finds the free neighbour that ends where a
@@ -53,8 +54,8 @@ class ExtentAllocator:
             raise ValueError(f"alignment must be a power of two, got {alignment}")
         if size_bytes < alignment:
             raise ValueError(f"size_bytes {size_bytes} is smaller than the alignment {alignment}")
-        if size_bytes > _OFFSET_MASK:
-            raise ValueError(f"size_bytes {size_bytes} is larger than {_OFFSET_MASK}")
+        if size_bytes > 1 << _SHIFT:  # every offset then fits below bit 48 (NOTE [Indexed free space])
+            raise ValueError(f"size_bytes {size_bytes} is larger than {1 << _SHIFT}")
         self.alignment = alignment
         self.size_bytes = size_bytes - size_bytes % alignment
         self._by_size: SortedList = SortedList()

@@ -113,3 +113,15 @@ def test_a_fragmented_range_still_finds_the_one_hole_that_fits() -> None:
     assert alloc.allocate(2 * ALIGN) == 5_000 * ALIGN
     assert alloc.allocate(2 * ALIGN) is None
     assert alloc.allocate(ALIGN) == 0
+
+
+def test_a_range_of_the_largest_size_places_extents_up_to_its_end() -> None:
+    """A segment may be MAX_SIZE_BYTES (2**48) long: its last offset still fits the size index."""
+    size = 1 << 48
+    alloc = ExtentAllocator(size, ALIGN)
+    first = alloc.allocate(size - ALIGN)
+    last = alloc.allocate(ALIGN)
+    assert (first, last) == (0, size - ALIGN)
+    alloc.free(first)
+    assert alloc.allocate(ALIGN) == 0
+    assert alloc.free_stats().largest_free_bytes == size - 2 * ALIGN
