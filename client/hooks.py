@@ -270,7 +270,7 @@ def offload_saved_tensors(
         for step in reversed(undo):
             step()
         if profile is not None:
-            profile.end()
+            profile.end(system.transfer_stats().window_wait_s)
 
 
 def _checkpoint_child(child: nn.Module, offloader: _SavedTensorOffloader, index: int, name: str) -> Callable[[], None]:
@@ -337,6 +337,6 @@ def _enter_layer(
         offloader.layer_id, offloader.layer_name = index, name
         if profile is not None:
             device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
-            profile.enter(name, device)
+            profile.enter(name, device, offloader.system.transfer_stats().window_wait_s)
 
     return hook

@@ -14,11 +14,11 @@ NOTE [Offload budget]
   The last layer offloads nothing: no compute is left to hide its copy out, and
   backward needs it back at once. Both figures are measured online:
   the layer time is the time from one layer's start to the next one's (CUDA events on
-  the current stream; the clock on the CPU), the minimum over the steps seen, since
-  a step that waited on the link only looks slower; the bandwidth is the transfer
-  engine's, bytes copied into the pool over the seconds its copies took (one 32 MiB
-  probe copy if nothing was copied yet). The first step of a module measures and
-  offloads nothing. With bounded copies in flight (NOTE [Bounded copies in flight]),
+  the current stream; the clock on the CPU) less the time forward waited on the link
+  meanwhile, the minimum over the steps seen; the bandwidth is the transfer engine's,
+  bytes copied into the pool over the seconds its copies took (one 32 MiB probe copy
+  if nothing was copied yet). The first ``WARMUP_STEPS`` forwards of a module measure
+  and offload nothing. With bounded copies in flight (NOTE [Bounded copies in flight]),
   a layer's copies then end while the next layer computes, so forward never waits on
   the link.
 """
@@ -40,6 +40,8 @@ __all__ = ["Budget", "BudgetChooser", "LayerClock", "LayerProfile", "measured_ba
 PROBE_BYTES = 32 << 20
 FILL = 0.9
 """The share of the link a budget plans to use: copies have per-batch costs the rate leaves out."""
+WARMUP_STEPS = 2
+"""Forwards measured before the budget offloads: the first pays one-time costs (allocator, kernels)."""
 
 
 class LayerClock:
@@ -75,9 +77,11 @@ class LayerProfile:
         """The layers in the order the last settled forward ran them."""
         self.offered: dict[str, int] = {}
         """Per layer: the bytes of saved tensors it offered in its last forward."""
+        self.steps = 0
+        """Forwards measured so far."""
         self._clock: LayerClock | None = None
-        self._marks: list[tuple[str, Any]] = []
-        self._pending: list[list[tuple[str, Any]]] = []
+        self._marks: list[tuple[str, Any, float]] = []
+        self._pending: list[list[tuple[str, Any, float]]] = []
         self._offering: dict[str, int] = {}
 
     @property
@@ -85,20 +89,21 @@ class LayerProfile:
         """The layer backward starts from."""
         return self.order[-1] if self.order else None
 
-    def enter(self, name: str, device: torch.device) -> None:
-        """A layer starts (call at its forward pre-hook)."""
+    def enter(self, name: str, device: torch.device, waited_s: float = 0.0) -> None:
+        """A layer starts (call at its forward pre-hook). ``waited_s``: the seconds forward has
+        waited on the link so far (``window_wait_s``), which are not the layers' compute."""
         if self._clock is None:
             self._clock = LayerClock(device)
-        self._marks.append((name, self._clock.mark()))
+        self._marks.append((name, self._clock.mark(), waited_s))
 
     def offer(self, name: str, nbytes: int) -> None:
         """``name`` saved ``nbytes`` that could be offloaded."""
         self._offering[name] = self._offering.get(name, 0) + nbytes
 
-    def end(self) -> None:
+    def end(self, waited_s: float = 0.0) -> None:
         """The block ends: the last layer's time runs to here."""
         if self._clock is not None and self._marks:
-            self._marks.append(("", self._clock.mark()))
+            self._marks.append(("", self._clock.mark(), waited_s))
             self._pending.append(self._marks)
         self._marks = []
         if self._offering:
@@ -107,17 +112,19 @@ class LayerProfile:
 
     def _settle(self) -> None:
         clock = self._clock
-        still: list[list[tuple[str, Any]]] = []
+        still: list[list[tuple[str, Any, float]]] = []
         for marks in self._pending:
             assert clock is not None
-            times = [clock.seconds(a, b) for (_, a), (_, b) in itertools.pairwise(marks)]
+            times = [clock.seconds(a, b) for (_, a, _), (_, b, _) in itertools.pairwise(marks)]
             if any(t is None for t in times):
                 still.append(marks)
                 continue
-            for (name, _), seconds in zip(marks, times, strict=False):
+            for (name, _, waited_a), (_, _, waited_b), seconds in zip(marks, marks[1:], times, strict=False):
                 assert seconds is not None
-                self.layer_s[name] = min(self.layer_s.get(name, seconds), seconds)
-            self.order = [name for name, _ in marks[:-1]]
+                compute = max(seconds - (waited_b - waited_a), 0.0)
+                self.layer_s[name] = min(self.layer_s.get(name, compute), compute)
+            self.order = [name for name, _, _ in marks[:-1]]
+            self.steps += 1
         self._pending = still
 
 
@@ -209,7 +216,7 @@ class BudgetChooser:
     def allows(self, layer: str, nbytes: int, device: torch.device) -> bool:
         self._profile.offer(layer, nbytes)
         if self.budget is None:
-            known = bool(self._profile.order)  # the first step measures and offloads nothing
+            known = self._profile.steps >= WARMUP_STEPS
             bytes_per_s = FILL * measured_bandwidth(self._system, device) if known else 0.0
             settings = self._system.settings
             self.budget = Budget(self._profile, bytes_per_s, settings.budget_cap_bytes, settings.max_inflight_layers)

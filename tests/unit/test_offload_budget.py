@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -70,12 +72,13 @@ def test_the_profile_keeps_each_layers_shortest_time_and_the_last_forwards_order
             profile.enter(name, cpu)
             profile.offer(name, 100)
         profile.end()
-    assert profile.order == ["a", "b"] and profile.last == "b"
+    assert profile.order == ["a", "b"] and profile.last == "b" and profile.steps == 2
     assert profile.offered == {"a": 100, "b": 100}
     assert set(profile.layer_s) == {"a", "b"} and all(t >= 0 for t in profile.layer_s.values())
     shortest = dict(profile.layer_s)
-    profile.enter("a", cpu)
-    profile.end()
+    profile.enter("a", cpu, waited_s=0.0)
+    time.sleep(0.05)
+    profile.end(waited_s=0.05)  # all of it waiting on the link: not the layer's compute
     assert profile.layer_s["a"] <= shortest["a"] and profile.order == ["a"]
 
 
