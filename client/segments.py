@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from storm_service.shm import SHM_DIR, PinError, pin, unpin
+from storm_service.shm import SHM_DIR, advise_huge_pages, huge_page_policy
 
 __all__ = ["MappedSegment", "PinnedMemoryBuffer"]
 
@@ -43,8 +43,9 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 class MappedSegment:
     """One pool segment mapped into this process, pre-populated (no first-touch faults).
 
-    Where CUDA exists the mapping is page-locked with cudaHostRegister, so that copies
-    between the device and the pool are asynchronous DMA.
+    Huge pages back the mapping where the kernel's policy allows (NOTE [Huge pages] in
+    storm_service/shm.py). With ``pin``, the CUDA copier page-locks the chunks its copies
+    touch, as they touch them (NOTE [Lazy pinning]); the segment itself never calls CUDA.
     """
 
     def __init__(self, name: str, size_bytes: int, *, pin: bool) -> None:
@@ -52,6 +53,8 @@ class MappedSegment:
             raise ValueError(f"segment name {name!r} is not a plain /dev/shm name")
         self.name = name
         self.size_bytes = size_bytes
+        self.pin = pin
+        """Whether this process may page-lock the mapping (``STORM_PIN``)."""
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CLOEXEC)
         try:
             actual = os.fstat(fd).st_size
@@ -60,22 +63,11 @@ class MappedSegment:
             self._mm: mmap.mmap | None = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         finally:
             os.close(fd)
+        advise_huge_pages(self._mm, huge_page_policy(SHM_DIR))
         window = (ctypes.c_uint8 * size_bytes).from_buffer(self._mm)  # holds an export: NOTE [Detached views]
-        self._base = ctypes.addressof(window)
+        self.address = ctypes.addressof(window)
+        """Where the mapping starts in this process."""
         self.bytes = torch.frombuffer(window, dtype=torch.uint8)  # (size_bytes,)
-        self.pinned = False
-        if pin:
-            self._register()
-
-    def _register(self) -> None:
-        cudart = torch.cuda.cudart()
-        pin(
-            self._base,
-            self.size_bytes,
-            lambda address, length: int(cudart.cudaHostRegister(address, length, 0)),
-            what=f"segment {self.name}",
-        )
-        self.pinned = True
 
     @property
     def mmap(self) -> mmap.mmap:
@@ -93,20 +85,10 @@ class MappedSegment:
         """Unmap the segment, or detach it if tensors still read it (NOTE [Detached views]).
 
         ``keep`` lists the ``(offset, size_bytes)`` extents whose bytes live tensors need.
+        Its pinned chunks must be unregistered first (the CUDA copier's ``close`` does).
         """
         if self._mm is None:
             return
-        if self.pinned:
-            cudart = torch.cuda.cudart()
-            try:
-                unpin(
-                    self._base,
-                    self.size_bytes,
-                    lambda address: int(cudart.cudaHostUnregister(address)),
-                    what=f"segment {self.name}",
-                )
-            except PinError as e:  # close goes on: the segment is given up either way
-                log.warning("%s", e)
         del self.bytes
         try:
             self._mm.close()
@@ -117,20 +99,20 @@ class MappedSegment:
 
     def _detach(self, keep: Sequence[tuple[int, int]]) -> None:
         """Replace the mapping in place with private memory holding the ``keep`` extents' bytes."""
-        saved = [(start, ctypes.string_at(self._base + start, stop - start)) for start, stop in _page_ranges(keep)]
+        saved = [(start, ctypes.string_at(self.address + start, stop - start)) for start, stop in _page_ranges(keep)]
         address = _libc.mmap(
-            self._base,
+            self.address,
             self.size_bytes,
             mmap.PROT_READ | mmap.PROT_WRITE,
             mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED,
             -1,
             0,
         )
-        if address != self._base:
+        if address != self.address:
             errno = ctypes.get_errno()
             raise OSError(errno, f"detaching segment {self.name}: mmap failed: {os.strerror(errno)}")
         for start, data in saved:
-            ctypes.memmove(self._base + start, data, len(data))
+            ctypes.memmove(self.address + start, data, len(data))
 
 
 def _page_ranges(extents: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -96,6 +96,8 @@ class ClientSettings:
     link_gbps: float = 0.0
     """``STORM_LINK_GBPS``: throttle pool copies to this many GB/s each way, to emulate a
     device link on the CPU (NOTE [Link emulator]). 0: no limit."""
+    pin: bool = True
+    """``STORM_PIN``: page-lock the pool chunks CUDA copies touch (NOTE [Lazy pinning]); off: pageable copies."""
     verify: bool = False
     """``STORM_VERIFY``: checksum saved tensors at pack, check them at unpack (NOTE [Verify mode])."""
     mmap_threshold_bytes: int = 1 << 20
@@ -166,6 +168,7 @@ _VARIABLES = {
     "keep_last_layers": "STORM_KEEP_LAST_LAYERS",
     "budget_cap_bytes": "STORM_BUDGET_CAP",
     "link_gbps": "STORM_LINK_GBPS",
+    "pin": "STORM_PIN",
     "verify": "STORM_VERIFY",
     "mmap_threshold_bytes": "STORM_MMAP_THRESHOLD",
     "curve_server_key": "STORM_CURVE_SERVER_KEY",
@@ -183,6 +186,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "budget_cap_bytes": parse_size,
     "link_gbps": _rate,
     "prefetch_bytes": parse_size,
+    "pin": _flag,
     "verify": _flag,
     "mmap_threshold_bytes": parse_size,
 }

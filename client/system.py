@@ -15,6 +15,7 @@ import torch
 import zmq
 
 from client.engine import EngineStats, TransferEngine
+from client.engine.cuda import CudaCopier
 from client.handle import Handle
 from client.malloc import fix_mmap_threshold
 from client.segments import MappedSegment, PinnedMemoryBuffer
@@ -24,6 +25,8 @@ from client.stats import SystemStats
 from client.transport import Channel
 from storm_service.errors import StormError, StormTimeoutError, StormUnavailableError, UnknownSessionError
 from storm_service.protocol import Op
+from storm_service.shm import huge_page_bytes
+from storm_service.units import format_bytes
 
 __all__ = ["StormSystem"]
 
@@ -118,7 +121,12 @@ class StormSystem:
         atexit.register(_close_at_exit, weakref.ref(self))
 
     def _register(self) -> None:
-        """Register a session, map its pool, start the transfer engine and the heartbeat."""
+        """Register a session, start its heartbeat, then map its pool and start the transfer engine.
+
+        The heartbeat starts before anything is mapped: mapping a large pool takes a
+        while, and the session must not expire meanwhile. Nothing here touches CUDA
+        (NOTE [Device hygiene] in client/engine/cuda.py).
+        """
         self._daemon_alive: Any = None
         self._local = threading.local()
         channel = self._new_channel()
@@ -131,39 +139,58 @@ class StormSystem:
         self.token = registration.token
         self.quota_bytes = registration.quota_bytes
         self._daemon_alive = registration.daemon_alive
-        cuda = torch.cuda.is_available()
-        self.segments = [MappedSegment(s["name"], s["size_bytes"], pin=cuda) for s in registration.segments]
-        settings = self.settings
-        self._engine = TransferEngine(
-            new_channel=self._new_channel,
-            token=self.token,
-            segments=self.segments,
-            policy=settings.policy,
-            wait_timeout_s=settings.wait_timeout_s,
-            prefetch_bytes=settings.prefetch_bytes,
-            reserve_idle_s=settings.reserve_idle_s,
-            timeout_s=self.timeout_s,
-            cuda=cuda,
-            on_lost=self._mark_lost,
-            max_inflight_layers=settings.max_inflight_layers,
-            link_gbps=settings.link_gbps,
-        )
         self._heartbeat = Heartbeat(
             self._new_channel, self.token, registration.heartbeat_interval_s, self.timeout_s, self._mark_lost
         )
+        settings = self.settings
+        cuda = torch.cuda.is_available()
+        self.segments = []
+        try:
+            for s in registration.segments:
+                self.segments.append(MappedSegment(s["name"], s["size_bytes"], pin=cuda and settings.pin))
+            self._engine = TransferEngine(
+                new_channel=self._new_channel,
+                token=self.token,
+                segments=self.segments,
+                policy=settings.policy,
+                wait_timeout_s=settings.wait_timeout_s,
+                prefetch_bytes=settings.prefetch_bytes,
+                reserve_idle_s=settings.reserve_idle_s,
+                timeout_s=self.timeout_s,
+                cuda=cuda,
+                on_lost=self._mark_lost,
+                max_inflight_layers=settings.max_inflight_layers,
+                link_gbps=settings.link_gbps,
+            )
+        except BaseException:
+            self._heartbeat.stop()
+            for segment in self.segments:
+                segment.close()
+            self._heartbeat.join(self.timeout_s)
+            raise
         self.generation += 1
         self.lost = None
-        log.info("registered with stormd at %s as session %d", self.endpoint, self.session_id)
+        log.info(
+            "registered with stormd at %s as session %d; pool of %s mapped, %s of it in huge pages",
+            self.endpoint,
+            self.session_id,
+            format_bytes(sum(segment.size_bytes for segment in self.segments)),
+            format_bytes(huge_page_bytes([(segment.address, segment.size_bytes) for segment in self.segments])),
+        )
 
     def _release(self, unregister: bool) -> None:
         """Stop the heartbeat and the engine, unmap the pool, and optionally unregister.
 
-        The pool is unmapped first: once the session is gone the daemon lends its extents
-        to others, so tensors that still read the pool in place must hold private copies
-        by then (NOTE [Detached views] in client/segments.py).
+        Every device's copies are waited for and the pinned chunks unregistered before the
+        pool is unmapped (NOTE [Device hygiene] in client/engine/cuda.py). The pool is
+        unmapped before the session is given up: once it is gone the daemon lends its
+        extents to others, so tensors that still read the pool in place must hold private
+        copies by then (NOTE [Detached views] in client/segments.py).
         """
         self._heartbeat.stop()
         self._engine.close(self.timeout_s)
+        if isinstance(self._engine.copier, CudaCopier):
+            self._engine.copier.close()
         viewed: dict[int, list[tuple[int, int]]] = {}
         for segment_index, offset, size_bytes in self._engine.table.viewed_extents():
             viewed.setdefault(segment_index, []).append((offset, size_bytes))
@@ -180,13 +207,20 @@ class StormSystem:
 
     @property
     def transfer_d2h_stream(self) -> torch.cuda.Stream | None:
-        """The CUDA stream that carries device-to-pool copies (None without CUDA)."""
-        return getattr(self._engine.copier, "d2h_stream", None)
+        """The current device's stream for device-to-pool copies (None without CUDA).
+
+        Each device has its own, made on first use (NOTE [Device hygiene] in client/engine/cuda.py).
+        """
+        self._check_open("transfer_d2h_stream")
+        copier = self._engine.copier
+        return copier.streams(torch.cuda.current_device()).d2h if isinstance(copier, CudaCopier) else None
 
     @property
     def transfer_h2d_stream(self) -> torch.cuda.Stream | None:
-        """The CUDA stream that carries pool-to-device copies (None without CUDA)."""
-        return getattr(self._engine.copier, "h2d_stream", None)
+        """The current device's stream for pool-to-device copies (None without CUDA); see ``transfer_d2h_stream``."""
+        self._check_open("transfer_h2d_stream")
+        copier = self._engine.copier
+        return copier.streams(torch.cuda.current_device()).h2d if isinstance(copier, CudaCopier) else None
 
     def offload(
         self, tensor: torch.Tensor, layer_id: int | None = None, *, guard: torch.Tensor | None = None

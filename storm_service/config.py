@@ -22,7 +22,6 @@ from storm_service.units import format_bytes, parse_duration, parse_size
 __all__ = ["ConfigError", "DaemonConfig", "build_parser", "load_config"]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-PIN_MODES = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -42,8 +41,6 @@ class DaemonConfig:
     """Bytes one session may hold by default (0: the whole pool)."""
     max_quota: int
     """Largest quota a session may ask for at register (0: the whole pool)."""
-    pin: str
-    """Whether to page-lock the pool with cudaHostRegister: auto (if CUDA exists), on, off."""
     log_level: str
     group: str
     """A group whose members may use the daemon too (socket dir 0750, socket and segments 0660)."""
@@ -159,7 +156,6 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting(
         "max_quota", _non_negative(parse_size), lambda: "0", "largest quota a session may ask for (0: whole pool)"
     ),
-    _Setting("pin", _choice(PIN_MODES), lambda: "auto", "page-lock the pool for CUDA: auto, on, off"),
     _Setting("log_level", _choice(LOG_LEVELS), lambda: "INFO", "DEBUG, INFO, WARNING or ERROR"),
     _Setting("group", _group, lambda: "", "share the socket and pool with this group (default: owner only)"),
     _Setting("curve_dir", _curve_dir, lambda: "", "CURVE keys (server.key_secret, authorized/*.key) for tcp://"),

@@ -1,8 +1,9 @@
 """``stormd``: start-up, signals and clean shutdown around :class:`~storm_service.server.Server`.
 
 Start-up order matters: take the endpoint lock first (NOTE [Endpoint lock]), sweep
-what a dead daemon left, create and reserve the pool, pin it where CUDA exists, record
-the segment names, bind, and only then announce readiness. Shutdown (SIGTERM, SIGINT
+what a dead daemon left, create and reserve the pool, record the segment names, bind,
+and only then announce readiness. The daemon never touches CUDA: each client pins its
+own mapping (NOTE [Lazy pinning] in storm_service/shm.py). Shutdown (SIGTERM, SIGINT
 or ``stormctl shutdown``) answers queued requests with SHUTTING_DOWN, frees every
 session, unlinks the segments, removes the socket and the lock, and exits 0.
 """
@@ -46,26 +47,6 @@ def _setup_logging(level: str) -> None:
         level=getattr(logging, level),
         format="%(asctime)s stormd[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
-
-
-def _cuda_present() -> bool:
-    # Importing torch costs seconds and hundreds of MB: only where an NVIDIA driver exists.
-    return os.path.exists("/dev/nvidiactl")
-
-
-def _pin(pool: Pool, mode: str) -> None:
-    if mode == "off" or (mode == "auto" and not _cuda_present()):
-        log.info("pool not pinned (pin=%s, CUDA device nodes %s)", mode, "present" if _cuda_present() else "absent")
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        if mode == "on":
-            raise PoolError("--pin on: CUDA is not available to this process")
-        log.info("pool not pinned: torch sees no CUDA device")
-        return
-    seconds = sum(segment.pin() for segment in pool.segments)
-    log.info("pinned %s with cudaHostRegister in %.2f s", format_bytes(pool.size_bytes), seconds)
 
 
 @dataclass(frozen=True)
@@ -135,7 +116,6 @@ def run(config: DaemonConfig) -> int:
             len(pool.segments),
             time.perf_counter() - start,
         )
-        _pin(pool, config.pin)
         server = Server(config, pool, stop=stop)
         server.bind()
         if config.metrics_port:

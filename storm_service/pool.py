@@ -3,24 +3,29 @@
 NOTE [Pool reservation]
   Creating a file in /dev/shm and mapping it reserves nothing: a pool larger than the
   free space of /dev/shm maps fine and then kills whoever touches a page past the end
-  with SIGBUS. ``posix_fallocate`` reserves (and zeroes) every page up front, so a
-  too-small /dev/shm is an error at start instead. ``MAP_POPULATE`` then faults the
-  pages into our page table, and clients map with ``MAP_POPULATE`` too, so that no
-  offload pays first-touch faults (measured 5-8x slower than warm copies).
+  with SIGBUS. So every page is allocated (and zeroed) up front, and a too-small
+  /dev/shm is an error at start instead: first through the mapping with
+  ``MADV_POPULATE_WRITE``, which fails with an error instead of SIGBUS and allocates
+  huge pages where the mapping was advised to (NOTE [Huge pages] in storm_service/shm.py;
+  ``posix_fallocate`` allocates without a mapping, so never huge pages under
+  ``huge=advise``), then ``posix_fallocate`` for whatever a kernel before 5.14 left.
+  Clients map with ``MAP_POPULATE``, so that no offload pays first-touch faults
+  (measured 5-8x slower than warm copies).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import mmap
 import os
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from storm_service.allocator import ExtentAllocator
-from storm_service.shm import SEGMENT_PREFIX, SHM_DIR, PinError, pin
+from storm_service.shm import SEGMENT_PREFIX, SHM_DIR, advise_huge_pages, huge_page_bytes, huge_page_policy
 from storm_service.units import format_bytes
 
 __all__ = ["Pool", "PoolError", "Segment", "sweep_segments"]
@@ -28,6 +33,7 @@ __all__ = ["Pool", "PoolError", "Segment", "sweep_segments"]
 log = logging.getLogger("stormd.pool")
 
 ALIGNMENT = 512
+_MADV_POPULATE_WRITE = 23  # Linux 5.14; Python's mmap module does not export it
 
 
 class PoolError(RuntimeError):
@@ -45,23 +51,25 @@ class Segment:
         return os.path.join(SHM_DIR, self.name)
 
     @classmethod
-    def create(cls, name: str, size_bytes: int, mode: int = 0o600, gid: int = -1) -> Segment:
-        """Create, reserve and pre-fault a fresh segment (see NOTE [Pool reservation])."""
+    def create(cls, name: str, size_bytes: int, mode: int = 0o600, gid: int = -1, huge: str = "never") -> Segment:
+        """Create and reserve a fresh segment (see NOTE [Pool reservation]).
+
+        ``huge`` is the huge-page policy of SHM_DIR (``huge_page_policy()``): where it
+        allows, the mapping is advised to use huge pages before any page exists.
+        """
         path = os.path.join(SHM_DIR, name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         try:
             os.fchown(fd, -1, gid)
             os.fchmod(fd, mode)  # the umask may have narrowed it; --group widens it on purpose
+            os.ftruncate(fd, size_bytes)
+            mm = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED)
             try:
-                os.posix_fallocate(fd, 0, size_bytes)
-            except OSError as e:
-                free = os.statvfs(SHM_DIR)
-                raise PoolError(
-                    f"cannot reserve {format_bytes(size_bytes)} in {SHM_DIR}: "
-                    f"{format_bytes(free.f_bavail * free.f_frsize)} free ({e.strerror}); "
-                    "lower --pool-size or enlarge /dev/shm (docker: --shm-size)"
-                ) from e
-            mm = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+                advise_huge_pages(mm, huge)
+                _reserve(fd, mm, size_bytes)
+            except BaseException:
+                mm.close()
+                raise
         except BaseException:
             os.unlink(path)
             raise
@@ -69,23 +77,13 @@ class Segment:
             os.close(fd)
         return cls(name=name, size_bytes=size_bytes, _mm=mm)
 
-    def pin(self) -> float:
-        """Page-lock the mapping for CUDA DMA (NOTE [Pinning in chunks]); returns the seconds it took."""
-        import torch  # only where CUDA exists; the daemon otherwise never imports torch
-
-        view = torch.frombuffer(self._mm, dtype=torch.uint8)
-        cudart = torch.cuda.cudart()
-        start = time.perf_counter()
-        try:
-            pin(
-                view.data_ptr(),
-                self.size_bytes,
-                lambda address, length: int(cudart.cudaHostRegister(address, length, 0)),
-                what=f"segment {self.name}",
-            )
-        except PinError as e:
-            raise PoolError(str(e)) from e
-        return time.perf_counter() - start
+    @property
+    def address(self) -> int:
+        """Where the daemon's mapping starts."""
+        window = (ctypes.c_char * 1).from_buffer(self._mm)
+        address = ctypes.addressof(window)
+        del window  # the export would keep the mapping from closing
+        return address
 
     def close(self) -> None:
         """Unmap and unlink. A client that still maps the segment keeps its pages until it unmaps."""
@@ -137,14 +135,21 @@ class Pool:
             remaining -= size
         names = [SEGMENT_PREFIX + secrets.token_hex(12) for _ in sizes]
         announce(names)
+        huge = huge_page_policy(SHM_DIR)
         segments: list[Segment] = []
         try:
             for name, size in zip(names, sizes, strict=True):
-                segments.append(Segment.create(name, size, mode, gid))
+                segments.append(Segment.create(name, size, mode, gid, huge))
         except BaseException:
             for segment in segments:
                 segment.close()
             raise
+        log.info(
+            "huge pages back %s of the pool (%s policy %s)",
+            format_bytes(huge_page_bytes([(segment.address, segment.size_bytes) for segment in segments])),
+            SHM_DIR,
+            huge,
+        )
         return cls(segments)
 
     @property
@@ -180,6 +185,29 @@ class Pool:
     def close(self) -> None:
         for segment in self.segments:
             segment.close()
+
+
+def _reserve(fd: int, mm: mmap.mmap, size_bytes: int) -> None:
+    """Allocate every page of the segment, or raise PoolError (NOTE [Pool reservation])."""
+    try:
+        mm.madvise(_MADV_POPULATE_WRITE)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: a kernel before 5.14; posix_fallocate does it all
+            raise _no_room(size_bytes, e) from e
+    try:
+        os.posix_fallocate(fd, 0, size_bytes)
+    except OSError as e:
+        raise _no_room(size_bytes, e) from e
+
+
+def _no_room(size_bytes: int, error: OSError) -> PoolError:
+    free = os.statvfs(SHM_DIR)
+    reason = "no space left" if error.errno == errno.EFAULT else error.strerror  # EFAULT: a fault would SIGBUS
+    return PoolError(
+        f"cannot reserve {format_bytes(size_bytes)} in {SHM_DIR}: "
+        f"{format_bytes(free.f_bavail * free.f_frsize)} free ({reason}); "
+        "lower --pool-size or enlarge /dev/shm (docker: --shm-size)"
+    )
 
 
 def sweep_segments(names: object) -> list[str]:

@@ -73,8 +73,6 @@ def _spawn_daemon(
         pool_size,
         "--heartbeat-timeout",
         heartbeat_timeout,
-        "--pin",
-        "off",
         *extra_args,  # later flags win, so extra_args may override the ones above
     ]
     with open(log_path, "wb") as log:

@@ -12,10 +12,8 @@ NOTE [Aliased fetch]
   outlive the session are detached from the pool (NOTE [Detached views] in
   client/segments.py).
 
-CUDA ordering uses events, not ``record_stream``: the D2H copy waits on an event
-recorded on the producer's stream, and the source is dropped only after the copy's
-event completes; the H2D stream waits on an event recorded after the destination was
-allocated, and the consumer waits on the copy's event.
+The CUDA copier, its streams, events and pinning are in client/engine/cuda.py
+(NOTE [Device hygiene]).
 """
 
 from __future__ import annotations
@@ -28,12 +26,13 @@ from typing import Any, Protocol
 
 import torch
 
+from client.engine.cuda import CudaCopier
 from client.engine.jobs import Fetch, Offload
 from client.engine.link import D2H, H2D, Link
 from client.engine.state import Slot
 from client.segments import MappedSegment
 
-__all__ = ["Copier", "CpuCopier", "CudaCopier", "PoolViews", "copier_for"]
+__all__ = ["Copier", "CpuCopier", "PoolViews", "copier_for"]
 
 
 class PoolViews:
@@ -58,8 +57,8 @@ class PoolViews:
 class Copier(Protocol):
     """How bytes move for one kind of device."""
 
-    def prepare_fetch(self, handle_device: torch.device, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Any, Any]:
-        """On the asking thread: the destination and an event after its allocation (or None, None)."""
+    def prepare_fetch(self, slot: Slot) -> tuple[Any, Any]:
+        """On the asking thread: the destination and its allocation's event (or None, None)."""
 
     def copy_out(self, jobs: list[Offload]) -> None:
         """Copy each placed job's tensor into its extent; returns once the sources may be dropped."""
@@ -81,7 +80,7 @@ class CpuCopier:
         self.views = views
         self.link = link
 
-    def prepare_fetch(self, handle_device: torch.device, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Any, Any]:
+    def prepare_fetch(self, slot: Slot) -> tuple[Any, Any]:
         return None, None
 
     def copy_out(self, jobs: list[Offload]) -> None:
@@ -109,54 +108,7 @@ class CpuCopier:
         """Nothing is in flight on the CPU."""
 
 
-class CudaCopier(CpuCopier):
-    """D2H and H2D streams ordered with events (see the module docstring)."""
-
-    def __init__(self, views: PoolViews) -> None:
-        super().__init__(views)
-        self.d2h_stream = torch.cuda.Stream()
-        self.h2d_stream = torch.cuda.Stream()
-
-    def prepare_fetch(self, handle_device: torch.device, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Any, Any]:
-        if handle_device.type != "cuda":
-            return None, None
-        out = torch.empty(shape, dtype=dtype, device=handle_device)
-        allocated = torch.cuda.Event()
-        allocated.record(torch.cuda.current_stream(handle_device))
-        return out, allocated
-
-    def copy_out(self, jobs: list[Offload]) -> None:
-        done = None
-        host = [job for job in jobs if job.producer is None]
-        super().copy_out(host)
-        for job in jobs:
-            if job.producer is None:
-                continue
-            with torch.cuda.stream(self.d2h_stream):
-                self.d2h_stream.wait_event(job.producer)
-                self.views.view(job.slot).copy_(job.tensor, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.d2h_stream)
-        if done is not None:
-            done.synchronize()  # sources may be dropped only once their copies are done
-
-    def copy_in(self, jobs: list[Fetch]) -> None:
-        for job in jobs:
-            if job.out is None:
-                continue
-            self.h2d_stream.wait_event(job.allocated)
-            with torch.cuda.stream(self.h2d_stream):
-                job.out.copy_(self.views.view(job.slot), non_blocking=True)
-                copied = torch.cuda.Event()
-                copied.record(self.h2d_stream)
-            job.slot.copy_event = copied
-            job.slot.fetched = job.out
-
-    def before_free(self, slot: Slot) -> None:
-        if isinstance(slot.copy_event, torch.cuda.Event):
-            slot.copy_event.synchronize()  # the extent may be reused once freed
-
-
-def copier_for(views: PoolViews, cuda: bool, link: Link | None = None) -> CpuCopier:
-    """The copier for this process: CUDA streams where CUDA exists, else the CPU copier (with ``link``)."""
-    return CudaCopier(views) if cuda else CpuCopier(views, link)
+def copier_for(views: PoolViews, cuda: bool, link: Link | None = None) -> Copier:
+    """The copier for this process: CUDA streams where CUDA exists (client/engine/cuda.py), else
+    the CPU copier (with ``link``). Neither touches CUDA before a CUDA tensor is copied."""
+    return CudaCopier(views, CpuCopier(views)) if cuda else CpuCopier(views, link)

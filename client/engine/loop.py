@@ -108,11 +108,12 @@ class TransferEngine:
         slot.stored.set()
 
     def submit_offload(self, handle: Handle, tensor: torch.Tensor, guard: torch.Tensor) -> None:
-        producer = None
-        if tensor.is_cuda:
-            producer = torch.cuda.Event()
-            producer.record(torch.cuda.current_stream(tensor.device))
         slot = self.table.add(handle)
+        producer = None
+        if tensor.is_cuda:  # NOTE [Device hygiene] in client/engine/cuda.py
+            slot.stream = torch.cuda.current_stream(tensor.device)
+            producer = torch.cuda.Event()
+            producer.record(slot.stream)
         self._window.admit(slot)
         self._queue.put(Offload(slot, tensor, producer, guard, guard._version, tensor.data_ptr()))
 
@@ -177,7 +178,7 @@ class TransferEngine:
                 tensor = self._views.view(slot).clone()
         else:
             if slot.copy_event is not None:
-                torch.cuda.current_stream(tensor.device).wait_event(slot.copy_event)
+                slot.copy_event.hand_over(tensor)  # NOTE [Device hygiene] in client/engine/cuda.py
             if out is not None:
                 tensor = out.copy_(tensor)
         self.stats.fetch_wait_s += time.perf_counter() - started
@@ -216,10 +217,9 @@ class TransferEngine:
         self._thread.join(timeout_s)
 
     def _request_fetch(self, slot: Slot, prefetch: bool) -> None:
-        handle = slot.handle
         # Allocate first: if this raises, nothing is marked requested.
         try:
-            out, allocated = self.copier.prepare_fetch(handle.device, handle.shape, handle.dtype)
+            out, allocated = self.copier.prepare_fetch(slot)
         except torch.OutOfMemoryError:
             if not prefetch:
                 raise

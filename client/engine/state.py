@@ -57,8 +57,11 @@ class Slot:
     views: int = 0
     """Live tensors that read this extent in place (NOTE [Aliased fetch] in client/engine/copies.py)."""
     free_pending: bool = False
+    stream: Any = None
+    """CUDA: the stream current on the tensor's device when it was offloaded; its fetch
+    allocates there (NOTE [Device hygiene] in client/engine/cuda.py)."""
     copy_event: Any = None
-    """CUDA: the event that completes the H2D copy into ``fetched`` (None on CPU)."""
+    """CUDA: the H2D copy into ``fetched`` (a ``Landing``; None on CPU)."""
     stored: threading.Event = field(default_factory=threading.Event)
     fetch_done: threading.Event = field(default_factory=threading.Event)
 

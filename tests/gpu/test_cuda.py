@@ -1,4 +1,4 @@
-"""The CUDA paths: pinned pool, D2H/H2D streams ordered with events. Skipped without CUDA."""
+"""The CUDA paths: pool pinned as copies reach it, D2H/H2D streams ordered with events. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -24,11 +24,15 @@ def system(daemon):
         yield system
 
 
-def test_pool_is_pinned_and_transfer_streams_are_exposed(system):
-    assert all(segment.pinned for segment in system.segments)
+def test_pool_is_pinned_where_copies_went_and_transfer_streams_are_exposed(system):
+    x = torch.randn(256, 1024, device="cuda")
+    handle = system.offload(x)
+    system.flush()
+    assert system.buffer(handle).as_tensor(torch.float32, (256, 1024)).is_pinned()  # NOTE [Lazy pinning]
     assert isinstance(system.transfer_d2h_stream, torch.cuda.Stream)
     assert isinstance(system.transfer_h2d_stream, torch.cuda.Stream)
     assert system.transfer_d2h_stream != system.transfer_h2d_stream
+    system.free(handle)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])

@@ -71,7 +71,7 @@ def _ctl(endpoint: str, *args: str, timeout_s: float = 30) -> subprocess.Complet
 
 def _stormd(endpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Run a daemon expected to fail at start, to completion."""
-    command = [sys.executable, "-m", "storm_service.daemon", "--endpoint", endpoint, "--pin", "off", *args]
+    command = [sys.executable, "-m", "storm_service.daemon", "--endpoint", endpoint, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
 
 

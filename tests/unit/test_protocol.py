@@ -331,7 +331,7 @@ def _load(argv: list[str], environ: dict[str, str] | None = None):  # type: igno
 
 def test_defaults_apply_without_flags_env_or_file() -> None:
     config = _load([])
-    assert (config.pool_size, config.heartbeat_timeout, config.quota, config.pin) == (1 << 30, 5.0, 0, "auto")
+    assert (config.pool_size, config.heartbeat_timeout, config.quota) == (1 << 30, 5.0, 0)
     assert config.endpoint.startswith("ipc://") and config.endpoint.endswith("/stormd.sock")
 
 
@@ -349,9 +349,9 @@ def test_flags_beat_env_beat_file_beat_defaults(tmp_path: Path) -> None:
 
 def test_config_file_may_use_a_stormd_table(tmp_path: Path) -> None:
     path = tmp_path / "stormd.toml"
-    path.write_text('[stormd]\npool_size = 1048576\npin = "off"\n')
+    path.write_text('[stormd]\npool_size = 1048576\nlog_level = "ERROR"\n')
     config = _load(["--config", str(path)])
-    assert (config.pool_size, config.pin) == (1 << 20, "off")
+    assert (config.pool_size, config.log_level) == (1 << 20, "ERROR")
 
 
 @pytest.mark.parametrize(
@@ -363,7 +363,6 @@ def test_config_file_may_use_a_stormd_table(tmp_path: Path) -> None:
         (["--heartbeat-timeout=-1s"], {}, ("--heartbeat-timeout",)),
         (["--heartbeat-timeout", "0"], {}, ("--heartbeat-timeout", "positive")),
         (["--quota=-1"], {}, ("--quota", "not a size")),
-        (["--pin", "maybe"], {}, ("--pin", "auto, on, off")),
         ([], {"STORM_LOG_LEVEL": "LOUD"}, ("STORM_LOG_LEVEL", "DEBUG")),
         (["--endpoint", "tcp://127.0.0.1:5555"], {}, ("endpoint", "tcp://127.0.0.1:5555", "CURVE")),
         ([], {"STORM_ENDPOINT": "tcp://*:1"}, ("endpoint", "tcp://*:1", "CURVE")),

@@ -1,51 +1,67 @@
-"""Pinning in chunks (NOTE [Pinning in chunks]) with fake CUDA calls: no device, no memory."""
+"""Huge pages for shared memory (NOTE [Huge pages]): the kernel's policy and what backs a mapping."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import os
+
 import pytest
 
-from storm_service.shm import PIN_CHUNK_BYTES, PinError, pin, unpin
+from storm_service.shm import advise_huge_pages, huge_mapped_bytes, huge_page_bytes, huge_policy_of
 
-BASE = 0x7F00_0000_0000
-
-
-def test_pin_registers_chunks_that_cover_the_range_once() -> None:
-    size_bytes = 2 * PIN_CHUNK_BYTES + 4096
-    calls: list[tuple[int, int]] = []
-    pin(BASE, size_bytes, lambda address, length: calls.append((address, length)) or 0)
-    assert calls == [
-        (BASE, PIN_CHUNK_BYTES),
-        (BASE + PIN_CHUNK_BYTES, PIN_CHUNK_BYTES),
-        (BASE + 2 * PIN_CHUNK_BYTES, 4096),
-    ]
-
-
-def test_unpin_unregisters_at_the_offsets_pin_registered() -> None:
-    size_bytes = 2 * PIN_CHUNK_BYTES + 4096
-    registered: list[int] = []
-    unregistered: list[int] = []
-    pin(BASE, size_bytes, lambda address, length: registered.append(address) or 0)
-    unpin(BASE, size_bytes, lambda address: unregistered.append(address) or 0)
-    assert unregistered == registered
+SMAPS = """\
+7f0000000000-7f0000400000 rw-s 00000000 00:1a 12 /dev/shm/storm-a
+Size:               4096 kB
+ShmemPmdMapped:     2048 kB
+FilePmdMapped:         0 kB
+7f0000400000-7f0000600000 rw-p 00000000 00:00 0
+Size:               2048 kB
+AnonHugePages:      2048 kB
+ShmemPmdMapped:        0 kB
+7f0000600000-7f0000a00000 rw-s 00000000 00:1a 13 /dev/shm/storm-b
+ShmemPmdMapped:     4096 kB
+"""
 
 
-def test_failed_pin_names_the_chunk_offset_and_the_error() -> None:
-    def register(address: int, length: int) -> int:
-        return 2 if address == BASE + PIN_CHUNK_BYTES else 0  # 2: cudaErrorMemoryAllocation
+@pytest.mark.parametrize(
+    ("shmem_enabled", "options", "policy"),
+    [
+        ("always within_size advise [never] deny force", "rw,relatime,size=24683664k", "never"),
+        ("always within_size advise [never] deny force", "rw,relatime,size=64m,huge=advise", "advise"),
+        ("always within_size advise [never] deny force", "rw,huge=within_size", "within_size"),
+        ("always within_size advise never [deny] force", "rw,huge=always", "never"),
+        ("always within_size advise never deny [force]", "rw,relatime", "always"),
+        ("[always] within_size advise never deny force", "rw,huge=never", "never"),
+    ],
+)
+def test_the_mount_option_decides_unless_shmem_enabled_denies_or_forces(shmem_enabled, options, policy) -> None:
+    assert huge_policy_of(shmem_enabled, options) == policy
 
-    with pytest.raises(
-        PinError, match=rf"pin segment s: .* {PIN_CHUNK_BYTES} bytes at offset {PIN_CHUNK_BYTES} .*error 2"
-    ):
-        pin(BASE, 3 * PIN_CHUNK_BYTES, register, what="segment s")
+
+def test_huge_mapped_bytes_add_up_the_areas_a_range_overlaps() -> None:
+    base = 0x7F0000000000
+    assert huge_mapped_bytes(SMAPS, [(base, 4 << 20)]) == 2 << 20
+    assert huge_mapped_bytes(SMAPS, [(base + (4 << 20), 2 << 20)]) == 2 << 20  # anonymous THP counts too
+    assert huge_mapped_bytes(SMAPS, [(base, 4 << 20), (base + (6 << 20), 4 << 20)]) == 6 << 20
+    assert huge_mapped_bytes(SMAPS, [(0x1000, 4096)]) == 0
 
 
-def test_failed_unpin_tries_every_chunk_then_names_the_failed_offsets() -> None:
-    tried: list[int] = []
+def test_a_mapping_is_advised_only_where_the_policy_allows() -> None:
+    mm = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_SHARED)
+    try:
+        assert not advise_huge_pages(mm, "never")
+        kernel_has_thp = os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
+        assert advise_huge_pages(mm, "advise") is kernel_has_thp
+    finally:
+        mm.close()
 
-    def unregister(address: int) -> int:
-        tried.append(address)
-        return 712 if address == BASE else 0  # 712: cudaErrorHostMemoryNotRegistered
 
-    with pytest.raises(PinError, match=r"unpin mapping: .*offset 0: CUDA error 712"):
-        unpin(BASE, 2 * PIN_CHUNK_BYTES, unregister)
-    assert tried == [BASE, BASE + PIN_CHUNK_BYTES]
+def test_huge_page_bytes_of_a_small_page_mapping_is_zero() -> None:
+    mm = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_SHARED)
+    window = (ctypes.c_char * 1).from_buffer(mm)
+    try:
+        assert huge_page_bytes([(ctypes.addressof(window), 1 << 20)]) == 0
+    finally:
+        del window
+        mm.close()
