@@ -407,4 +407,17 @@ class StormSystem:
 def _close_at_exit(ref: weakref.ref[StormSystem]) -> None:
     system = ref()
     if system is not None:
-        system.close()  # a no-op in a forked child (NOTE [Fork])
+        system.close()
+
+
+def _forget_parent_systems() -> None:
+    """In a forked child, the parent's systems are never closed, not even at exit (NOTE [Fork]).
+
+    Closing one would wait on the parent's copies, unregister its pinned memory (CUDA
+    calls, which a forked child must not make) and end its session; the child only drops
+    the at-exit closes it inherited, so its exit, however it exits, leaves them alone.
+    """
+    atexit.unregister(_close_at_exit)
+
+
+os.register_at_fork(after_in_child=_forget_parent_systems)
