@@ -207,3 +207,40 @@ def test_the_window_bounds_what_is_still_copying_when_forward_ends(module_daemon
             out = model(x)
             assert unbounded.inflight_bytes() > 2 * per_layer  # what the bound prevents
         out.sum().backward()
+
+
+def test_a_prefetch_that_finds_no_device_memory_is_fetched_on_demand(system, monkeypatch):
+    tensors = [torch.full((64, 1024), float(i)) for i in range(8)]
+    handles = [system.offload(t, layer_id=i) for i, t in enumerate(tensors)]
+    system.flush()
+    wanted = []
+
+    def prepare_fetch(slot):
+        if slot.handle is not wanted[-1]:  # the fetch asked for succeeds; every prefetch finds no memory
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return None, None
+
+    monkeypatch.setattr(system._engine.copier, "prepare_fetch", prepare_fetch)
+    for handle, tensor in zip(reversed(handles), reversed(tensors), strict=True):
+        wanted.append(handle)
+        assert torch.equal(system.fetch(handle), tensor)
+        system.free(handle)
+    stats = system.transfer_stats()
+    assert stats.prefetch_oom > 0
+    assert stats.prefetch_hits + stats.prefetch_waits == 0  # nothing was prefetched
+    assert stats.fetch_misses == len(handles)  # each was fetched when asked for instead
+
+
+def test_fetches_of_stored_handles_do_not_wait_behind_queued_offloads(module_daemon):
+    # A slow link (about 0.2 s per 8 MiB layer): a fetch of a stored handle is served before
+    # the offloads queued ahead of it, so it returns long before they are all copied.
+    with StormSystem(module_daemon.endpoint, link_gbps=0.04, max_inflight_layers=0) as system:
+        first = torch.randn(256, 1024)
+        handle = system.offload(first, layer_id=0)
+        system.flush()
+        queued = [system.offload(torch.randn(2048, 1024), layer_id=i) for i in range(1, 6)]
+        assert torch.equal(system.fetch(handle), first)
+        assert system.inflight_bytes() > 0  # the offloads behind it were still copying
+        for h in queued:
+            system.free(h)
+        system.free(handle)
