@@ -5,7 +5,9 @@
 it over a :class:`client.transport.Channel` until a deadline (never a fixed sleep), and
 at teardown stops every daemon it started and checks that none of them left a
 ``storm-*`` segment in /dev/shm (a daemon the test SIGKILLed is excused: see
-``daemon_factory``).
+``daemon_factory``). ``module_daemon`` is one daemon for a whole module, and
+``shared_daemon`` lends it to a test that needs a real daemon but not a fresh one, and
+checks afterwards that the test left nothing in it.
 """
 
 from __future__ import annotations
@@ -19,10 +21,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 
-from helpers import SHM_DIR, DaemonProcess, StartDaemon, mapped_segments, recorded_segments, storm_segments
+from helpers import (
+    SHM_DIR,
+    DaemonProcess,
+    StartDaemon,
+    mapped_segments,
+    recorded_segments,
+    storm_segments,
+    wait_for,
+)
 from storm_service.errors import StormError
 from storm_service.protocol import Op
 
@@ -36,8 +47,16 @@ def _daemon_env() -> dict[str, str]:
 
 
 def wait_ready(daemon: DaemonProcess, timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Ping until the daemon answers; fail with its log if it exits or the deadline passes."""
+    """Ping until the daemon answers; fail with its log if it exits or the deadline passes.
+
+    On an ``ipc://`` endpoint the first ping waits for the socket file: a channel that
+    connects before the daemon binds retries only every 100 ms (ZeroMQ's reconnect
+    interval), which would add that much to every start.
+    """
     deadline = time.monotonic() + timeout_s
+    if daemon.endpoint.startswith("ipc://"):
+        while not os.path.exists(daemon.socket_path) and daemon.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
     channel = daemon.channel()
     try:
         while True:
@@ -80,14 +99,43 @@ def _spawn_daemon(
     return DaemonProcess(endpoint=endpoint, socket_dir=socket_dir, proc=proc, log_path=log_path)
 
 
+def _request_shutdown(daemon: DaemonProcess) -> bool:
+    """Ask a running daemon on an ``ipc://`` endpoint to stop, over its socket; True once
+    it said it is stopping. A SHUTDOWN request ends the serving loop at once, where a
+    SIGTERM is only seen at the loop's next tick (0.1 s), and fixtures stop a daemon per
+    test. Both paths end in the same shutdown, and test_daemon.py tests each of them."""
+    if not daemon.endpoint.startswith("ipc://") or daemon.proc.poll() is not None:
+        return False
+    channel = daemon.channel()
+    try:
+        return bool(channel.call(Op.SHUTDOWN, timeout_s=1.0).get("stopping"))
+    except StormError:
+        return False
+    finally:
+        channel.close()
+
+
+def _stop(daemon: DaemonProcess, timeout_s: float = 10) -> int:
+    """Stop a daemon (over its socket where it answers, else by SIGTERM) and wait for it;
+    returns its exit code, and fails the test if it has not exited within ``timeout_s``."""
+    if not _request_shutdown(daemon):
+        return daemon.stop(timeout_s)
+    try:
+        return daemon.proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        pytest.fail(f"stormd did not stop within {timeout_s} s of a SHUTDOWN request; log:\n{daemon.log()}")
+
+
 @pytest.fixture
 def daemon_factory() -> Iterator[StartDaemon]:
     """``start(pool_size=, heartbeat_timeout=, extra_args=, endpoint=)`` -> a ready daemon.
 
-    At teardown every daemon still running gets SIGTERM (SIGKILL after 10 s, which fails
-    the test). A daemon the test itself SIGKILLed leaves its segments by design (the next
-    daemon on its endpoint sweeps them): those are removed here without blame. Any other
-    segment one of these daemons created and left behind fails the test.
+    At teardown every daemon still running is told to stop (over its socket, else by
+    SIGTERM; SIGKILL after 10 s, which fails the test). A daemon the test itself SIGKILLed
+    leaves its segments by design (the next daemon on its endpoint sweeps them): those are
+    removed here without blame. Any other segment one of these daemons created and left
+    behind fails the test.
     """
     before = storm_segments()
     started: list[tuple[DaemonProcess, set[str] | None]] = []
@@ -111,7 +159,8 @@ def daemon_factory() -> Iterator[StartDaemon]:
     stuck = []
     for daemon, _ in started:
         if daemon.proc.poll() is None:
-            daemon.proc.send_signal(signal.SIGTERM)
+            if not _request_shutdown(daemon):
+                daemon.proc.send_signal(signal.SIGTERM)
             try:
                 daemon.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -148,9 +197,32 @@ def module_daemon() -> Iterator[DaemonProcess]:
         wait_ready(daemon)
         yield daemon
     finally:
-        exit_code = daemon.stop()
+        exit_code = _stop(daemon)
         shutil.rmtree(daemon.socket_dir, ignore_errors=True)
     assert exit_code == 0, f"stormd exited with {exit_code}"
+
+
+@pytest.fixture
+def shared_daemon(module_daemon: DaemonProcess) -> Iterator[DaemonProcess]:
+    """The module's daemon, for a test that needs a real daemon but not a fresh one.
+
+    After the test the daemon must be alive and hold nothing (no session, nothing used
+    or reserved) within 2 s, or the test fails; its leftovers are then given the time to
+    expire (5 s heartbeat timeout), so that the next test starts clean either way. A test
+    that fills the pool, expires sessions or stops the daemon starts its own instead."""
+    yield module_daemon
+    assert module_daemon.proc.poll() is None, f"the shared stormd exited; log:\n{module_daemon.log()}"
+
+    def held() -> dict[str, Any]:
+        stats = module_daemon.stats()
+        return {key: stats[key] for key in ("sessions", "used_bytes", "reserved_bytes") if stats[key]}
+
+    deadline = time.monotonic() + 2.0
+    while (left := held()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if left:
+        wait_for(lambda: not held(), timeout_s=15, what="the shared daemon's leftovers to expire")
+        pytest.fail(f"the test left this in the shared daemon: {left}")
 
 
 @pytest.fixture
