@@ -16,15 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import pytest
 import zmq
 
 from client.settings import ClientSettings
 from client.transport import Channel
-from storm_service.protocol import Op
+from storm_service.protocol import MAX_MESSAGE_BYTES, MAX_SIZE_BYTES, Op, encode_request
 from storm_service.shm import SEGMENT_PREFIX, SHM_DIR
 
 __all__ = [
+    "BAD_FRAMES",
     "SEGMENT_PREFIX",
     "SHM_DIR",
     "DaemonProcess",
@@ -34,6 +36,22 @@ __all__ = [
     "storm_segments",
     "wait_for",
 ]
+
+BAD_FRAMES: dict[str, tuple[list[bytes], str, int | None]] = {
+    "garbage": ([b"\xc1\xff\x00garbage"], "BAD_REQUEST", None),
+    "not-a-map": ([msgpack.packb([1, 2, 3])], "BAD_REQUEST", None),
+    "multi-frame": ([encode_request(7, Op.PING), b"second"], "BAD_REQUEST", None),
+    "wrong-type": ([encode_request(7, Op.REGISTER, pid="1")], "BAD_REQUEST", 7),
+    "bool-for-int": ([encode_request(7, Op.REGISTER, pid=True)], "BAD_REQUEST", 7),
+    "unknown-op": ([msgpack.packb({"v": 1, "id": 7, "op": "format_disk"})], "UNKNOWN_OP", 7),
+    "op-is-a-list": ([msgpack.packb({"v": 1, "id": 7, "op": ["ping"]})], "UNKNOWN_OP", 7),
+    "old-version": ([msgpack.packb({"v": 0, "id": 7, "op": "ping"})], "UNSUPPORTED_VERSION", 7),
+    "oversized-value": ([encode_request(7, Op.OFFLOAD, "t", sizes=[MAX_SIZE_BYTES + 1])], "BAD_REQUEST", 7),
+    "oversized-batch": ([encode_request(7, Op.FREE, "t", handles=[1] * 4097)], "BAD_REQUEST", 7),
+    "just-over-max": ([b"\x00" * (MAX_MESSAGE_BYTES + 10)], "BAD_REQUEST", None),
+}
+"""Bad input by name: the frames of one message, the error code it gets and the reply's id.
+A message of several frames is refused by the serving loop; the rest by ``Server.dispatch``."""
 
 # One id sequence for every channel of the test process, so that two channels used on
 # one session never reuse a request id (the daemon would answer a replay).

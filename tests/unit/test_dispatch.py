@@ -12,13 +12,32 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import pytest
 
+from helpers import BAD_FRAMES
 from storm_service import ops, protocol
 from storm_service.config import build_parser, load_config
-from storm_service.errors import ErrorCode
+from storm_service.errors import (
+    ErrorCode,
+    ForbiddenError,
+    NotCommittedError,
+    PoolFullError,
+    QuotaExceededError,
+    UnknownHandleError,
+    UnknownSessionError,
+    error_for_code,
+)
 from storm_service.pool import ALIGNMENT, Pool
-from storm_service.protocol import MAX_NONCE_LEN, MIN_NONCE_LEN, Op, Reply, decode_reply, encode_request
+from storm_service.protocol import (
+    MAX_NONCE_LEN,
+    MAX_SIZE_BYTES,
+    MIN_NONCE_LEN,
+    Op,
+    Reply,
+    decode_reply,
+    encode_request,
+)
 from storm_service.server import Server
 
 SEGMENT_BYTES = 64 << 10
@@ -272,3 +291,150 @@ def test_metrics_gauges_agree_with_stats() -> None:
     assert registry.get_sample_value("storm_sessions") == stats["live_sessions"] == 1
     assert registry.get_sample_value("storm_offloaded_bytes_total") == 4096
     assert registry.get_sample_value("storm_fetched_bytes_total") == 4096
+
+
+# -- the daemon's protocol checks, in process -----------------------------------------
+# These ran against a forked stormd; tests/integration/test_daemon.py keeps what needs a
+# real socket, real shared memory or a real process (one case of each bad input the
+# serving loop sees before dispatch, and what dispatch sees over a real connection).
+
+
+class _Daemon:
+    """A :class:`Server` in this process, called as a client's channel calls stormd: an
+    error reply is raised as the channel raises it (:func:`error_for_code`)."""
+
+    def __init__(self, pool_bytes: int = 64 << 20) -> None:
+        self.server = _server(segments=1, segment_bytes=pool_bytes)  # the fixtures' default pool
+
+    def exchange(self, frame: bytes) -> Reply:
+        return decode_reply(self.server.dispatch(frame))
+
+    def call(self, op: Op, token: str | None = None, **fields: Any) -> dict[str, Any]:
+        request_id = next(_REQUEST_IDS)
+        reply = self.exchange(encode_request(request_id, op, token, **fields))
+        assert reply.id == request_id
+        if not reply.ok:
+            raise error_for_code(reply.code, reply.message)
+        return reply.result
+
+    def register(self, **fields: Any) -> dict[str, Any]:
+        return self.call(Op.REGISTER, pid=os.getpid(), **fields)
+
+    def stats(self) -> dict[str, Any]:
+        return self.call(Op.STATS)
+
+
+def test_fetch_before_commit_is_refused() -> None:
+    daemon = _Daemon()
+    token = daemon.register()["token"]
+    handles = [e["handle"] for e in daemon.call(Op.OFFLOAD, token, sizes=[4096, 4096])["extents"]]
+    daemon.call(Op.COMMIT, token, handles=handles[:1])
+    with pytest.raises(NotCommittedError, match=f"handle {handles[1]}"):
+        daemon.call(Op.FETCH, token, handles=handles)
+    with pytest.raises(UnknownHandleError, match="999999"):
+        daemon.call(Op.FETCH, token, handles=[999_999])
+
+
+def test_batched_offload_returns_aligned_disjoint_extents() -> None:
+    daemon = _Daemon()
+    session = daemon.register()
+    alignment, segment_bytes = session["alignment"], session["segments"][0]["size_bytes"]
+    sizes = [1, 511, 512, 513, 4096, 100_000, 1 << 20]
+    extents = daemon.call(Op.OFFLOAD, session["token"], sizes=sizes)["extents"]
+    assert [e["size_bytes"] for e in extents] == sizes
+    assert len({e["handle"] for e in extents}) == len(sizes)
+    spans = sorted((e["offset"], e["offset"] + -(-e["size_bytes"] // alignment) * alignment) for e in extents)
+    for (start, end), (next_start, _) in itertools.pairwise(spans):
+        assert start % alignment == 0 and end <= next_start
+    assert spans[-1][1] <= segment_bytes
+    assert daemon.stats()["reserved_bytes"] == sum(end - start for start, end in spans)
+
+
+def test_a_session_cannot_touch_another_sessions_handles() -> None:
+    daemon = _Daemon()
+    a = daemon.register(name="a")
+    b = daemon.register(name="b")
+    handles = [e["handle"] for e in daemon.call(Op.OFFLOAD, a["token"], sizes=[4096, 8192])["extents"]]
+    for op in (Op.FETCH, Op.FREE, Op.COMMIT):
+        with pytest.raises(ForbiddenError, match=f"{op.value}: handle {handles[0]} belongs to another session"):
+            daemon.call(op, b["token"], handles=handles)
+    view = daemon.call(Op.STATS, b["token"])["session"]
+    assert (view["id"], view["handles"], view["used_bytes"], view["layer_bytes"]) == (b["session_id"], 0, 0, {})
+    daemon.call(Op.COMMIT, a["token"], handles=handles)  # the refused calls changed nothing
+    assert len(daemon.call(Op.FETCH, a["token"], handles=handles)["extents"]) == 2
+    assert daemon.call(Op.STATS, a["token"])["session"]["handles"] == 2
+    with pytest.raises(UnknownSessionError):
+        daemon.call(Op.HEARTBEAT, "not-a-token")
+
+
+def test_unregister_frees_everything() -> None:
+    daemon = _Daemon()
+    token = daemon.register()["token"]
+    daemon.call(Op.OFFLOAD, token, sizes=[4096] * 10, layer_id=1)
+    daemon.call(Op.OFFLOAD, token, sizes=[1 << 20])
+    assert daemon.call(Op.UNREGISTER, token) == {"freed_bytes": 10 * 4096 + (1 << 20)}
+    stats = daemon.stats()
+    assert (stats["used_bytes"], stats["sessions"], stats["expired_sessions"]) == (0, [], 0)
+    with pytest.raises(UnknownSessionError):
+        daemon.call(Op.HEARTBEAT, token)
+
+
+def test_quota_exceeded_names_the_numbers() -> None:
+    daemon = _Daemon()
+    session = daemon.register(quota_bytes=8192)
+    assert session["quota_bytes"] == 8192
+    daemon.call(Op.OFFLOAD, session["token"], sizes=[4096])
+    with pytest.raises(QuotaExceededError, match="offload: 8192 bytes requested, 4096 left of a 8192-byte quota"):
+        daemon.call(Op.OFFLOAD, session["token"], sizes=[4096, 4096])
+    assert daemon.stats()["reserved_bytes"] == 4096
+    big = daemon.register(quota_bytes=MAX_SIZE_BYTES)
+    assert big["quota_bytes"] == daemon.stats()["pool_bytes"]  # capped at the pool
+
+
+def test_pool_full_leaks_nothing_from_a_partial_batch() -> None:
+    daemon = _Daemon(pool_bytes=1 << 20)
+    daemon.call(Op.OFFLOAD, daemon.register()["token"], sizes=[512 << 10])
+    token = daemon.register()["token"]  # its quota (the whole pool) is not what stops it
+    with pytest.raises(PoolFullError, match=r"offload: 524800 bytes requested, 524288 free"):
+        daemon.call(Op.OFFLOAD, token, sizes=[256 << 10, 256 << 10, 1])
+    stats = daemon.stats()
+    assert (stats["reserved_bytes"], stats["extents"], stats["largest_free_bytes"]) == (512 << 10, 1, 512 << 10)
+    assert daemon.call(Op.STATS, token)["session"]["used_bytes"] == 0
+    assert len(daemon.call(Op.OFFLOAD, token, sizes=[512 << 10])["extents"]) == 1  # the rest is still whole
+
+
+@pytest.mark.parametrize("name", [name for name, (frames, _, _) in BAD_FRAMES.items() if len(frames) == 1])
+def test_bad_input_gets_an_error_reply_and_is_counted(name: str) -> None:
+    [frame], code, request_id = BAD_FRAMES[name]
+    daemon = _Daemon()
+    reply = daemon.exchange(frame)
+    assert (reply.ok, reply.code, reply.id) == (False, code, request_id)
+    assert reply.message
+    assert daemon.exchange(encode_request(next(_REQUEST_IDS), Op.PING)).ok  # the server still answers
+    assert daemon.stats()["errors"] == {code: 1}
+
+
+def test_mixed_key_types_are_a_bad_request_not_internal() -> None:
+    daemon = _Daemon()
+    reply = daemon.exchange(msgpack.packb({"v": 1, "id": 7, "op": "ping", b"x": 1, "y": 2}, use_bin_type=True))
+    assert daemon.call(Op.PING)  # served either way
+    assert reply.code == "BAD_REQUEST"
+
+
+def test_replayed_requests_are_not_applied_twice() -> None:
+    daemon = _Daemon()
+    token = daemon.register()["token"]
+    offload = encode_request(next(_REQUEST_IDS), Op.OFFLOAD, token, sizes=[4096, 4096])
+    first = daemon.exchange(offload)
+    assert daemon.exchange(offload) == first  # same handles, nothing new allocated
+    assert daemon.stats()["reserved_bytes"] == 8192
+    handles = [e["handle"] for e in first.result["extents"]]
+    free = encode_request(next(_REQUEST_IDS), Op.FREE, token, handles=handles)
+    freed = daemon.exchange(free)
+    assert freed.result == {"freed": 2, "freed_bytes": 8192}
+    assert daemon.exchange(free) == freed  # a replayed free is answered, not re-applied
+    assert daemon.stats()["reserved_bytes"] == 0
+    again = daemon.exchange(encode_request(next(_REQUEST_IDS), Op.FREE, token, handles=handles))
+    assert (again.ok, again.code) == (False, "UNKNOWN_HANDLE")
+    other = daemon.exchange(encode_request(next(_REQUEST_IDS), Op.OFFLOAD, token, sizes=[4096]))
+    assert other.result["extents"][0]["handle"] not in handles
