@@ -286,6 +286,12 @@ class StormSystem:
         self._engine.stats.span_saved_bytes += span
         self._engine.stats.dedup_saved_bytes += dedup
 
+    def prefetch_latest(self) -> None:
+        """Start bringing back the latest offloads (within ``prefetch_bytes``): call when forward
+        ends; backward asks for them first. ``offload_saved_tensors`` calls it at the end of its block."""
+        self._check_open("prefetch")
+        self._engine.prefetch_newest()
+
     def inflight_bytes(self) -> int:
         """Bytes offloaded whose copies into the pool are not done: still held on their device."""
         return self._engine.inflight_bytes()

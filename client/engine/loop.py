@@ -186,6 +186,11 @@ class TransferEngine:
         self.stats.fetched_bytes += handle.size_bytes
         return tensor
 
+    def prefetch_newest(self) -> None:
+        """Start fetching the latest offloads: backward will ask for them first."""
+        with self.table.lock:
+            self._prefetch.newest()
+
     def _view_released(self, slot: Slot) -> None:  # NOTE [Aliased fetch]
         with self.table.lock:
             if self.table.viewed(slot, -1) or not slot.free_pending:
@@ -366,11 +371,11 @@ class TransferEngine:
         # The daemon confirms each extent is ours and committed before a byte is read.
         started = time.perf_counter()
         requests.call(Op.FETCH, handles=[job.slot.id for job in wanted])
-        self.copier.copy_in(wanted)
+        for job in wanted:  # in the order asked: each is ready as soon as its own copy is
+            self.copier.copy_in([job])
+            job.slot.fetch_done.set()
         self.stats.copy_in_s += time.perf_counter() - started
         self.stats.copy_in_bytes += sum(job.slot.handle.size_bytes for job in wanted)
-        for job in wanted:
-            job.slot.fetch_done.set()
 
     def _free(self, requests: Requests, slots: list[Slot]) -> None:
         ids = []
