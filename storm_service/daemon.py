@@ -27,7 +27,14 @@ import zmq
 
 from storm_service.config import ConfigError, DaemonConfig, build_parser, load_config
 from storm_service.endpoints import ipc_path, runtime_dir
-from storm_service.lockfile import EndpointLock, LockHeldError, ensure_private_dir
+from storm_service.lockfile import (
+    EndpointLock,
+    LockHeldError,
+    UnsafePathError,
+    ensure_private_dir,
+    owned_segments,
+    remove_stale_socket,
+)
 from storm_service.metrics import Metrics
 from storm_service.pool import Pool, PoolError, sweep_segments
 from storm_service.server import Server
@@ -90,23 +97,25 @@ def run(config: DaemonConfig) -> int:
     _install_signals(stop)
     try:
         socket_path = _prepare_socket_dir(config.endpoint, access)
-    except PermissionError as e:
+        lock = EndpointLock(_lock_path(config.endpoint, socket_path))
+    except OSError as e:
         log.error("cannot use the socket directory: %s", e)
         return EXIT_STARTUP
-    lock = EndpointLock(_lock_path(config.endpoint, socket_path))
     try:
         lock.acquire()
-    except LockHeldError as e:
+    except (LockHeldError, OSError) as e:
         log.error("refusing to start on %s: %s", config.endpoint, e)
         return EXIT_STARTUP
     pool: Pool | None = None
     server: Server | None = None
     try:
-        swept = sweep_segments(lock.previous.get("segments"))
+        ours, refused = owned_segments(lock.previous.get("segments"))
+        if refused:
+            log.warning("left %d recorded segment(s) that are not regular files of ours: %s", len(refused), refused)
+        swept = sweep_segments(ours)
         if swept:
             log.warning("swept %d segment(s) left by a dead daemon (pid %s)", len(swept), lock.previous.get("pid"))
-        if socket_path is not None and os.path.exists(socket_path):
-            os.unlink(socket_path)
+        if socket_path is not None and remove_stale_socket(socket_path):
             log.warning("removed a stale socket %s", socket_path)
         start = time.perf_counter()
         pool = Pool.create(config.pool_size, config.segment_size, access.file_mode, access.gid, lock.record)
@@ -147,9 +156,9 @@ def run(config: DaemonConfig) -> int:
             pool.close()
         if socket_path is not None and server is not None:
             try:
-                os.unlink(socket_path)
-            except FileNotFoundError:
-                pass
+                remove_stale_socket(socket_path)
+            except UnsafePathError as e:
+                log.warning("left the endpoint's path alone: %s", e)
         lock.release()
         log.info("stopped")
 

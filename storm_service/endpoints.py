@@ -56,10 +56,28 @@ def pid_namespace() -> int | None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` runs in our pid namespace (a zombie, killed but not reaped, is dead)."""
+    """Whether ``pid`` runs in our pid namespace (a zombie, killed but not reaped, is dead).
+
+    Only ESRCH (no such process, from ``kill(pid, 0)``) and ENOENT (no ``/proc`` entry)
+    mean dead. EPERM means the process lives but belongs to another user, whose
+    ``/proc`` entry a ``hidepid`` mount may hide; EACCES, EMFILE and the like say
+    nothing about the process, so they count as alive too: calling a live client dead
+    would free memory it is still using.
+    """
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
+            data = f.read()
+    except FileNotFoundError:
         return False
-    return state not in (b"Z", b"X")
+    except OSError:
+        return True
+    fields = data.rsplit(b")", 1)[-1].split()
+    return not fields or fields[0] not in (b"Z", b"X")
