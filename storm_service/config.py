@@ -50,6 +50,16 @@ class DaemonConfig:
     """Serve Prometheus metrics on this port (0: off)."""
     metrics_host: str
     """Address the metrics endpoint binds (loopback unless told otherwise)."""
+    max_sessions: int
+    """Sessions the daemon keeps open at once (0: no cap)."""
+    max_tenant_sessions: int
+    """Sessions one tenant (uid) keeps open at once (0: no cap)."""
+    max_extents: int
+    """Extents one session holds at once (0: no cap)."""
+    tenant_quota: int
+    """Bytes the sessions of one tenant hold together (0: the whole pool)."""
+    max_buffered: int
+    """Anonymous memory past its own state the daemon lets ZeroMQ buffer before it drops every connection."""
 
 
 def _choice(options: Sequence[str]) -> Callable[[str], str]:
@@ -161,6 +171,18 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("curve_dir", _curve_dir, lambda: "", "CURVE keys (server.key_secret, authorized/*.key) for tcp://"),
     _Setting("metrics_port", _port, lambda: "0", "serve Prometheus metrics on this port (0: off)"),
     _Setting("metrics_host", str, lambda: "127.0.0.1", "address of the metrics endpoint"),
+    _Setting("max_sessions", _non_negative(int), lambda: "1024", "sessions open at once (0: no cap)"),
+    _Setting("max_tenant_sessions", _non_negative(int), lambda: "256", "sessions one uid keeps open (0: no cap)"),
+    _Setting("max_extents", _non_negative(int), lambda: str(1 << 18), "extents one session holds (0: no cap)"),
+    _Setting(
+        "tenant_quota", _non_negative(parse_size), lambda: "0", "bytes one uid's sessions hold together (0: whole pool)"
+    ),
+    _Setting(
+        "max_buffered",
+        _positive(parse_size),
+        lambda: "256MiB",
+        "memory ZeroMQ may buffer for peers before every connection is dropped",
+    ),
 )
 
 

@@ -14,6 +14,7 @@ import grp
 import logging
 import os
 import re
+import resource
 import signal
 import stat
 import sys
@@ -71,6 +72,27 @@ class _Access:
         return cls(gid=grp.getgrnam(group).gr_gid, dir_mode=0o750, file_mode=0o660)
 
 
+def _raise_fd_limit() -> None:
+    """Raise the soft limit on open files to the hard one: each connection costs the daemon an fd,
+    and libzmq 4.3 aborts the process when an ipc accept fails with EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.info("open files limit raised from %d to %d", soft, hard)
+
+
+def _secure_socket(path: str, access: _Access) -> None:
+    """Give the socket file the access the daemon serves with (after every bind)."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise UnsafePathError(f"endpoint {path} is not the socket the daemon bound")
+        os.chown(f"/proc/self/fd/{fd}", -1, access.gid)
+        os.chmod(f"/proc/self/fd/{fd}", access.file_mode)
+    finally:
+        os.close(fd)
+
+
 def _prepare_socket_dir(endpoint: str, access: _Access) -> str | None:
     path = ipc_path(endpoint)
     if path is None:
@@ -95,6 +117,7 @@ def run(config: DaemonConfig) -> int:
     access = _Access.of(config.group)
     stop = threading.Event()
     _install_signals(stop)
+    _raise_fd_limit()
     try:
         socket_path = _prepare_socket_dir(config.endpoint, access)
         lock = EndpointLock(_lock_path(config.endpoint, socket_path))
@@ -125,15 +148,13 @@ def run(config: DaemonConfig) -> int:
             len(pool.segments),
             time.perf_counter() - start,
         )
-        server = Server(config, pool, stop=stop)
+        after_bind = (lambda: _secure_socket(socket_path, access)) if socket_path is not None else (lambda: None)
+        server = Server(config, pool, stop=stop, after_bind=after_bind)
         server.bind()
         if config.metrics_port:
             server.metrics = Metrics(server)
             server.metrics.serve(config.metrics_host, config.metrics_port)
             log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
-        if socket_path is not None:
-            os.chown(socket_path, -1, access.gid)
-            os.chmod(socket_path, access.file_mode)
         log.info("serving on %s (heartbeat timeout %.1f s)", config.endpoint, config.heartbeat_timeout)
         server.serve()  # returns at once if a signal came during start-up
         log.info("shutting down")

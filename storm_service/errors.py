@@ -14,10 +14,11 @@
         ├── UnsupportedVersionError UNSUPPORTED_VERSION: protocol versions differ
         ├── UnknownSessionError     UNKNOWN_SESSION: the token names no live session
         ├── UnknownHandleError      UNKNOWN_HANDLE: the handle names no extent
-        ├── ForbiddenError          FORBIDDEN: the handle belongs to another session
+        ├── ForbiddenError          FORBIDDEN: another session's handle, or an operator's op (shutdown)
         ├── NotCommittedError       NOT_COMMITTED: the extent's bytes were never committed
         ├── PoolFullError           POOL_FULL: the pool has no extent large enough
-        ├── QuotaExceededError      QUOTA_EXCEEDED: the session's quota would be exceeded
+        ├── QuotaExceededError      QUOTA_EXCEEDED: a session's or tenant's quota of bytes or extents would be exceeded
+        ├── SessionLimitError       SESSION_LIMIT: no more sessions for the daemon or the caller's tenant
         ├── ShuttingDownError       SHUTTING_DOWN: the daemon is stopping
         └── InternalError           INTERNAL: a bug in the daemon (logged there)
 
@@ -40,6 +41,7 @@ __all__ = [
     "ProtocolError",
     "QuotaExceededError",
     "RemoteError",
+    "SessionLimitError",
     "ShuttingDownError",
     "SourceModifiedError",
     "StormError",
@@ -65,6 +67,7 @@ class ErrorCode(StrEnum):
     NOT_COMMITTED = "NOT_COMMITTED"
     POOL_FULL = "POOL_FULL"
     QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
+    SESSION_LIMIT = "SESSION_LIMIT"
     SHUTTING_DOWN = "SHUTTING_DOWN"
     INTERNAL = "INTERNAL"
 
@@ -137,7 +140,7 @@ class UnknownHandleError(RemoteError):
 
 
 class ForbiddenError(RemoteError):
-    """The handle belongs to another session."""
+    """The handle belongs to another session, or the op is for the daemon's operators (its uid, root)."""
 
     code = ErrorCode.FORBIDDEN
 
@@ -155,9 +158,15 @@ class PoolFullError(RemoteError):
 
 
 class QuotaExceededError(RemoteError):
-    """The request would take the session past its quota."""
+    """The request would take the session past its quota, its cap on extents, or its tenant past the tenant quota."""
 
     code = ErrorCode.QUOTA_EXCEEDED
+
+
+class SessionLimitError(RemoteError):
+    """register: the daemon, or the caller's tenant (uid), has as many sessions open as it may."""
+
+    code = ErrorCode.SESSION_LIMIT
 
 
 class ShuttingDownError(RemoteError):
@@ -184,6 +193,7 @@ _BY_CODE: dict[str, type[RemoteError]] = {
         NotCommittedError,
         PoolFullError,
         QuotaExceededError,
+        SessionLimitError,
         ShuttingDownError,
         InternalError,
     )

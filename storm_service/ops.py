@@ -1,8 +1,9 @@
 """The daemon's ops: one handler per op, in two tables that :meth:`Server.dispatch` looks up.
 
-* :data:`SESSIONLESS_OPS` holds a handler ``(context, request) -> result`` for each op
-  that needs no session token (``protocol.SESSIONLESS_OPS``: ping, register, stats,
-  shutdown).
+* :data:`SESSIONLESS_OPS` holds a handler ``(context, request, peer) -> result`` for each
+  op that needs no session token (``protocol.SESSIONLESS_OPS``: ping, register, stats,
+  shutdown); ``peer`` is the sender as the transport attests it (NOTE [Peer credentials]
+  in tenants.py).
 * :data:`SESSION_OPS` holds a handler ``(context, request, session) -> result`` for each
   op that acts for the caller's session: every other op, plus stats, which with a token
   adds the caller's own summary. Dispatch has already found the session by its token
@@ -17,6 +18,12 @@ passes it to every call, so a test can drive any handler, or ``dispatch``, witho
 socket. A handler returns the ``result`` map of an ok reply and raises a
 :class:`~storm_service.errors.RemoteError` to refuse; dispatch maps it to an error reply.
 Handlers never block and never touch a socket.
+
+NOTE [Stats between tenants]
+  ``stats`` lists sessions (pid, name, rank, bytes) only to their own tenant: an
+  operator (the daemon's uid, or root) sees every session; any other caller sees its own
+  tenant's sessions, and of the others only ``tenants``, each tenant's totals (sessions
+  and bytes), and the daemon-wide counts. Tokens, nonces and handles are never shown.
 """
 
 from __future__ import annotations
@@ -33,10 +40,11 @@ from typing import TYPE_CHECKING, Any
 
 from storm_service.config import DaemonConfig
 from storm_service.endpoints import pid_namespace
-from storm_service.errors import NotCommittedError
+from storm_service.errors import ForbiddenError, NotCommittedError, SessionLimitError
 from storm_service.pool import ALIGNMENT, Pool
 from storm_service.protocol import MAX_LISTED_SESSIONS, MAX_SIZE_BYTES, Op, Request
 from storm_service.sessions import Extent, ExtentState, Session, SessionTable
+from storm_service.tenants import Peer
 from storm_service.units import format_bytes
 
 if TYPE_CHECKING:
@@ -64,49 +72,66 @@ class OpContext:
     """Error replies, per code (counted by dispatch)."""
     dropped_replies: int = 0
     """Replies the loop could not send (their client left, or stopped reading)."""
+    connection_resets: int = 0
+    """Times the memory guard dropped every connection (NOTE [Buffered messages] in memory_guard.py)."""
+    refused_registers: int = 0
+    """Registers refused by a cap on sessions."""
     metrics: Metrics | None = None
     """The Prometheus registry when ``--metrics-port`` is set."""
 
 
-SessionlessHandler = Callable[[OpContext, Request], dict[str, Any]]
+SessionlessHandler = Callable[[OpContext, Request, Peer], dict[str, Any]]
 SessionHandler = Callable[[OpContext, Request, Session], dict[str, Any]]
 
 
 # -- sessionless ops ---------------------------------------------------------------
 
 
-def handle_ping(context: OpContext, request: Request) -> dict[str, Any]:
+def handle_ping(context: OpContext, request: Request, peer: Peer) -> dict[str, Any]:
     return {"pid": os.getpid(), "uptime_s": round(time.time() - context.started, 3)}
 
 
-def handle_register(context: OpContext, request: Request) -> dict[str, Any]:
-    """Open a session, or with a known ``(pid, nonce)`` answer for its session again (NOTE [Register nonce])."""
+def handle_register(context: OpContext, request: Request, peer: Peer) -> dict[str, Any]:
+    """Open a session of the peer's tenant, or with a known ``(pid, nonce)`` answer for its
+    session again (NOTE [Register nonce]); SESSION_LIMIT past a cap on sessions."""
     args = request.args
     nonce: str | None = args.get("nonce")
     session = context.sessions.by_nonce(args["pid"], nonce) if nonce is not None else None
-    if session is not None:
+    if session is not None and session.tenant.name == peer.tenant:
         session.last_seen = time.monotonic()
         log.info("session %d registered again (a retried register: same pid and nonce)", session.id)
         return _registration(context, session)
     pool, config = context.pool, context.config
     limit = config.max_quota or pool.size_bytes
     quota = min(args.get("quota_bytes", config.quota or pool.size_bytes), limit)
-    session = context.sessions.open(
-        pid=args["pid"],
-        name=args.get("name", ""),
-        quota_bytes=quota,
-        rank=args.get("rank"),
-        world_size=args.get("world_size"),
-        pid_ns=args.get("pid_ns"),
-        nonce=nonce,
-    )
+    try:
+        session = context.sessions.open(
+            pid=args["pid"],
+            name=args.get("name", ""),
+            quota_bytes=quota,
+            rank=args.get("rank"),
+            world_size=args.get("world_size"),
+            pid_ns=args.get("pid_ns"),
+            nonce=nonce,
+            tenant=peer.tenant,
+            operator=peer.is_operator,
+        )
+    except SessionLimitError as e:
+        context.refused_registers += 1
+        refused = context.refused_registers
+        if refused & (refused - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood of registers cannot flood the log
+            log.warning(
+                "refused a register from %s (pid %s): %s [%d refused so far]", peer.tenant, peer.pid, e, refused
+            )
+        raise
     log.info(
-        "session %d registered: pid %d %s rank %s quota %s",
+        "session %d registered: pid %d %s rank %s quota %s (%s)",
         session.id,
         session.pid,
         session.name or "unnamed",
         session.rank,
         format_bytes(quota),
+        session.tenant.name,
     )
     return _registration(context, session)
 
@@ -126,39 +151,65 @@ def _registration(context: OpContext, session: Session) -> dict[str, Any]:
     }
 
 
-def handle_stats(context: OpContext, request: Request) -> dict[str, Any]:
-    """Pool occupancy and sessions for the whole daemon (what ``stormctl stats`` prints)."""
+def handle_stats(context: OpContext, request: Request, peer: Peer) -> dict[str, Any]:
+    """Pool occupancy, and sessions as the caller may see them (NOTE [Stats between tenants])."""
+    return _stats(context, None if peer.is_operator else peer.tenant)
+
+
+def _stats(context: OpContext, tenant: str | None) -> dict[str, Any]:
+    """What stats answers; ``tenant`` limits the sessions listed to that tenant's (None: all)."""
     pool, sessions = context.pool, context.sessions
+    visible = [s for s in sessions.sessions.values() if tenant is None or s.tenant.name == tenant]
     return {
         "daemon_pid": os.getpid(),
         "uptime_s": round(time.time() - context.started, 3),
         "pool_bytes": pool.size_bytes,
         "used_bytes": sessions.used_bytes,
         "reserved_bytes": sessions.reserved_bytes,
+        "reclaiming_bytes": sessions.reclaiming_bytes,
         "free_bytes": pool.free_bytes,
         "largest_free_bytes": pool.largest_free_bytes,
         "segments": len(pool.segments),
         "extents": len(sessions.extents),
-        "sessions": [s.summary() for s in _listed_sessions(sessions)],
+        "sessions": [s.summary() for s in _listed(visible)],
+        "tenants": _tenant_totals(sessions),
         "live_sessions": len(sessions.sessions),
         "expired_sessions": sessions.expired_total,
         "requests": dict(context.requests),
         "errors": dict(context.errors),
         "dropped_replies": context.dropped_replies,
+        "connection_resets": context.connection_resets,
+        "refused_registers": context.refused_registers,
     }
 
 
-def _listed_sessions(table: SessionTable) -> list[Session]:
+def _tenant_totals(table: SessionTable) -> list[dict[str, Any]]:
+    """Each tenant's open sessions and bytes; past MAX_LISTED_SESSIONS tenants, those holding the most."""
+    totals: dict[str, dict[str, Any]] = {}
+    for usage in table.tenants.values():
+        totals[usage.name] = {"tenant": usage.name, "sessions": usage.sessions, "used_bytes": 0, "reserved_bytes": 0}
+    for session in table.sessions.values():
+        entry = totals[session.tenant.name]
+        entry["used_bytes"] += session.used_bytes
+        entry["reserved_bytes"] += session.reserved_bytes
+    listed = heapq.nsmallest(MAX_LISTED_SESSIONS, totals.values(), key=lambda t: -t["used_bytes"] - t["reserved_bytes"])
+    return sorted(listed, key=lambda t: str(t["tenant"]))
+
+
+def _listed(sessions: list[Session]) -> list[Session]:
     """Every session, or past MAX_LISTED_SESSIONS those holding the most bytes; in id order."""
-    sessions = table.sessions
     if len(sessions) <= MAX_LISTED_SESSIONS:
-        return list(sessions.values())
-    largest = heapq.nsmallest(MAX_LISTED_SESSIONS, sessions.values(), key=lambda s: (-s.held_bytes, s.id))
+        return sessions
+    largest = heapq.nsmallest(MAX_LISTED_SESSIONS, sessions, key=lambda s: (-s.held_bytes, s.id))
     return sorted(largest, key=lambda s: s.id)
 
 
-def handle_shutdown(context: OpContext, request: Request) -> dict[str, Any]:
-    log.info("shutdown requested over the control socket")
+def handle_shutdown(context: OpContext, request: Request, peer: Peer) -> dict[str, Any]:
+    """Stop the daemon; only for its operators (its uid, or root), FORBIDDEN for anyone else."""
+    if not peer.is_operator:
+        log.warning("refused a shutdown from %s (pid %s)", peer.tenant, peer.pid)
+        raise ForbiddenError(f"shutdown: only uid {os.getuid()} (the daemon's) or root may stop it, not {peer.tenant}")
+    log.info("shutdown requested over the control socket by %s (pid %s)", peer.tenant, peer.pid)
     context.stop.set()
     return {"stopping": True}
 
@@ -168,7 +219,7 @@ def handle_shutdown(context: OpContext, request: Request) -> dict[str, Any]:
 
 def handle_unregister(context: OpContext, request: Request, session: Session) -> dict[str, Any]:
     freed = context.sessions.close(session)
-    log.info("session %d unregistered; freed %s", session.id, format_bytes(freed))
+    log.info("session %d unregistered; freeing %s", session.id, format_bytes(freed))
     return {"freed_bytes": freed}
 
 
@@ -217,9 +268,11 @@ def handle_free(context: OpContext, request: Request, session: Session) -> dict[
 
 
 def handle_session_stats(context: OpContext, request: Request, session: Session) -> dict[str, Any]:
-    """:func:`handle_stats` plus ``session``: the caller's own summary with its ``layer_bytes``."""
+    """:func:`handle_stats` as the session's tenant sees it, plus ``session``: the caller's own
+    summary with its ``layer_bytes``."""
     layer_bytes = {str(k): v for k, v in sorted(session.layer_bytes.items())}
-    return handle_stats(context, request) | {"session": session.summary() | {"layer_bytes": layer_bytes}}
+    stats = _stats(context, None if session.tenant.operator else session.tenant.name)
+    return stats | {"session": session.summary() | {"layer_bytes": layer_bytes}}
 
 
 SESSIONLESS_OPS: dict[Op, SessionlessHandler] = {

@@ -5,7 +5,23 @@ handler runs; the handlers live in :mod:`storm_service.ops`, and their exception
 mapped to error codes in :meth:`Server.dispatch` alone, which also answers replayed
 mutating requests from the session's memory. The loop never blocks on a client: sends
 are non-blocking, and a reply that cannot be routed (its client left) is dropped and
-counted.
+counted. Each message's sender is read from the transport (NOTE [Peer credentials] in
+tenants.py), never from the message.
+
+NOTE [Liveness after the queue]
+  A session is expired for silence only if it sent nothing in the heartbeat timeout
+  before the last moment the loop had answered everything queued (``_caught_up_at``:
+  a receive found nothing waiting). Judged against the clock instead, a request that
+  held the loop for longer than the timeout would make every client whose heartbeat
+  waited behind it look silent. A session whose process is gone is expired at once,
+  queue or not.
+
+NOTE [Socket bounds]
+  ``MAXMSGSIZE`` drops a peer that sends a frame longer than any request; the
+  high-water marks (1000 messages per peer, libzmq's default) stop reading from a peer
+  that sends faster than it is answered, and drop replies to one that stops reading
+  (``dropped_replies``). Neither bounds bytes, nor a message that never ends: that is
+  NOTE [Buffered messages] in memory_guard.py.
 """
 
 from __future__ import annotations
@@ -14,6 +30,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import zmq
@@ -22,6 +39,7 @@ from storm_service import ops
 from storm_service.config import DaemonConfig
 from storm_service.endpoints import AUTHORIZED_DIR, SERVER_SECRET_FILE
 from storm_service.errors import ErrorCode, RemoteError, ShuttingDownError
+from storm_service.memory_guard import EXTENT_COST_BYTES, SESSION_COST_BYTES, MemoryGuard
 from storm_service.metrics import Metrics
 from storm_service.ops import OpContext
 from storm_service.pool import Pool
@@ -36,6 +54,7 @@ from storm_service.protocol import (
     encode_ok,
 )
 from storm_service.sessions import SessionTable
+from storm_service.tenants import Limits, Peer
 from storm_service.units import format_bytes
 
 __all__ = ["Server"]
@@ -43,7 +62,9 @@ __all__ = ["Server"]
 log = logging.getLogger("stormd.server")
 
 TICK_S = 0.1
-"""How often the loop wakes to check for stop requests and stale sessions."""
+"""How often the loop wakes to check for stop requests and its memory."""
+SOCKET_HWM = 1000
+"""Messages queued per peer each way (NOTE [Socket bounds])."""
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)  # plain ints: zmq's flag enums cost a call each
 MAX_BURST = 256
@@ -59,14 +80,23 @@ class Server:
         pool: Pool,
         zmq_context: zmq.Context | None = None,
         stop: threading.Event | None = None,
+        after_bind: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
-        self.context = OpContext(config, pool, SessionTable(pool), stop or threading.Event())
+        limits = Limits(config.max_sessions, config.max_tenant_sessions, config.max_extents, config.tenant_quota)
+        self.context = OpContext(config, pool, SessionTable(pool, limits), stop or threading.Event())
         """What every handler gets; :attr:`context.stop <OpContext.stop>` ends :meth:`serve`."""
         self._zmq = zmq_context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
         self._authenticator: Any = None
-        self._next_housekeeping = 0.0
+        self._after_bind = after_bind
+        """Called after every bind (the daemon sets the socket file's owner and mode)."""
+        self._ipc = config.endpoint.startswith("ipc://")
+        self._guard: MemoryGuard | None = None
+        self._caught_up_at = time.monotonic()
+        """When a receive last found nothing waiting (NOTE [Liveness after the queue])."""
+        self._next_expiry = 0.0
+        self._next_guard = 0.0
 
     @property
     def metrics(self) -> Metrics | None:
@@ -84,12 +114,14 @@ class Server:
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable replies raise instead of vanishing
         socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 1024)
-        socket.setsockopt(zmq.SNDHWM, 10_000)
-        socket.setsockopt(zmq.RCVHWM, 10_000)
+        socket.setsockopt(zmq.SNDHWM, SOCKET_HWM)
+        socket.setsockopt(zmq.RCVHWM, SOCKET_HWM)
         if self.config.curve_dir:
             self._enable_curve(socket)
         socket.bind(self.config.endpoint)
         self._socket = socket
+        self._after_bind()
+        self._guard = MemoryGuard(self.config.max_buffered)
 
     def _enable_curve(self, socket: zmq.Socket) -> None:
         """CURVE encryption, and ZAP admitting only the public keys in ``authorized/``."""
@@ -110,19 +142,58 @@ class Server:
         socket = self._socket
         # A blocking recv with RCVTIMEO costs one call per message; a Poller costs several.
         socket.setsockopt(zmq.RCVTIMEO, int(TICK_S * 1000))
-        recv, answer, stop = socket.recv, self._answer, self.context.stop
+        answer, stop, sessions = self._answer, self.context.stop, self.context.sessions
         while not stop.is_set():
             try:
-                identity = recv()
+                # While closed sessions still hold extents, free a slice between messages and never wait.
+                identity = socket.recv(_NOBLOCK) if sessions.reclaiming else socket.recv()
             except zmq.Again:
-                pass
+                self._caught_up_at = time.monotonic()
             else:
                 answer(identity)
+            if sessions.reclaiming:
+                sessions.reclaim()
             now = time.monotonic()
-            if now >= self._next_housekeeping:
-                self._expire_stale(now)
-                self._next_housekeeping = now + min(TICK_S * 5, self.config.heartbeat_timeout / 4)
+            if now >= self._next_guard:
+                self._housekeep(now)
         self._serve_burst()
+
+    def _housekeep(self, now: float) -> None:
+        """Every tick: the memory guard; every few ticks: expiry (NOTE [Liveness after the queue])."""
+        assert self._socket is not None
+        self._next_guard = now + TICK_S
+        self._guard_memory()
+        if now >= self._next_expiry:
+            if not cast(int, self._socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                self._caught_up_at = now
+            self._expire_stale()
+            self._next_expiry = now + min(TICK_S * 5, self.config.heartbeat_timeout / 4)
+
+    def _accounted_bytes(self) -> int:
+        """A generous estimate of the memory the daemon's own state takes (NOTE [Buffered messages])."""
+        sessions = self.context.sessions
+        replies = sum(s.replies.bytes for s in sessions.sessions.values())
+        return EXTENT_COST_BYTES * len(sessions.extents) + SESSION_COST_BYTES * len(sessions.sessions) + replies
+
+    def _guard_memory(self) -> None:
+        """Past the allowance, drop every connection to free what ZeroMQ buffers (NOTE [Buffered messages])."""
+        assert self._socket is not None and self._guard is not None
+        excess = self._guard.excess(self._accounted_bytes())
+        if excess is None:
+            return
+        socket = self._socket
+        socket.unbind(self.config.endpoint)
+        settled = self._guard.settle(lambda: socket.getsockopt(zmq.EVENTS), self._accounted_bytes())
+        socket.bind(self.config.endpoint)
+        self._after_bind()
+        self.context.connection_resets += 1
+        log.warning(
+            "anonymous memory %s was past its allowance of %s (a peer may be sending a message that never "
+            "ends): dropped every connection; %s after they closed",
+            format_bytes(excess[0]),
+            format_bytes(excess[1]),
+            format_bytes(settled),
+        )
 
     def close(self) -> None:
         if self._authenticator is not None:
@@ -133,6 +204,7 @@ class Server:
         sessions = self.context.sessions
         for session in list(sessions.sessions.values()):
             sessions.close(session)
+        sessions.reclaim(None)
 
     def _serve_burst(self) -> None:
         """Answer what is already queued, without blocking (at shutdown: up to MAX_BURST)."""
@@ -149,11 +221,11 @@ class Server:
         """
         socket = self._socket
         assert socket is not None
-        body = socket.recv(_NOBLOCK)
-        if socket.getsockopt(zmq.RCVMORE):
+        body = socket.recv(_NOBLOCK, copy=False)
+        if body.more:
             reply, envelope = self._answer_multipart(identity, body)
         else:
-            reply, envelope = self.dispatch(body), (identity,)
+            reply, envelope = self._reply(body.bytes, lambda: Peer.of_message(body, self._ipc)), (identity,)
         try:
             for frame in envelope:
                 socket.send(frame, _MORE_NOBLOCK)
@@ -162,24 +234,26 @@ class Server:
             self.context.dropped_replies += 1
             log.debug("dropped a reply: %s", e)
 
-    def _answer_multipart(self, identity: bytes, first: bytes) -> tuple[bytes, tuple[bytes, ...]]:
+    def _answer_multipart(self, identity: bytes, first: zmq.Frame) -> tuple[bytes, tuple[bytes, ...]]:
         """DEALER clients send ``[body]``; REQ clients add an empty delimiter, ``[b"", body]``."""
         assert self._socket is not None
         frames = [first]
-        while self._socket.getsockopt(zmq.RCVMORE):
-            frames.append(self._socket.recv(_NOBLOCK))
-        if len(frames) == 2 and frames[0] == b"":
-            return self.dispatch(frames[1]), (identity, b"")
+        while frames[-1].more:
+            frames.append(self._socket.recv(_NOBLOCK, copy=False))
+        if len(frames) == 2 and frames[0].bytes == b"":
+            body = frames[1]
+            return self._reply(body.bytes, lambda: Peer.of_message(body, self._ipc)), (identity, b"")
         self.context.errors[ErrorCode.BAD_REQUEST] += 1
         return encode_error(None, ErrorCode.BAD_REQUEST, f"expected one frame, got {len(frames)}"), (identity,)
 
-    def _expire_stale(self, now: float) -> None:
+    def _expire_stale(self) -> None:
         sessions = self.context.sessions
-        for session in sessions.stale(self.config.heartbeat_timeout, now):
+        now = time.monotonic()
+        for session in sessions.stale(self.config.heartbeat_timeout, self._caught_up_at):
             freed = sessions.close(session)
             sessions.expired_total += 1
             log.warning(
-                "session %d (pid %d, %s) expired after %.1f s of silence; freed %s",
+                "session %d (pid %d, %s) expired after %.1f s of silence or its process's exit; freeing %s",
                 session.id,
                 session.pid,
                 session.name or "unnamed",
@@ -189,17 +263,30 @@ class Server:
 
     # -- dispatch: the one place where exceptions become error codes -----------
 
-    def dispatch(self, frame: bytes) -> bytes:
-        """The reply frame to one request frame; never raises (every failure is an error reply)."""
+    def dispatch(self, frame: bytes, peer: Peer | None = None) -> bytes:
+        """The reply frame to one request frame from ``peer`` (default: this process); never raises.
+
+        Then frees one slice of closed sessions' extents, as the loop does after each
+        message (NOTE [Bounded work per request] in sessions.py).
+        """
+        sender = peer or Peer.this_process()
+        reply = self._reply(frame, lambda: sender)
+        sessions = self.context.sessions
+        if sessions.reclaiming:
+            sessions.reclaim()
+        return reply
+
+    def _reply(self, frame: bytes, peer: Callable[[], Peer]) -> bytes:
+        """The reply frame to one request frame; ``peer`` is called only by ops that need the sender."""
         metrics = self.context.metrics
         if metrics is None:
-            return self._dispatch(frame)[0]
+            return self._dispatch(frame, peer)[0]
         started = time.perf_counter()
-        reply, op = self._dispatch(frame)
+        reply, op = self._dispatch(frame, peer)
         metrics.latency.labels(op).observe(time.perf_counter() - started)
         return reply
 
-    def _dispatch(self, frame: bytes) -> tuple[bytes, str]:
+    def _dispatch(self, frame: bytes, peer: Callable[[], Peer]) -> tuple[bytes, str]:
         """The reply to one frame, and the op it named ("invalid" if none)."""
         context = self.context
         request_id: int | None = None
@@ -211,20 +298,20 @@ class Server:
             if op is not Op.PING and context.stop.is_set():
                 raise ShuttingDownError(f"{op}: the daemon is shutting down")
             if request.token is None and op in SESSIONLESS_OPS:
-                return encode_ok(request_id, ops.SESSIONLESS_OPS[op](context, request)), op
+                return encode_ok(request_id, ops.SESSIONLESS_OPS[op](context, request, peer())), op
             session = context.sessions.by_token(request.token)  # UNKNOWN_SESSION when it names none
             session.last_seen = time.monotonic()
             mutating = op in MUTATING_OPS
-            if mutating and request_id in session.replies:
-                return session.replies[request_id], op
+            if mutating and (remembered := session.replies.get(request_id)) is not None:
+                return remembered, op
             handler = ops.SESSION_OPS.get(op)
             if handler is None:  # ping, register, shutdown: the token was checked, the op ignores it
-                result = ops.SESSIONLESS_OPS[op](context, request)
+                result = ops.SESSIONLESS_OPS[op](context, request, peer())
             else:
                 result = handler(context, request, session)
             reply = encode_ok(request_id, result)
             if mutating:
-                session.remember(request_id, reply)
+                session.replies.remember(request_id, reply)
             return reply, op
         except Invalid as e:
             return self._error(e.request_id, e.code, e.message), op

@@ -31,6 +31,17 @@ NOTE [Register nonce]
   session and cannot outgrow the session table; a retry that arrives after its session
   ended opens a new one. A nonce finds a session's token, so it is as secret as one, and
   is never logged.
+
+NOTE [Bounded work per request]
+  No request, and no expiry, may hold the serving loop for long: every other client
+  waits behind it. Allocating and freeing one extent cost O(log n) (NOTE [Indexed free
+  space] in allocator.py), a batch at most MAX_BATCH of them, and a session holds at
+  most ``--max-extents``. Closing a session (unregister, expiry) ends it at once (its
+  token and handles stop working, its tenant's session count drops) but returns its
+  extents to the pool RECLAIM_SLICE at a time between requests (:meth:`SessionTable.reclaim`),
+  so that closing a session of a million extents (seconds of frees) never delays a
+  bystander's ping by more than one slice. Until then those bytes are counted in
+  ``reclaiming_bytes`` and still in the pool's and the tenant's totals.
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ import enum
 import itertools
 import secrets
 import time
-from collections import OrderedDict
+from collections import deque
 from dataclasses import dataclass, field
 
 from storm_service.endpoints import pid_alive, pid_namespace
@@ -52,11 +63,13 @@ from storm_service.errors import (
 )
 from storm_service.pool import Pool
 from storm_service.protocol import MAX_SESSION_LAYERS, OVERFLOW_LAYER_ID
+from storm_service.replay import ReplayMemory
+from storm_service.tenants import Limits, TenantUsage
 
-__all__ = ["Extent", "ExtentState", "Session", "SessionTable"]
+__all__ = ["RECLAIM_SLICE", "Extent", "ExtentState", "Session", "SessionTable"]
 
-REPLAY_MEMORY = 512
-"""Replies to mutating requests remembered per session, for replayed requests."""
+RECLAIM_SLICE = 512
+"""Extents of closed sessions freed between two requests (NOTE [Bounded work per request])."""
 
 
 class ExtentState(enum.Enum):
@@ -64,7 +77,7 @@ class ExtentState(enum.Enum):
     COMMITTED = "committed"
 
 
-@dataclass
+@dataclass(slots=True)
 class Extent:
     handle: int
     session_id: int
@@ -98,6 +111,8 @@ class Session:
     quota_bytes: int
     pid_ns: int | None
     last_seen: float
+    tenant: TenantUsage
+    """The tenant (uid) this session belongs to (NOTE [Peer credentials] in tenants.py)."""
     nonce: str | None = None
     """The register nonce this session was opened with (NOTE [Register nonce])."""
     handles: set[int] = field(default_factory=set)
@@ -115,21 +130,18 @@ class Session:
     """Bytes the client reports it did not copy: storage outside the spans its saved tensors cover."""
     layer_bytes: dict[int, int] = field(default_factory=dict)
     """Bytes held per layer id: at most MAX_SESSION_LAYERS ids, plus the overflow key (NOTE [Layer stats cap])."""
-    replies: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+    replies: ReplayMemory = field(default_factory=ReplayMemory)
+    """Replies to its latest mutating requests (NOTE [Replay memory] in replay.py)."""
 
     @property
     def held_bytes(self) -> int:
         """Bytes this session holds in the pool, committed or not (what its quota bounds)."""
         return self.used_bytes + self.reserved_bytes
 
-    def remember(self, request_id: int, reply: bytes) -> None:
-        self.replies[request_id] = reply
-        if len(self.replies) > REPLAY_MEMORY:
-            self.replies.popitem(last=False)
-
     def summary(self) -> dict[str, object]:
         return {
             "id": self.id,
+            "tenant": self.tenant.name,
             "pid": self.pid,
             "name": self.name,
             "rank": self.rank,
@@ -150,9 +162,14 @@ class Session:
 class SessionTable:
     """Every live session and every extent, with ownership checks on each access."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, limits: Limits | None = None) -> None:
         self.pool = pool
+        self.limits = limits or Limits()
         self.sessions: dict[int, Session] = {}
+        self.tenants: dict[str, TenantUsage] = {}
+        """Every tenant with an open session or bytes still in the pool."""
+        self._closed: deque[Session] = deque()
+        """Closed sessions whose extents are not all back in the pool yet (NOTE [Bounded work per request])."""
         self._by_token: dict[str, Session] = {}
         self._by_nonce: dict[tuple[int, str], Session] = {}
         """At most one entry per live session (NOTE [Register nonce])."""
@@ -172,8 +189,18 @@ class SessionTable:
         world_size: int | None = None,
         pid_ns: int | None = None,
         nonce: str | None = None,
+        tenant: str = "unknown",
+        operator: bool = False,
     ) -> Session:
-        """A new session; with a ``nonce``, findable by :meth:`by_nonce` until it closes."""
+        """A new session of ``tenant``; with a ``nonce``, findable by :meth:`by_nonce` until it closes.
+
+        SessionLimitError when the daemon has ``max_sessions`` open, or the tenant
+        ``max_tenant_sessions``.
+        """
+        usage = self.tenants.get(tenant) or TenantUsage(tenant, operator)
+        self.limits.admit(len(self.sessions), usage)
+        self.tenants[tenant] = usage
+        usage.sessions += 1
         session = Session(
             id=next(self._session_ids),
             token=secrets.token_urlsafe(24),
@@ -184,6 +211,7 @@ class SessionTable:
             quota_bytes=quota_bytes,
             pid_ns=pid_ns,
             last_seen=time.monotonic(),
+            tenant=usage,
             nonce=nonce,
         )
         self.sessions[session.id] = session
@@ -213,8 +241,9 @@ class SessionTable:
     def reserve(self, session: Session, sizes: list[int], layer_id: int | None) -> list[Extent]:
         """One new WRITING extent per size, in order, all or nothing.
 
-        The quota is checked first, against the sizes as the allocator rounds them: past it,
-        QuotaExceededError (a quota as large as the pool never binds before the pool does).
+        The quotas are checked first, against the sizes as the allocator rounds them: past
+        the session's, its cap on extents or its tenant's, QuotaExceededError (a quota as
+        large as the pool never binds before the pool does).
         Then each size is allocated; when one does not fit, the extents already placed go
         back to the pool and PoolFullError is raised. Either way a refused reservation
         leaves the pool and the session as they were.
@@ -227,6 +256,7 @@ class SessionTable:
                 f"offload: {need} bytes requested, {session.quota_bytes - session.held_bytes} "
                 f"left of a {session.quota_bytes}-byte quota"
             )
+        self.limits.check_offload(len(session.handles), len(sizes), need, session.tenant)
         placed: list[tuple[int, int, int]] = []
         for size in sizes:
             where = self.pool.allocate(size)
@@ -255,6 +285,7 @@ class SessionTable:
         self.reserved_bytes += length
         session.handles.add(extent.handle)
         session.reserved_bytes += length
+        session.tenant.held_bytes += length
         session.peak_bytes = max(session.peak_bytes, session.held_bytes)
         if layer_id is not None:
             session.layer_bytes[layer_id] = session.layer_bytes.get(layer_id, 0) + length
@@ -280,6 +311,7 @@ class SessionTable:
         else:
             session.used_bytes -= extent.length
         session.handles.discard(extent.handle)
+        session.tenant.held_bytes -= extent.length
         if extent.layer_id is not None:
             left = session.layer_bytes.get(extent.layer_id, 0) - extent.length
             if left > 0:
@@ -289,26 +321,61 @@ class SessionTable:
         return self.pool.free(extent.segment, extent.offset)
 
     def close(self, session: Session) -> int:
-        """Drop a session and free everything it held; returns the bytes freed."""
-        freed = 0
-        for handle in list(session.handles):
-            freed += self.release(session, self.extents[handle])
+        """End a session now; its extents go back to the pool through :meth:`reclaim`.
+
+        Returns the bytes it held (NOTE [Bounded work per request]).
+        """
         del self.sessions[session.id]
         del self._by_token[session.token]
         if session.nonce is not None:
             del self._by_nonce[(session.pid, session.nonce)]
+        session.tenant.sessions -= 1
+        self._closed.append(session)
+        return session.held_bytes
+
+    def reclaim(self, budget: int | None = RECLAIM_SLICE) -> int:
+        """Free up to ``budget`` extents of closed sessions (all of them with None); returns how many."""
+        freed = 0
+        closed = self._closed
+        while closed and (budget is None or freed < budget):
+            session = closed[0]
+            if not session.handles:
+                closed.popleft()
+                self._forget_tenant(session.tenant)
+                continue
+            self.release(session, self.extents[session.handles.pop()])
+            freed += 1
         return freed
+
+    @property
+    def reclaiming(self) -> bool:
+        """Whether closed sessions still hold extents (NOTE [Bounded work per request])."""
+        return bool(self._closed)
+
+    @property
+    def reclaiming_bytes(self) -> int:
+        return sum(session.held_bytes for session in self._closed)
+
+    def _forget_tenant(self, tenant: TenantUsage) -> None:
+        if tenant.sessions == 0 and tenant.held_bytes == 0 and self.tenants.get(tenant.name) is tenant:
+            del self.tenants[tenant.name]
 
     @property
     def used_bytes(self) -> int:
         """Bytes of committed extents in the pool: what the pool has allocated, less what is reserved."""
         return self.pool.used_bytes - self.reserved_bytes
 
-    def stale(self, timeout_s: float, now: float) -> list[Session]:
-        """Sessions silent for longer than ``timeout_s``, or whose same-host process is gone."""
+    def stale(self, timeout_s: float, caught_up_at: float) -> list[Session]:
+        """Sessions that sent nothing in the ``timeout_s`` before ``caught_up_at``, or whose process is gone.
+
+        ``caught_up_at`` is when the serving loop last found no message waiting (NOTE
+        [Liveness after the queue] in server.py): a session whose message was still
+        queued behind a long request then has been heard from by that time.
+        """
         own_ns = pid_namespace()
+        silent_since = caught_up_at - timeout_s
         return [
             s
             for s in self.sessions.values()
-            if now - s.last_seen > timeout_s or (s.pid_ns is not None and s.pid_ns == own_ns and not pid_alive(s.pid))
+            if s.last_seen < silent_since or (s.pid_ns is not None and s.pid_ns == own_ns and not pid_alive(s.pid))
         ]

@@ -261,6 +261,7 @@ ERROR_CLASSES = {
     ErrorCode.NOT_COMMITTED: errors.NotCommittedError,
     ErrorCode.POOL_FULL: errors.PoolFullError,
     ErrorCode.QUOTA_EXCEEDED: errors.QuotaExceededError,
+    ErrorCode.SESSION_LIMIT: errors.SessionLimitError,
     ErrorCode.SHUTTING_DOWN: errors.ShuttingDownError,
     ErrorCode.INTERNAL: errors.InternalError,
 }

@@ -37,6 +37,7 @@ from storm_service.protocol import (
     encode_request,
 )
 from storm_service.server import Server
+from storm_service.tenants import Peer
 
 WIDE = "\U0001f600"
 """A character of four UTF-8 bytes: names and messages at their longest in bytes."""
@@ -59,7 +60,9 @@ class _Unmapped:
 def _server(segments: int, segment_bytes: int) -> Server:
     names = [f"storm-{i:024x}" for i in range(segments)]  # as long as real names
     pool = Pool([_Unmapped(name, segment_bytes) for name in names])
-    return Server(load_config(build_parser().parse_args([]), {}), pool)
+    # More sessions than one tenant may open by default: every call here comes from one uid.
+    argv = ["--max-tenant-sessions", str(2 * MAX_LISTED_SESSIONS)]
+    return Server(load_config(build_parser().parse_args(argv), {}), pool)
 
 
 def _call(server: Server, op: Op, token: str | None = None, **fields: Any) -> tuple[bytes, dict[str, Any]]:
@@ -70,23 +73,20 @@ def _call(server: Server, op: Op, token: str | None = None, **fields: Any) -> tu
     return frame, reply.result
 
 
-def _register(server: Server) -> str:
-    _, result = _call(
-        server,
-        Op.REGISTER,
-        pid=(1 << 31) - 1,
-        name=WIDE * MAX_STR,
-        rank=1 << 20,
-        world_size=1 << 20,
-        quota_bytes=MAX_SIZE_BYTES,
-        pid_ns=MAX_ID,
-    )
-    return str(result["token"])
+def _register(server: Server, peer: Peer | None = None) -> str:
+    fields: dict[str, Any] = {"pid": (1 << 31) - 1, "name": WIDE * MAX_STR, "rank": 1 << 20, "world_size": 1 << 20}
+    fields |= {"quota_bytes": MAX_SIZE_BYTES, "pid_ns": MAX_ID}
+    frame = server.dispatch(encode_request(next(_REQUEST_IDS), Op.REGISTER, None, **fields), peer)
+    reply = decode_reply(frame)
+    assert reply.ok, (reply.code, reply.message)
+    return str(reply.result["token"])
 
 
 def test_largest_stats_reply_decodes_within_the_frame_cap() -> None:
     server = _server(1, MAX_SIZE_BYTES)
-    tokens = [_register(server) for _ in range(MAX_LISTED_SESSIONS + 3)]
+    # Every session a tenant of its own, named by a CURVE key (the longest tenant names): `tenants` at its cap.
+    peers = [Peer(uid=None, key=f"{i:040d}") for i in range(MAX_LISTED_SESSIONS + 2)]
+    tokens = [_register(server)] + [_register(server, peer) for peer in peers]
     for session in server.context.sessions.sessions.values():  # every summary field at its widest
         session.used_bytes = session.reserved_bytes = session.peak_bytes = MAX_SIZE_BYTES
         session.offloaded_bytes = session.fetched_bytes = MAX_SIZE_BYTES
@@ -104,6 +104,7 @@ def test_largest_stats_reply_decodes_within_the_frame_cap() -> None:
     assert len(layer_bytes) == MAX_SESSION_LAYERS + 1
     assert layer_bytes[str(OVERFLOW_LAYER_ID)] == 5 * EXTENT_BYTES
     assert len(stats["sessions"]) == MAX_LISTED_SESSIONS
+    assert len(stats["tenants"]) == MAX_LISTED_SESSIONS
     assert stats["live_sessions"] == MAX_LISTED_SESSIONS + 3
 
 
