@@ -10,6 +10,7 @@ session, unlinks the segments, removes the socket and the lock, and exits 0.
 
 from __future__ import annotations
 
+import gc
 import grp
 import logging
 import os
@@ -46,6 +47,8 @@ __all__ = ["main", "run"]
 log = logging.getLogger("stormd")
 
 EXIT_CONFIG = 2
+_NO_FULL_COLLECTIONS = 1 << 30
+"""A generation-2 threshold never reached: the serving loop runs full collections itself."""
 EXIT_STARTUP = 1
 
 
@@ -118,6 +121,8 @@ def run(config: DaemonConfig) -> int:
     stop = threading.Event()
     _install_signals(stop)
     _raise_fd_limit()
+    gc.freeze()  # what start-up made lives as long as the process: out of every collection
+    gc.set_threshold(*gc.get_threshold()[:2], _NO_FULL_COLLECTIONS)  # NOTE [Full collections when idle]
     try:
         socket_path = _prepare_socket_dir(config.endpoint, access)
         lock = EndpointLock(_lock_path(config.endpoint, socket_path))

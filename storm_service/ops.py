@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from storm_service.config import DaemonConfig
 from storm_service.endpoints import pid_namespace
-from storm_service.errors import ForbiddenError, NotCommittedError, SessionLimitError
+from storm_service.errors import ForbiddenError, NotCommittedError, RemoteError, SessionLimitError
 from storm_service.pool import ALIGNMENT, Pool
 from storm_service.protocol import MAX_LISTED_SESSIONS, MAX_SIZE_BYTES, Op, Request
 from storm_service.sessions import Extent, ExtentState, Session, SessionTable
@@ -78,9 +78,14 @@ class OpContext:
     """Registers refused by a cap on sessions."""
     metrics: Metrics | None = None
     """The Prometheus registry when ``--metrics-port`` is set."""
+    pause: Callable[[Session], None] = lambda session: None
+    """Called by a handler every PAUSE_EVERY items of a batch: the server answers other sessions'
+    queued messages there (NOTE [Serving around a long request] in server.py)."""
 
 
 SessionlessHandler = Callable[[OpContext, Request, Peer], dict[str, Any]]
+PAUSE_EVERY = 128
+"""Items of a batch handled between two pauses (about 1 ms: NOTE [Serving around a long request])."""
 SessionHandler = Callable[[OpContext, Request, Session], dict[str, Any]]
 
 
@@ -228,8 +233,23 @@ def handle_heartbeat(context: OpContext, request: Request, session: Session) -> 
 
 
 def handle_offload(context: OpContext, request: Request, session: Session) -> dict[str, Any]:
-    extents = context.sessions.reserve(session, request.args["sizes"], request.args.get("layer_id"))
-    return {"extents": [e.location() for e in extents]}
+    """Reserve PAUSE_EVERY sizes at a time, pausing between; all or nothing: when a part is refused
+    (its message gives that part's numbers), the parts already reserved go back."""
+    sizes, layer_id = request.args["sizes"], request.args.get("layer_id")
+    extents: list[Extent] = []
+    locations: list[dict[str, int]] = []
+    try:
+        for start in range(0, len(sizes), PAUSE_EVERY):
+            if start:
+                context.pause(session)
+            part = context.sessions.reserve(session, sizes[start : start + PAUSE_EVERY], layer_id)
+            extents += part
+            locations += [e.location() for e in part]
+    except RemoteError:
+        for extent in extents:
+            context.sessions.release(session, extent)
+        raise
+    return {"extents": locations}
 
 
 def _owned_all(context: OpContext, request: Request, session: Session) -> list[Extent]:
@@ -263,7 +283,11 @@ def handle_fetch(context: OpContext, request: Request, session: Session) -> dict
 
 def handle_free(context: OpContext, request: Request, session: Session) -> dict[str, Any]:
     extents = _owned_all(context, request, session)
-    freed = sum(context.sessions.release(session, extent) for extent in extents)
+    freed = 0
+    for index, extent in enumerate(extents):
+        if index and index % PAUSE_EVERY == 0:
+            context.pause(session)
+        freed += context.sessions.release(session, extent)
     return {"freed": len(extents), "freed_bytes": freed}
 
 

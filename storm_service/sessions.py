@@ -68,7 +68,7 @@ from storm_service.tenants import Limits, TenantUsage
 
 __all__ = ["RECLAIM_SLICE", "Extent", "ExtentState", "Session", "SessionTable"]
 
-RECLAIM_SLICE = 512
+RECLAIM_SLICE = 256
 """Extents of closed sessions freed between two requests (NOTE [Bounded work per request])."""
 
 

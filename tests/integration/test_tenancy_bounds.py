@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,6 +289,50 @@ def test_closing_a_session_of_many_extents_frees_them_a_slice_per_request() -> N
     assert len(steps) >= 2  # the unregister reply did not wait for every free
     with pytest.raises(AssertionError, match="UNKNOWN_SESSION"):
         _call(server, Op.HEARTBEAT, token)
+
+
+class _QueueSocket:
+    """The ROUTER as the serving loop sees it, in memory: queued messages in order, replies recorded."""
+
+    def __init__(self) -> None:
+        self._queued: deque[tuple[bytes, zmq.Frame]] = deque()
+        self._body: zmq.Frame | None = None
+        self.replies: list[bytes] = []
+
+    def queue(self, identity: bytes, body: bytes) -> None:
+        self._queued.append((identity, zmq.Frame(body)))
+
+    def recv(self, flags: int = 0, copy: bool = True) -> bytes | zmq.Frame:
+        if self._body is not None:
+            body, self._body = self._body, None
+            return body
+        identity, self._body = self._queued.popleft()
+        return identity
+
+    def getsockopt(self, option: int) -> int:
+        assert option == zmq.EVENTS
+        return zmq.POLLIN if self._queued else 0
+
+    def send(self, frame: bytes, flags: int = 0) -> None:
+        if not flags & zmq.SNDMORE:
+            self.replies.append(frame)
+
+
+def test_others_are_answered_while_a_long_request_pauses_and_its_session_waits() -> None:
+    """One offload of 1024 sizes, then that session's heartbeat and another peer's ping, all queued:
+    the ping is answered at a pause of the offload, the heartbeat after it (NOTE [Serving around a long
+    request])."""
+    server = _server()
+    token = _call(server, Op.REGISTER, pid=os.getpid())["token"]
+    queue = _QueueSocket()
+    server._socket = queue  # type: ignore[assignment]  # the transport seam: everything else is real
+    queue.queue(b"busy", encode_request(1, Op.OFFLOAD, token, sizes=[512] * 1024))
+    queue.queue(b"busy", encode_request(2, Op.HEARTBEAT, token))
+    queue.queue(b"other", encode_request(3, Op.PING))
+    server._answer(queue.recv())  # what the loop does with the first message
+    replies = [decode_reply(frame) for frame in queue.replies]
+    assert [(r.id, r.ok) for r in replies] == [(3, True), (1, True), (2, True)]
+    assert len(replies[1].result["extents"]) == 1024
 
 
 @pytest.fixture
