@@ -1,6 +1,7 @@
 """Load and soak: N client processes x M cycles of offload -> fetch -> verify -> free.
 
     .venv/bin/python -m benchmarks.load [--clients 8] [--cycles 2000] [--pool-size 64MiB] [--seed 0]
+    .venv/bin/python -m benchmarks.load --worst-case [--bystanders 2] [--fragments 131072]
 
 Each client is a ``StormSystem(policy="wait")`` in its own process (multiprocessing
 "spawn": torch and fork do not mix). A cycle offloads a tensor of random bytes, of a
@@ -14,6 +15,16 @@ Reported: cycles, mismatches, errors by type, the daemon's bytes and sessions le
 after every client closed (must be 0 and none), the daemon's VmRSS at start, after
 warm-up (10 % of the cycles) and at the end, wall time and cycles/s, and POOL_FULL
 replies. ``run_load`` is the core; ``tests/integration/test_load.py`` reuses it.
+
+``--worst-case`` measures instead what one client's heaviest requests cost everyone
+else (NOTE [Bounded work per request] in storm_service/sessions.py): bystander processes
+ping the daemon every 2 ms and record each round trip while one client fragments the
+pool (``--fragments`` one-block extents between as many one-block holes, built by
+offloads and frees of 4096 extents each), sends one offload of 4096 sizes of 2 to 8
+blocks (none fits a hole), and unregisters with every extent still held. Reported:
+the bystanders' ping p50, p99 and max during that pattern (target: p99 under 10 ms), the
+worst-case client's time per request, and how long the daemon took to reclaim what it
+held. Results: ``benchmarks/results/load_worst_case.json``.
 Module-level imports stay torch-free: the spawned clients re-import this module.
 """
 
@@ -24,6 +35,7 @@ import collections
 import itertools
 import math
 import multiprocessing as mp
+import os
 import random
 import sys
 import time
@@ -248,6 +260,125 @@ def run_load(
     }
 
 
+PING_INTERVAL_S = 0.002
+PING_TIMEOUT_S = 600.0
+OFFLOAD_SIZES = 4096
+"""Sizes per request of the worst-case client (``protocol.MAX_BATCH``)."""
+
+
+def _bystander(endpoint: str, started: Any, stop: Any, results: Any) -> None:
+    """Ping every PING_INTERVAL_S until ``stop``; report each round trip's seconds."""
+    import zmq
+
+    context = zmq.Context()
+    channel = Channel(context, endpoint, itertools.count(1))
+    rtts: list[float] = []
+    try:
+        channel.call(Op.PING, None, 10.0)
+        started.wait(START_TIMEOUT_S)
+        while not stop.is_set():
+            sent = time.perf_counter()
+            channel.call(Op.PING, None, PING_TIMEOUT_S)  # a stall is measured whole, not cut at a timeout
+            rtts.append(time.perf_counter() - sent)
+            time.sleep(PING_INTERVAL_S)
+    finally:
+        results.put(rtts)
+        channel.close()
+        context.term()
+
+
+def _worst_case_client(endpoint: str, fragments: int, seed: int) -> dict[str, Any]:
+    """Fragment the pool, offload 4096 sizes that fit no hole, unregister holding it all; seconds per request."""
+    import zmq
+
+    context = zmq.Context()
+    channel = Channel(context, endpoint, itertools.count(1))
+    rng = random.Random(seed)
+    timings: dict[str, list[float]] = {"offload 4096 x 512 B": [], "free 4096": [], "offload 4096 sizes": []}
+
+    def timed(name: str, op: Op, token: str, **fields: Any) -> dict[str, Any]:
+        started = time.perf_counter()
+        result = channel.call(op, token, 120.0, **fields)
+        timings.setdefault(name, []).append(time.perf_counter() - started)
+        return result
+
+    try:
+        token = channel.call(Op.REGISTER, None, 10.0, pid=os.getpid(), name="worst-case")["token"]
+        handles: list[int] = []
+        for _ in range(2 * fragments // OFFLOAD_SIZES):
+            extents = timed("offload 4096 x 512 B", Op.OFFLOAD, token, sizes=[512] * OFFLOAD_SIZES)["extents"]
+            handles += [e["handle"] for e in extents]
+        every_other = handles[::2]
+        for start in range(0, len(every_other), OFFLOAD_SIZES):
+            timed("free 4096", Op.FREE, token, handles=every_other[start : start + OFFLOAD_SIZES])
+        timed("offload 4096 sizes", Op.OFFLOAD, token, sizes=[rng.randint(2, 8) * 512 for _ in range(OFFLOAD_SIZES)])
+        held = channel.call(Op.STATS, token, 10.0)["session"]["handles"]
+        timed("unregister", Op.UNREGISTER, token)
+        started = time.perf_counter()
+        while channel.call(Op.STATS, None, 10.0).get("reclaiming_bytes", 0):  # a daemon before slices: 0
+            time.sleep(0.001)
+        reclaim_s = time.perf_counter() - started
+    finally:
+        channel.close()
+        context.term()
+    return {"extents_held_at_unregister": held, "reclaim_s": reclaim_s, "requests_s": timings}
+
+
+def run_worst_case(endpoint: str, bystanders: int = 2, fragments: int = 1 << 17, seed: int = 0) -> dict[str, Any]:
+    from benchmarks.common import percentile
+
+    ctx = mp.get_context("spawn")
+    started, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_bystander, args=(endpoint, started, stop, results)) for _ in range(bystanders)]
+    for proc in procs:
+        proc.start()
+    time.sleep(1.0)  # the bystanders' first pings: spawned interpreters are up
+    started.set()
+    began = time.perf_counter()
+    try:
+        client = _worst_case_client(endpoint, fragments, seed)
+    finally:
+        stop.set()
+    wall_s = time.perf_counter() - began
+    rtts = [rtt for _ in procs for rtt in results.get(timeout=60)]
+    for proc in procs:
+        proc.join(30)
+    requests = {
+        name: {"count": len(times), "mean_ms": 1e3 * sum(times) / len(times), "max_ms": 1e3 * max(times)}
+        for name, times in client.pop("requests_s").items()
+    }
+    return {
+        "bystanders": bystanders,
+        "fragments": fragments,
+        "wall_s": wall_s,
+        "pings": len(rtts),
+        "ping_ms": {
+            "p50": 1e3 * percentile(rtts, 50),
+            "p99": 1e3 * percentile(rtts, 99),
+            "max": 1e3 * max(rtts),
+        },
+        "worst_case_requests": requests,
+        **client,
+    }
+
+
+def print_worst_case(result: dict[str, Any]) -> None:
+    from benchmarks.common import print_table, target
+
+    ping = result["ping_ms"]
+    rows = [
+        ("bystanders x pings", f"{result['bystanders']} x {result['pings'] // result['bystanders']}"),
+        ("bystander ping p50 / p99 / max", f"{ping['p50']:.2f} / {ping['p99']:.2f} / {ping['max']:.1f} ms"),
+        ("extents held at unregister", result["extents_held_at_unregister"]),
+        ("reclaimed after unregister in", f"{1e3 * result['reclaim_s']:.0f} ms"),
+        ("wall time", f"{result['wall_s']:.1f} s"),
+    ]
+    for name, r in result["worst_case_requests"].items():
+        rows.append((f"worst case: {name} (x{r['count']})", f"mean {r['mean_ms']:.1f} ms, max {r['max_ms']:.1f} ms"))
+    print_table(["figure", "value"], rows, title="Bystanders while one client fragments, offloads and unregisters")
+    result["target"] = target("bystander ping p99 < 10 ms", ping["p99"] < 10, f"{ping['p99']:.2f} ms")
+
+
 def print_report(result: dict[str, Any]) -> None:
     from benchmarks.common import print_table
 
@@ -285,10 +416,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--fair-share", action="store_true", help="cap each client's bytes in flight at pool/clients (no deadlock)"
     )
+    p.add_argument("--worst-case", action="store_true", help="bystanders' ping while one client runs the worst case")
+    p.add_argument("--bystanders", type=int, default=2)
+    p.add_argument("--fragments", type=int, default=1 << 17, help="one-block extents left between holes")
     args = p.parse_args(argv)
 
     from benchmarks.common import write_json
     from worker.embedded import EmbeddedDaemon
+
+    if args.worst_case:
+        pool_bytes = 2 * args.fragments * 512 + 8 * OFFLOAD_SIZES * 512
+        with EmbeddedDaemon(f"{-(-pool_bytes // MiB)}MiB", args.heartbeat_timeout) as daemon:
+            worst = run_worst_case(daemon.endpoint, args.bystanders, args.fragments, args.seed)
+        print_worst_case(worst)
+        write_json("load_worst_case", worst)
+        return 0
 
     with EmbeddedDaemon(args.pool_size, args.heartbeat_timeout) as daemon:
         result = run_load(daemon.endpoint, args.clients, args.cycles, args.seed, args.fair_share)
