@@ -543,3 +543,19 @@ def test_many_connections_and_registers_leave_the_daemon_serving() -> None:
         daemon.proc.wait(30)
         subprocess.run(["rm", "-rf", directory], check=False)
     assert daemon.proc.returncode == 0, daemon.log()
+
+
+# -- metrics -------------------------------------------------------------------------------------------
+
+
+def test_metrics_bind_loopback_by_default_and_in_every_manifest() -> None:
+    """Per-session metrics name pids, ranks and job names: off the host's loopback only if an operator says so."""
+    assert load_config(build_parser().parse_args([]), {}).metrics_host == "127.0.0.1"
+    docker = Path(__file__).resolve().parents[2] / "docker"
+    manifests = sorted([*docker.glob("*.yml"), *docker.glob("*.yaml")])
+    assert manifests
+    for manifest in manifests:
+        words = manifest.read_text().replace('"', " ").replace(",", " ").replace("=", " ").split()
+        hosts = [words[i + 1] for i, word in enumerate(words[:-1]) if word == "--metrics-host"]
+        hosts += [words[i + 1] for i, word in enumerate(words[:-1]) if word.rstrip(":") == "STORM_METRICS_HOST"]
+        assert set(hosts) <= {"127.0.0.1", "localhost"}, f"{manifest.name} binds metrics to {hosts}"
