@@ -32,13 +32,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_status_once_with_no_sessions(daemon):
-    result = _stormctl(daemon, "status", "--once")
+def test_status_once_with_no_sessions(shared_daemon):
+    result = _stormctl(shared_daemon, "status", "--once")
     assert result.returncode == 0, result.stderr
     assert "sessions  0 live" in result.stdout and "largest extent" in result.stdout
 
 
-def test_status_json_lists_every_session_with_rates_and_quits_on_ctrl_c(daemon):
+def test_status_json_lists_every_session_with_rates_and_quits_on_ctrl_c(shared_daemon):
+    daemon = shared_daemon  # it holds nothing between tests: these five sessions are all it lists
     systems = [StormSystem(daemon.endpoint, name=f"job-{i}") for i in range(5)]
     handles = [s.offload(torch.randn(256, 256)) for s in systems]
     for s in systems:

@@ -1,4 +1,7 @@
-"""Reserving ahead (NOTE [Reservations]): one offload request per layer, space given back."""
+"""Reserving ahead (NOTE [Reservations]): one offload request per layer, space given back.
+
+The tests share the module's daemon (``shared_daemon``: it holds nothing between tests,
+so each test's session is its only one), except the one that needs a small pool."""
 
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ def _session(daemon) -> dict:
     return session
 
 
-def test_steady_state_costs_one_offload_request_per_layer(daemon):
+def test_steady_state_costs_one_offload_request_per_layer(shared_daemon):
+    daemon = shared_daemon
     torch.manual_seed(0)
     layers = 3
     layer = nn.TransformerEncoderLayer(64, 4, 256, dropout=0.0, batch_first=True)
@@ -57,7 +61,8 @@ def _repeat_profile(system, count: int, size: int) -> None:
         system.flush()
 
 
-def test_untaken_reservations_are_given_back_at_the_end_of_the_run(daemon):
+def test_untaken_reservations_are_given_back_at_the_end_of_the_run(shared_daemon):
+    daemon = shared_daemon
     size = 64 << 10
     with StormSystem(daemon.endpoint) as system:
         _repeat_profile(system, 6, size)
@@ -72,7 +77,8 @@ def test_untaken_reservations_are_given_back_at_the_end_of_the_run(daemon):
         assert system.stats().used_bytes == 0
 
 
-def test_spare_reservations_are_given_back_when_idle(daemon):
+def test_spare_reservations_are_given_back_when_idle(shared_daemon):
+    daemon = shared_daemon
     size = 64 << 10
     with StormSystem(daemon.endpoint, reserve_idle_s=1.5) as system:
         _repeat_profile(system, 6, size)

@@ -1,4 +1,9 @@
-"""StormSystem against a real daemon: round trips, threads, leaks and pool pressure."""
+"""StormSystem against a real daemon: round trips, threads, leaks and pool pressure.
+
+Most tests share the module's daemon (``shared_daemon``), which must hold nothing after
+each; a test that needs a small pool, other daemon settings or a daemon to kill starts
+its own.
+"""
 
 from __future__ import annotations
 
@@ -30,8 +35,8 @@ from helpers import wait_for
 
 
 @pytest.fixture
-def system(daemon):
-    with StormSystem(daemon.endpoint) as system:
+def system(shared_daemon):
+    with StormSystem(shared_daemon.endpoint) as system:
         yield system
 
 
@@ -94,7 +99,8 @@ def test_fetch_into_a_mismatched_tensor_is_refused_and_loses_nothing(system, out
 
 
 @pytest.mark.parametrize("budget_tensors", [6, 0])
-def test_reverse_fetches_are_prefetched_in_whole_layers(daemon, budget_tensors):
+def test_reverse_fetches_are_prefetched_in_whole_layers(shared_daemon, budget_tensors):
+    daemon = shared_daemon  # its request counts are read as differences
     tensor_bytes, layers, per_layer = 64 << 10, 10, 4
     count = layers * per_layer
     with StormSystem(daemon.endpoint, prefetch_bytes=budget_tensors * tensor_bytes) as system:
@@ -245,7 +251,8 @@ def test_wait_policy_succeeds_once_space_is_freed(daemon_factory):
         assert system.stats().kept_tensors == 0
 
 
-def test_process_exit_without_close_leaves_nothing_in_the_daemon(daemon):
+def test_process_exit_without_close_leaves_nothing_in_the_daemon(shared_daemon):
+    daemon = shared_daemon
     script = textwrap.dedent(
         f"""
         import torch
@@ -262,7 +269,8 @@ def test_process_exit_without_close_leaves_nothing_in_the_daemon(daemon):
     wait_for(lambda: daemon.stats()["used_bytes"] == 0 and not daemon.stats()["sessions"], what="release")
 
 
-def test_killed_client_memory_returns_to_pool(daemon):
+def test_killed_client_memory_returns_to_pool(shared_daemon):
+    daemon = shared_daemon
     script = textwrap.dedent(
         f"""
         import sys, time, torch
