@@ -49,15 +49,47 @@ def _worker(endpoint: str | None, seed: int, summary, steps: int = 25) -> subpro
     )
 
 
+class PlainRuns:
+    """The runs without STORM the STORM runs are compared with, made once for the module:
+    they depend on the seed only, not on the phase the victim is killed in."""
+
+    def __init__(self, directory) -> None:
+        self.directory = directory
+        self.procs: dict[int, subprocess.Popen[str]] = {}
+        self.outputs: dict[int, str] = {}
+
+    def start(self, seeds) -> None:
+        for seed in seeds:
+            if seed not in self.procs:
+                self.procs[seed] = _worker(None, seed, self.directory / f"plain{seed}.json")
+
+    def losses_of(self, seed: int) -> list[float]:
+        proc = self.procs[seed]
+        if seed not in self.outputs:
+            self.outputs[seed], _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, self.outputs[seed]
+        return json.loads((self.directory / f"plain{seed}.json").read_text())["losses"]
+
+
+@pytest.fixture(scope="module")
+def plain_runs(tmp_path_factory):
+    runs = PlainRuns(tmp_path_factory.mktemp("plain"))
+    yield runs
+    for seed, proc in runs.procs.items():
+        if seed not in runs.outputs:  # a test failed before it read them
+            proc.kill()
+            proc.communicate()
+
+
 def _session_ids(daemon) -> set[int]:
     return {s["id"] for s in daemon.stats()["sessions"]}
 
 
 @pytest.mark.parametrize("phase", ["forward", "backward"])
-def test_killed_client_memory_returns_and_other_jobs_are_unaffected(daemon_factory, tmp_path, phase):
+def test_killed_client_memory_returns_and_other_jobs_are_unaffected(daemon_factory, tmp_path, plain_runs, phase):
     daemon = daemon_factory(pool_size="256MiB", heartbeat_timeout="5s")
     workers = {seed: _worker(daemon.endpoint, seed, tmp_path / f"storm{seed}.json") for seed in (4, 5)}
-    references = {seed: _worker(None, seed, tmp_path / f"plain{seed}.json") for seed in (4, 5)}
+    plain_runs.start((4, 5))  # the first test here starts them; the next one reuses their losses
     victim = subprocess.Popen([sys.executable, "-c", VICTIM, daemon.endpoint, phase], stdout=subprocess.PIPE, text=True)
     said, session_id = victim.stdout.readline().split()
     assert said == phase
@@ -71,12 +103,10 @@ def test_killed_client_memory_returns_and_other_jobs_are_unaffected(daemon_facto
         time.sleep(0.05)
 
     for seed in (4, 5):
-        for proc in (workers[seed], references[seed]):
-            output, _ = proc.communicate(timeout=300)
-            assert proc.returncode == 0, output
+        output, _ = workers[seed].communicate(timeout=300)
+        assert workers[seed].returncode == 0, output
         ours = json.loads((tmp_path / f"storm{seed}.json").read_text())
-        theirs = json.loads((tmp_path / f"plain{seed}.json").read_text())
-        assert ours["losses"] == theirs["losses"]
+        assert ours["losses"] == plain_runs.losses_of(seed)
     stats = daemon.stats()
     assert stats["used_bytes"] == 0 and stats["sessions"] == [] and stats["expired_sessions"] >= 1
 
