@@ -18,7 +18,11 @@ NOTE [Offload budget]
   meanwhile, the minimum over the steps seen; the bandwidth is the transfer engine's,
   bytes copied into the pool over the seconds its copies took (one 32 MiB probe copy
   if nothing was copied yet). The first ``WARMUP_STEPS`` forwards of a module measure
-  and offload nothing. With bounded copies in flight (NOTE [Bounded copies in flight]),
+  and offload nothing. Measurements can flatter the link (layers timed on a busy
+  machine, a link shared with other traffic), so the plan also learns from its result:
+  a forward that still waited on the link halves the rate the next plan uses
+  (``trust``), and each forward that did not grows it back by a quarter, up to the
+  measured rate. With bounded copies in flight (NOTE [Bounded copies in flight]),
   a layer's copies then end while the next layer computes, so forward never waits on
   the link.
 """
@@ -42,6 +46,9 @@ FILL = 0.9
 """The share of the link a budget plans to use: copies have per-batch costs the rate leaves out."""
 WARMUP_STEPS = 2
 """Forwards measured before the budget offloads: the first pays one-time costs (allocator, kernels)."""
+STALL_SHARE = 0.02
+"""A forward that waited on the link for more than this share of its planned time was over-planned."""
+MIN_TRUST = 1 / 64
 
 
 class LayerClock:
@@ -79,6 +86,9 @@ class LayerProfile:
         """Per layer: the bytes of saved tensors it offered in its last forward."""
         self.steps = 0
         """Forwards measured so far."""
+        self.trust = 1.0
+        """The share of the measured rate a budget plans with: halved after a forward that
+        waited on the link, grown back after one that did not (NOTE [Offload budget])."""
         self._clock: LayerClock | None = None
         self._marks: list[tuple[str, Any, float]] = []
         self._pending: list[list[tuple[str, Any, float]]] = []
@@ -103,6 +113,12 @@ class LayerProfile:
     def end(self, waited_s: float = 0.0) -> None:
         """The block ends: the last layer's time runs to here."""
         if self._clock is not None and self._marks:
+            stalled = waited_s - self._marks[0][2]
+            planned = sum(self.layer_s.values())
+            if planned and stalled > STALL_SHARE * planned:
+                self.trust = max(self.trust / 2, MIN_TRUST)
+            else:
+                self.trust = min(self.trust * 1.25, 1.0)
             self._marks.append(("", self._clock.mark(), waited_s))
             self._pending.append(self._marks)
         self._marks = []
@@ -217,7 +233,7 @@ class BudgetChooser:
         self._profile.offer(layer, nbytes)
         if self.budget is None:
             known = self._profile.steps >= WARMUP_STEPS
-            bytes_per_s = FILL * measured_bandwidth(self._system, device) if known else 0.0
+            bytes_per_s = FILL * self._profile.trust * measured_bandwidth(self._system, device) if known else 0.0
             settings = self._system.settings
             self.budget = Budget(self._profile, bytes_per_s, settings.budget_cap_bytes, settings.max_inflight_layers)
         return self.budget.take(layer, nbytes)

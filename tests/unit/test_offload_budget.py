@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from client.selection import Budget, LayerProfile
+from client.selection import MIN_TRUST, Budget, LayerProfile
 
 
 def _profile(layer_s: dict[str, float], offered: dict[str, int]) -> LayerProfile:
@@ -88,3 +88,24 @@ def test_plans_for_any_window_stay_within_the_forward(window):
     profile = _profile({name: 0.010 for name in layers}, {name: 2_000_000 for name in layers})
     budget = Budget(profile, bytes_per_s=100e6, cap_bytes=0, window=window)
     assert sum(_take_all(budget, layers).values()) <= budget.hideable_bytes
+
+
+def test_a_forward_that_waited_on_the_link_halves_the_next_plans_rate_and_clean_ones_restore_it():
+    profile = LayerProfile()
+    cpu = torch.device("cpu")
+
+    def forward(waited_s: float) -> None:
+        profile.layer_s["a"] = 1.0  # a planned forward of one second
+        profile.enter("a", cpu, waited_s=0.0)
+        profile.end(waited_s=waited_s)
+
+    forward(0.5)  # waited half of it on the link: over-planned
+    assert profile.trust == 0.5
+    forward(0.5)
+    assert profile.trust == 0.25
+    for _ in range(10):
+        forward(0.0)
+    assert profile.trust == 1.0  # grows back, never past the measured rate
+    for _ in range(20):
+        forward(1.0)
+    assert profile.trust == MIN_TRUST
