@@ -46,11 +46,13 @@ def _parser() -> argparse.ArgumentParser:
 def _print_stats(stats: dict[str, Any]) -> None:
     pool = stats["pool_bytes"]
     used = stats["used_bytes"]
-    print(f"pool      {format_bytes(pool)} in {stats['segments']} segment(s)")
+    print(f"pool      {format_bytes(pool)} in {stats['slabs']} slab(s), {stats['free_slabs']} free")
     print(f"used      {format_bytes(used)} ({100 * used / pool:.1f}%) in {stats['extents']} extent(s)")
     print(f"reserved  {format_bytes(stats['reserved_bytes'])} (allocated ahead of copies, not yet committed)")
     print(f"free      {format_bytes(stats['free_bytes'])} (largest extent {format_bytes(stats['largest_free_bytes'])})")
     print(f"sessions  {stats['live_sessions']} live, {stats['expired_sessions']} expired")
+    if stats["fenced_bytes"]:
+        print(f"fenced    {format_bytes(stats['fenced_bytes'])} (expired sessions whose process may still run)")
     for s in stats["sessions"]:
         rank = "" if s["rank"] is None else f" rank {s['rank']}/{s['world_size']}"
         print(f"  #{s['id']:<4} pid {s['pid']:<8} {s['name'] or '-':<20}{rank} holds {format_bytes(s['used_bytes'])}")

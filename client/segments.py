@@ -1,4 +1,4 @@
-"""The client's view of the daemon's pool: mapped segments and typed views of extents.
+"""The client's view of the daemon's pool: the slabs lent to its tenant, mapped lazily, and typed views of extents.
 
 NOTE [Detached views]
   Tensors may read the pool in place (NOTE [Aliased fetch] in client/engine/copies.py, and
@@ -6,7 +6,7 @@ NOTE [Detached views]
   an unpacked saved tensor back as a gradient, so ``leaf.grad`` lives in the pool. Two
   rules keep such a tensor valid and private. Every tensor over a mapping holds a buffer
   export of it (through a ctypes window), so the mapping is never unmapped under one.
-  And when the segment is closed while some remain, the whole mapping is replaced in
+  And when the slab is closed while some remain, the whole mapping is replaced in
   place, before the session is given up, by private anonymous memory, with the bytes
   of the extents that aliased tensors read copied over: the daemon may lend those
   extents to another session at once, and nothing it writes there can reach this
@@ -19,14 +19,16 @@ import ctypes
 import logging
 import mmap
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from storm_service.shm import SHM_DIR, advise_huge_pages, huge_page_policy
+from storm_service.shm import advise_huge_pages, memfd_huge_policy
 
-__all__ = ["MappedSegment", "PinnedMemoryBuffer"]
+__all__ = ["LentSlabs", "MappedSegment", "PinnedMemoryBuffer", "SlabLookup"]
 
 log = logging.getLogger("storm.client")
 
@@ -41,29 +43,25 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 
 
 class MappedSegment:
-    """One pool segment mapped into this process, pre-populated (no first-touch faults).
+    """One slab lent by the daemon, mapped into this process, pre-populated (no first-touch faults).
 
-    Huge pages back the mapping where the kernel's policy allows (NOTE [Huge pages] in
+    ``fd`` is the slab's memfd as the daemon sent it, already checked (NOTE [Verifying
+    the daemon] in storm_service/fdpass.py); it is closed once mapped. Huge pages back
+    the mapping where the kernel's policy allows (NOTE [Huge pages] in
     storm_service/shm.py). With ``pin``, the CUDA copier page-locks the chunks its copies
-    touch, as they touch them (NOTE [Lazy pinning]); the segment itself never calls CUDA.
+    touch, as they touch them (NOTE [Lazy pinning]); the slab itself never calls CUDA.
     """
 
-    def __init__(self, name: str, size_bytes: int, *, pin: bool) -> None:
-        if "/" in name or not name:
-            raise ValueError(f"segment name {name!r} is not a plain /dev/shm name")
-        self.name = name
+    def __init__(self, slab_id: int, fd: int, size_bytes: int, *, pin: bool) -> None:
+        self.name = f"slab {slab_id}"
         self.size_bytes = size_bytes
         self.pin = pin
         """Whether this process may page-lock the mapping (``STORM_PIN``)."""
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CLOEXEC)
         try:
-            actual = os.fstat(fd).st_size
-            if actual < size_bytes:
-                raise ValueError(f"segment {name} is {actual} bytes, the daemon announced {size_bytes}")
             self._mm: mmap.mmap | None = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         finally:
             os.close(fd)
-        advise_huge_pages(self._mm, huge_page_policy(SHM_DIR))
+        advise_huge_pages(self._mm, memfd_huge_policy())
         window = (ctypes.c_uint8 * size_bytes).from_buffer(self._mm)  # holds an export: NOTE [Detached views]
         self.address = ctypes.addressof(window)
         """Where the mapping starts in this process."""
@@ -72,17 +70,17 @@ class MappedSegment:
     @property
     def mmap(self) -> mmap.mmap:
         if self._mm is None:
-            raise ValueError(f"segment {self.name} is closed")
+            raise ValueError(f"{self.name} is closed")
         return self._mm
 
     def view(self, offset: int, size_bytes: int) -> torch.Tensor:
         """The bytes ``[offset, offset + size_bytes)`` as a uint8 tensor (no copy)."""
         if offset < 0 or offset + size_bytes > self.size_bytes:
-            raise ValueError(f"extent [{offset}, {offset + size_bytes}) is outside segment {self.name}")
+            raise ValueError(f"extent [{offset}, {offset + size_bytes}) is outside {self.name}")
         return self.bytes[offset : offset + size_bytes]
 
     def close(self, keep: Sequence[tuple[int, int]] = ()) -> None:
-        """Unmap the segment, or detach it if tensors still read it (NOTE [Detached views]).
+        """Unmap the slab, or detach it if tensors still read it (NOTE [Detached views]).
 
         ``keep`` lists the ``(offset, size_bytes)`` extents whose bytes live tensors need.
         Its pinned chunks must be unregistered first (the CUDA copier's ``close`` does).
@@ -94,7 +92,7 @@ class MappedSegment:
             self._mm.close()
         except BufferError:
             self._detach(keep)
-            log.debug("segment %s still has views; detached it from the pool", self.name)
+            log.debug("%s still has views; detached it from the pool", self.name)
         self._mm = None
 
     def _detach(self, keep: Sequence[tuple[int, int]]) -> None:
@@ -110,9 +108,47 @@ class MappedSegment:
         )
         if address != self.address:
             errno = ctypes.get_errno()
-            raise OSError(errno, f"detaching segment {self.name}: mmap failed: {os.strerror(errno)}")
+            raise OSError(errno, f"detaching {self.name}: mmap failed: {os.strerror(errno)}")
         for start, data in saved:
             ctypes.memmove(self.address + start, data, len(data))
+
+
+class SlabLookup(Protocol):
+    """What the transfer engine reads mapped slabs through: :class:`LentSlabs`, or a list in tests."""
+
+    def __getitem__(self, slab_id: int, /) -> MappedSegment: ...
+
+
+class LentSlabs:
+    """The slabs this process maps, by slab id, each mapped the first time an extent in it is used.
+
+    ``lend(slab_id)`` asks the daemon for the slab's fd and returns ``(fd, size_bytes)``
+    (storm_service/fdpass.py). Safe to use from any thread.
+    """
+
+    def __init__(self, lend: Callable[[int], tuple[int, int]], *, pin: bool) -> None:
+        self._lend = lend
+        self._pin = pin
+        self._mapped: dict[int, MappedSegment] = {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, slab_id: int) -> MappedSegment:
+        segment = self._mapped.get(slab_id)
+        if segment is not None:
+            return segment
+        with self._lock:
+            segment = self._mapped.get(slab_id)
+            if segment is None:
+                fd, size_bytes = self._lend(slab_id)
+                segment = self._mapped[slab_id] = MappedSegment(slab_id, fd, size_bytes, pin=self._pin)
+            return segment
+
+    def items(self) -> list[tuple[int, MappedSegment]]:
+        with self._lock:
+            return list(self._mapped.items())
+
+    def __iter__(self) -> Iterator[MappedSegment]:
+        return iter([segment for _, segment in self.items()])
 
 
 def _page_ranges(extents: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -132,7 +168,7 @@ def _page_ranges(extents: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 class PinnedMemoryBuffer:
     """A typed tensor view of one extent of the pool (pinned where CUDA exists).
 
-    ``tensor`` aliases the shared segment: writes land in the daemon's pool directly.
+    ``tensor`` aliases the lent slab: writes land in the daemon's pool directly.
     """
 
     segment: MappedSegment

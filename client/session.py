@@ -1,10 +1,12 @@
 """Registration with the daemon and the heartbeat that keeps a session alive.
 
-``register`` sends one ``register`` request (with a random nonce, so that a retry
-cannot open a second session) and returns what the daemon lent: the session's token,
-its quota and the pool's segments. ``Heartbeat`` is the thread that proves the process
-alive every ``heartbeat_interval_s``; when a beat fails it reports the session lost.
-"""
+``verify_daemon`` checks the daemon (NOTE [Verifying the daemon] in
+storm_service/fdpass.py) before anything is sent. ``register`` sends one ``register``
+request (with a random nonce, so that a retry cannot open a second session), binds the
+session to this process on the fd socket, and returns what the daemon granted: the
+session's token, its quota and where to ask for slabs. ``Heartbeat`` is the thread
+that proves the process alive every ``heartbeat_interval_s``; when a beat fails it
+reports the session lost."""
 
 from __future__ import annotations
 
@@ -14,14 +16,14 @@ import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from client.transport import Channel
-from storm_service.endpoints import pid_alive, pid_namespace
+from storm_service.endpoints import ipc_path, pid_alive, pid_namespace
 from storm_service.errors import StormError
+from storm_service.fdpass import bind_session, check_socket_dir, connect_checked, fd_socket_path
 from storm_service.protocol import Op
 
-__all__ = ["Heartbeat", "Registration", "register"]
+__all__ = ["Heartbeat", "Registration", "register", "verify_daemon"]
 
 log = logging.getLogger("storm.client")
 
@@ -34,13 +36,24 @@ class Registration:
     token: str
     quota_bytes: int
     heartbeat_interval_s: float
-    segments: list[dict[str, Any]]
+    fd_socket: str
+    """Where this session's slabs are lent (storm_service/fdpass.py)."""
     daemon_alive: Callable[[], bool] | None
     """Where the daemon's pid is visible (same pid namespace): whether it still runs."""
 
 
+def verify_daemon(endpoint: str, timeout_s: float) -> None:
+    """Before anything is sent: the socket directory and the daemon's uid (NOTE [Verifying the daemon])."""
+    path, fd_socket = ipc_path(endpoint), fd_socket_path(endpoint)
+    if path is None or fd_socket is None:
+        return  # tcp:// (CURVE authenticates the daemon); the fd socket is checked after register
+    check_socket_dir(path)
+    sock, _ = connect_checked(fd_socket, timeout_s)
+    sock.close()
+
+
 def register(channel: Channel, timeout_s: float, name: str, quota_bytes: int | None) -> Registration:
-    """Open a session; a retried request is answered with the same session (its nonce)."""
+    """Open a session and bind it to this process; a retried request is answered with the same session (its nonce)."""
     extras = {"rank": _env_int("RANK"), "world_size": _env_int("WORLD_SIZE"), "quota_bytes": quota_bytes}
     reply = channel.call(
         Op.REGISTER,
@@ -59,12 +72,15 @@ def register(channel: Channel, timeout_s: float, name: str, quota_bytes: int | N
         def daemon_alive() -> bool:
             return pid_alive(daemon_pid)
 
+    fd_socket = str(reply["fd_socket"])
+    check_socket_dir(fd_socket)
+    bind_session(fd_socket, reply["token"], timeout_s)
     return Registration(
         session_id=reply["session_id"],
         token=reply["token"],
         quota_bytes=reply["quota_bytes"],
         heartbeat_interval_s=float(reply["heartbeat_interval_s"]),
-        segments=reply["segments"],
+        fd_socket=fd_socket,
         daemon_alive=daemon_alive,
     )
 

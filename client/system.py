@@ -18,15 +18,14 @@ from client.engine import EngineStats, TransferEngine
 from client.engine.cuda import CudaCopier
 from client.handle import Handle
 from client.malloc import fix_mmap_threshold
-from client.segments import MappedSegment, PinnedMemoryBuffer
-from client.session import Heartbeat, Registration, register
+from client.segments import LentSlabs, PinnedMemoryBuffer
+from client.session import Heartbeat, Registration, register, verify_daemon
 from client.settings import ClientSettings
 from client.stats import SystemStats
 from client.transport import Channel
 from storm_service.errors import StormError, StormTimeoutError, StormUnavailableError, UnknownSessionError
+from storm_service.fdpass import request_slab
 from storm_service.protocol import Op
-from storm_service.shm import huge_page_bytes
-from storm_service.units import format_bytes
 
 __all__ = ["StormSystem"]
 
@@ -121,14 +120,15 @@ class StormSystem:
         atexit.register(_close_at_exit, weakref.ref(self))
 
     def _register(self) -> None:
-        """Register a session, start its heartbeat, then map its pool and start the transfer engine.
+        """Check the daemon, register a session, start its heartbeat and the transfer engine.
 
-        The heartbeat starts before anything is mapped: mapping a large pool takes a
-        while, and the session must not expire meanwhile. Nothing here touches CUDA
-        (NOTE [Device hygiene] in client/engine/cuda.py).
+        Nothing is mapped here: a slab is mapped when the first extent in it arrives
+        (:class:`LentSlabs`), so attaching costs the same whatever the pool's size.
+        Nothing here touches CUDA (NOTE [Device hygiene] in client/engine/cuda.py).
         """
         self._daemon_alive: Any = None
         self._local = threading.local()
+        verify_daemon(self.endpoint, self.timeout_s)
         channel = self._new_channel()
         try:
             self.blocking_round_trips += 1
@@ -144,10 +144,11 @@ class StormSystem:
         )
         settings = self.settings
         cuda = torch.cuda.is_available()
-        self.segments = []
+        fd_socket, token, timeout_s = registration.fd_socket, self.token, self.timeout_s
+        self.segments = LentSlabs(
+            lambda slab_id: request_slab(fd_socket, token, slab_id, timeout_s), pin=cuda and settings.pin
+        )
         try:
-            for s in registration.segments:
-                self.segments.append(MappedSegment(s["name"], s["size_bytes"], pin=cuda and settings.pin))
             self._engine = TransferEngine(
                 new_channel=self._new_channel,
                 token=self.token,
@@ -170,13 +171,7 @@ class StormSystem:
             raise
         self.generation += 1
         self.lost = None
-        log.info(
-            "registered with stormd at %s as session %d; pool of %s mapped, %s of it in huge pages",
-            self.endpoint,
-            self.session_id,
-            format_bytes(sum(segment.size_bytes for segment in self.segments)),
-            format_bytes(huge_page_bytes([(segment.address, segment.size_bytes) for segment in self.segments])),
-        )
+        log.info("registered with stormd at %s as session %d", self.endpoint, self.session_id)
 
     def _release(self, unregister: bool) -> None:
         """Stop the heartbeat and the engine, unmap the pool, and optionally unregister.
@@ -194,8 +189,8 @@ class StormSystem:
         viewed: dict[int, list[tuple[int, int]]] = {}
         for segment_index, offset, size_bytes in self._engine.table.viewed_extents():
             viewed.setdefault(segment_index, []).append((offset, size_bytes))
-        for index, segment in enumerate(self.segments):
-            segment.close(keep=viewed.get(index, []))
+        for slab_id, segment in self.segments.items():
+            segment.close(keep=viewed.get(slab_id, []))
         if unregister:
             try:
                 self._call(Op.UNREGISTER)

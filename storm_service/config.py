@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from storm_service.endpoints import SERVER_SECRET_FILE, default_endpoint
-from storm_service.protocol import MAX_SEGMENTS
+from storm_service.protocol import MAX_SLABS
 from storm_service.units import format_bytes, parse_duration, parse_size
 
 __all__ = ["ConfigError", "DaemonConfig", "build_parser", "load_config"]
@@ -34,7 +34,7 @@ class DaemonConfig:
     pool_size: int
     """Bytes of host pool, reserved in /dev/shm at start."""
     segment_size: int
-    """Largest single shared-memory segment; the pool is split into segments of at most this."""
+    """Largest slab (NOTE [Lending slabs] in pool.py); slabs are also at most 1/8 of the pool, at least 16 MiB."""
     heartbeat_timeout: float
     """Seconds without a message after which a session is expired and its memory freed."""
     quota: int
@@ -43,7 +43,7 @@ class DaemonConfig:
     """Largest quota a session may ask for at register (0: the whole pool)."""
     log_level: str
     group: str
-    """A group whose members may use the daemon too (socket dir 0750, socket and segments 0660)."""
+    """A group whose members may use the daemon too (socket dir 0750, sockets 0660)."""
     curve_dir: str
     """Directory with server.key_secret and authorized/*.key: required for tcp:// endpoints."""
     metrics_port: int
@@ -155,7 +155,7 @@ class _Setting:
 SETTINGS: tuple[_Setting, ...] = (
     _Setting("endpoint", _endpoint, default_endpoint, "ZeroMQ endpoint to bind (ipc://PATH)"),
     _Setting("pool_size", _positive(parse_size), lambda: "1GiB", "host pool size (e.g. 512MiB, 8GiB)"),
-    _Setting("segment_size", _segment_size, lambda: "64GiB", "largest shared-memory segment of the pool"),
+    _Setting("segment_size", _segment_size, lambda: "64GiB", "largest slab of the pool"),
     _Setting(
         "heartbeat_timeout",
         _positive(parse_duration),
@@ -242,9 +242,9 @@ def load_config(args: argparse.Namespace | None = None, environ: Mapping[str, st
             f"endpoint {values['endpoint']!r}: tcp endpoints are refused unless CURVE keys are configured (--curve-dir)"
         )
     segments = -(-values["pool_size"] // values["segment_size"])
-    if segments > MAX_SEGMENTS:  # the register reply lists every segment (NOTE [Decoder limits])
+    if segments > MAX_SLABS:  # each slab holds an fd in the daemon
         raise ConfigError(
             f"segment_size {format_bytes(values['segment_size'])} splits the {format_bytes(values['pool_size'])} "
-            f"pool into {segments} segments, at most {MAX_SEGMENTS}; raise --segment-size"
+            f"pool into {segments} slabs, at most {MAX_SLABS}; raise --segment-size"
         )
     return DaemonConfig(**values)

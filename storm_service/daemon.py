@@ -146,11 +146,12 @@ def run(config: DaemonConfig) -> int:
         if socket_path is not None and remove_stale_socket(socket_path):
             log.warning("removed a stale socket %s", socket_path)
         start = time.perf_counter()
-        pool = Pool.create(config.pool_size, config.segment_size, access.file_mode, access.gid, lock.record)
+        lock.record([])
+        pool = Pool.create(config.pool_size, config.segment_size)
         log.info(
-            "pool of %s in %d segment(s) reserved and pre-faulted in %.2f s",
+            "pool of %s in %d slab(s) reserved and pre-faulted in %.2f s",
             format_bytes(pool.size_bytes),
-            len(pool.segments),
+            len(pool.slabs),
             time.perf_counter() - start,
         )
         after_bind = (lambda: _secure_socket(socket_path, access)) if socket_path is not None else (lambda: None)

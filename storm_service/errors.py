@@ -4,6 +4,7 @@
 
     StormError                      anything STORM raises
     ├── StormUnavailableError       the daemon cannot be reached (or died)
+    │   └── UntrustedDaemonError    its socket directory, peer uid or a lent fd fails the client's checks
     ├── StormTimeoutError           a request got no reply within its timeout
     ├── ProtocolError               a malformed message (either direction)
     ├── IntegrityError              verify mode: fetched bytes differ from the bytes offloaded
@@ -51,6 +52,7 @@ __all__ = [
     "UnknownOpError",
     "UnknownSessionError",
     "UnsupportedVersionError",
+    "UntrustedDaemonError",
     "error_for_code",
 ]
 
@@ -78,6 +80,10 @@ class StormError(Exception):
 
 class StormUnavailableError(StormError):
     """The daemon cannot be reached, refused the connection, or died."""
+
+
+class UntrustedDaemonError(StormUnavailableError):
+    """What answers at the endpoint is not a daemon this client trusts (NOTE [Verifying the daemon] in fdpass.py)."""
 
 
 class StormTimeoutError(StormError):

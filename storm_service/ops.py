@@ -81,6 +81,8 @@ class OpContext:
     pause: Callable[[Session], None] = lambda session: None
     """Called by a handler every PAUSE_EVERY items of a batch: the server answers other sessions'
     queued messages there (NOTE [Serving around a long request] in server.py)."""
+    fd_socket: str = ""
+    """Where clients get slab fds (NOTE [Lending by descriptor] in lending.py); set once bound."""
 
 
 SessionlessHandler = Callable[[OpContext, Request, Peer], dict[str, Any]]
@@ -146,7 +148,7 @@ def _registration(context: OpContext, session: Session) -> dict[str, Any]:
     return {
         "session_id": session.id,
         "token": session.token,
-        "segments": context.pool.describe(),
+        "fd_socket": context.fd_socket,
         "alignment": ALIGNMENT,
         "quota_bytes": session.quota_bytes,
         "heartbeat_interval_s": context.config.heartbeat_timeout / 3,
@@ -174,7 +176,9 @@ def _stats(context: OpContext, tenant: str | None) -> dict[str, Any]:
         "reclaiming_bytes": sessions.reclaiming_bytes,
         "free_bytes": pool.free_bytes,
         "largest_free_bytes": pool.largest_free_bytes,
-        "segments": len(pool.segments),
+        "slabs": len(pool.slabs),
+        "free_slabs": pool.free_slabs,
+        "fenced_bytes": sessions.fenced_bytes,
         "extents": len(sessions.extents),
         "sessions": [s.summary() for s in _listed(visible)],
         "tenants": _tenant_totals(sessions),

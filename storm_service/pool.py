@@ -1,164 +1,100 @@
-"""The host pool: POSIX shared-memory segments in /dev/shm plus an allocator per segment.
+"""The host pool: slabs (sealed memfds, NOTE [Slabs] in slabs.py), each lent to one tenant.
 
 NOTE [Pool reservation]
-  Creating a file in /dev/shm and mapping it reserves nothing: a pool larger than the
-  free space of /dev/shm maps fine and then kills whoever touches a page past the end
-  with SIGBUS. So every page is allocated (and zeroed) up front, and a too-small
-  /dev/shm is an error at start instead: first through the mapping with
-  ``MADV_POPULATE_WRITE``, which fails with an error instead of SIGBUS and allocates
-  huge pages where the mapping was advised to (NOTE [Huge pages] in storm_service/shm.py;
-  ``posix_fallocate`` allocates without a mapping, so never huge pages under
-  ``huge=advise``), then ``posix_fallocate`` for whatever a kernel before 5.14 left.
-  Clients map with ``MAP_POPULATE``, so that no offload pays first-touch faults
-  (measured 5-8x slower than warm copies).
+  Every page of every slab is allocated (and zeroed) when the slab is made, so a pool
+  larger than the host's memory is an error at start (or when a slab is renewed)
+  instead of a fault in some client later: through a mapping with
+  ``MADV_POPULATE_WRITE``, which allocates huge pages where the mapping was advised to
+  (NOTE [Huge pages] in storm_service/shm.py), then ``posix_fallocate`` for whatever a
+  kernel before 5.14 left. Clients map with ``MAP_POPULATE``, so that no offload pays
+  first-touch faults (measured 5-8x slower than warm copies).
+
+NOTE [Lending slabs]
+  An extent of a tenant lies only in a slab that tenant holds. ``allocate`` tries the
+  tenant's slabs in the order it got them; when none has room it lends the tenant a free
+  slab: first one the tenant held last (its processes still map it), then one never lent,
+  then one another tenant held, renewed (a fresh file: NOTE [Slabs]). A slab whose last
+  extent is freed goes back to the free list at once. The budget, quotas and pressure
+  policies see the pool's totals, whichever slabs hold the bytes.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
+import itertools
 import logging
-import mmap
 import os
-import secrets
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterable
 
-from storm_service.allocator import ExtentAllocator
-from storm_service.shm import SEGMENT_PREFIX, SHM_DIR, advise_huge_pages, huge_page_bytes, huge_page_policy
+from storm_service.shm import SEGMENT_PREFIX, SHM_DIR
+from storm_service.slabs import ALIGNMENT, Slab, SlabError
 from storm_service.units import format_bytes
 
-__all__ = ["Pool", "PoolError", "Segment", "sweep_segments"]
+__all__ = ["ALIGNMENT", "Pool", "PoolError", "sweep_segments"]
 
 log = logging.getLogger("stormd.pool")
 
-ALIGNMENT = 512
-_MADV_POPULATE_WRITE = 23  # Linux 5.14; Python's mmap module does not export it
+MIN_SLAB_BYTES = 16 << 20
+"""Slabs are not cut smaller than this unless ``--segment-size`` says so."""
 
 
 class PoolError(RuntimeError):
-    """The pool cannot be created (no room in /dev/shm, a name clash, a bad size)."""
-
-
-@dataclass
-class Segment:
-    name: str
-    size_bytes: int
-    _mm: mmap.mmap
-
-    @property
-    def path(self) -> str:
-        return os.path.join(SHM_DIR, self.name)
-
-    @classmethod
-    def create(cls, name: str, size_bytes: int, mode: int = 0o600, gid: int = -1, huge: str = "never") -> Segment:
-        """Create and reserve a fresh segment (see NOTE [Pool reservation]).
-
-        ``huge`` is the huge-page policy of SHM_DIR (``huge_page_policy()``): where it
-        allows, the mapping is advised to use huge pages before any page exists.
-        """
-        path = os.path.join(SHM_DIR, name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        try:
-            os.fchown(fd, -1, gid)
-            os.fchmod(fd, mode)  # the umask may have narrowed it; --group widens it on purpose
-            os.ftruncate(fd, size_bytes)
-            mm = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED)
-            try:
-                advise_huge_pages(mm, huge)
-                _reserve(fd, mm, size_bytes)
-            except BaseException:
-                mm.close()
-                raise
-        except BaseException:
-            os.unlink(path)
-            raise
-        finally:
-            os.close(fd)
-        return cls(name=name, size_bytes=size_bytes, _mm=mm)
-
-    @property
-    def address(self) -> int:
-        """Where the daemon's mapping starts."""
-        window = (ctypes.c_char * 1).from_buffer(self._mm)
-        address = ctypes.addressof(window)
-        del window  # the export would keep the mapping from closing
-        return address
-
-    def close(self) -> None:
-        """Unmap and unlink. A client that still maps the segment keeps its pages until it unmaps."""
-        try:
-            self._mm.close()
-        except BufferError:
-            log.warning("segment %s still has exported views; leaving it mapped", self.name)
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+    """The pool cannot be created (not enough memory, a bad size)."""
 
 
 class Pool:
-    """The segments and their allocators. An extent is ``(segment index, offset, length)``."""
+    """Every slab, which tenant holds which, and the free list (NOTE [Lending slabs]).
 
-    def __init__(self, segments: list[Segment]) -> None:
-        self.segments = segments
-        self.allocators = [ExtentAllocator(s.size_bytes, ALIGNMENT) for s in segments]
+    An extent is ``(slab id, offset, length)``.
+    """
+
+    def __init__(self, slabs: Iterable[Slab]) -> None:
+        self.slabs: dict[int, Slab] = {slab.id: slab for slab in slabs}
+        self._ids = itertools.count(max(self.slabs, default=0) + 1)
+        self._free: dict[int, Slab] = dict(self.slabs)
+        """Free slabs by id, in the order they became free."""
+        self._held: dict[str, list[Slab]] = {}
+        self.renewed = 0
+        """Slabs renewed to move between tenants (NOTE [Slabs])."""
 
     @classmethod
-    def create(
-        cls,
-        pool_size: int,
-        segment_size: int,
-        mode: int = 0o600,
-        gid: int = -1,
-        announce: Callable[[list[str]], None] = lambda names: None,
-    ) -> Pool:
-        """Create every segment; ``announce`` gets their names before any file exists.
+    def create(cls, pool_size: int, max_slab_size: int, *, backed: bool = True) -> Pool:
+        """Make and reserve every slab (NOTE [Pool reservation]); PoolError without the memory.
 
-        The daemon records the names in its lock file through ``announce``, so that a
-        daemon killed while creating the pool still leaves nothing a later sweep misses.
+        Slabs are at most ``max_slab_size`` (``--segment-size``) and at most an eighth of
+        the pool (but at least MIN_SLAB_BYTES), so that several tenants can hold memory at once.
         """
+        slab_size = min(max_slab_size, max(pool_size // 8, MIN_SLAB_BYTES))
         if pool_size < ALIGNMENT:
             raise PoolError(f"--pool-size {pool_size} is smaller than {ALIGNMENT} bytes")
-        shm = os.statvfs(SHM_DIR)
-        if pool_size > shm.f_bavail * shm.f_frsize:
+        available = _mem_available()
+        if backed and available is not None and pool_size > available:
             raise PoolError(
-                f"cannot reserve {format_bytes(pool_size)} in {SHM_DIR}: "
-                f"{format_bytes(shm.f_bavail * shm.f_frsize)} free; "
-                "lower --pool-size or enlarge /dev/shm (docker: --shm-size)"
+                f"cannot reserve {format_bytes(pool_size)}: {format_bytes(available)} of memory available "
+                "(MemAvailable); lower --pool-size"
             )
         sizes = []
         remaining = pool_size
         while remaining > 0:
-            size = min(remaining, segment_size)
+            size = min(remaining, slab_size)
             sizes.append(size - size % ALIGNMENT or ALIGNMENT)
             remaining -= size
-        names = [SEGMENT_PREFIX + secrets.token_hex(12) for _ in sizes]
-        announce(names)
-        huge = huge_page_policy(SHM_DIR)
-        segments: list[Segment] = []
+        slabs: list[Slab] = []
         try:
-            for name, size in zip(names, sizes, strict=True):
-                segments.append(Segment.create(name, size, mode, gid, huge))
-        except BaseException:
-            for segment in segments:
-                segment.close()
-            raise
-        log.info(
-            "huge pages back %s of the pool (%s policy %s)",
-            format_bytes(huge_page_bytes([(segment.address, segment.size_bytes) for segment in segments])),
-            SHM_DIR,
-            huge,
-        )
-        return cls(segments)
+            for slab_id, size in enumerate(sizes, start=1):
+                slabs.append(Slab(slab_id, size, backed=backed))
+        except (SlabError, OSError) as e:
+            for slab in slabs:
+                slab.close()
+            raise PoolError(f"cannot reserve {format_bytes(pool_size)}: {e}") from e
+        return cls(slabs)
 
     @property
     def size_bytes(self) -> int:
-        return sum(a.size_bytes for a in self.allocators)
+        return sum(s.size_bytes for s in self.slabs.values())
 
     @property
     def used_bytes(self) -> int:
-        return sum(a.used_bytes for a in self.allocators)
+        return sum(s.allocator.used_bytes for s in self.slabs.values())
 
     @property
     def free_bytes(self) -> int:
@@ -166,52 +102,91 @@ class Pool:
 
     @property
     def largest_free_bytes(self) -> int:
-        return max(a.free_stats().largest_free_bytes for a in self.allocators)
+        return max(s.allocator.free_stats().largest_free_bytes for s in self.slabs.values())
 
-    def allocate(self, size_bytes: int) -> tuple[int, int, int] | None:
-        """Return ``(segment, offset, length)`` of a new extent, or None when nothing fits."""
-        for index, allocator in enumerate(self.allocators):
-            offset = allocator.allocate(size_bytes)
+    @property
+    def free_slabs(self) -> int:
+        return len(self._free)
+
+    def round_up(self, size_bytes: int) -> int:
+        """The length the allocators give a request of ``size_bytes``."""
+        return -(-size_bytes // ALIGNMENT) * ALIGNMENT
+
+    def allocate(self, tenant: str, size_bytes: int) -> tuple[int, int, int] | None:
+        """``(slab id, offset, length)`` of a new extent of ``tenant``, or None when nothing fits."""
+        for slab in self._held.get(tenant, ()):
+            offset = slab.allocator.allocate(size_bytes)
             if offset is not None:
-                return index, offset, allocator.length_of(offset)
-        return None
+                return slab.id, offset, slab.allocator.length_of(offset)
+        lent = self._lend(tenant, size_bytes)
+        if lent is None:
+            return None
+        offset = lent.allocator.allocate(size_bytes)
+        assert offset is not None, "an empty slab as large as the request"
+        return lent.id, offset, lent.allocator.length_of(offset)
 
-    def free(self, segment: int, offset: int) -> int:
-        return self.allocators[segment].free(offset)
+    def _lend(self, tenant: str, size_bytes: int) -> Slab | None:
+        """A free slab of at least ``size_bytes`` for ``tenant`` (NOTE [Lending slabs])."""
+        fits = [slab for slab in self._free.values() if slab.size_bytes >= size_bytes]
+        if not fits:
+            return None
+        slab = (
+            next((s for s in fits if s.last_tenant == tenant), None)
+            or next((s for s in fits if s.last_tenant is None), None)
+            or fits[0]
+        )
+        del self._free[slab.id]
+        if slab.last_tenant not in (None, tenant):
+            old_id = slab.id
+            del self.slabs[old_id]
+            try:
+                slab.renew(next(self._ids))
+            except (SlabError, OSError):
+                log.exception("cannot renew slab %d for %s; it stays out of the pool", old_id, tenant)
+                return None
+            self.slabs[slab.id] = slab
+            self.renewed += 1
+        slab.tenant = slab.last_tenant = tenant
+        self._held.setdefault(tenant, []).append(slab)
+        return slab
 
-    def describe(self) -> list[dict[str, object]]:
-        return [{"name": s.name, "size_bytes": s.size_bytes} for s in self.segments]
+    def free(self, slab_id: int, offset: int) -> int:
+        """Free one extent; a slab left empty goes back to the free list. Returns its length."""
+        slab = self.slabs[slab_id]
+        length = slab.allocator.free(offset)
+        if slab.allocator.live_count == 0 and slab.tenant is not None:
+            held = self._held[slab.tenant]
+            held.remove(slab)
+            if not held:
+                del self._held[slab.tenant]
+            slab.tenant = None
+            self._free[slab.id] = slab
+        return length
+
+    def lent_to(self, slab_id: int) -> Slab | None:
+        """The slab ``slab_id`` while some tenant holds it, else None."""
+        slab = self.slabs.get(slab_id)
+        return slab if slab is not None and slab.tenant is not None else None
 
     def close(self) -> None:
-        for segment in self.segments:
-            segment.close()
+        for slab in self.slabs.values():
+            slab.close()
 
 
-def _reserve(fd: int, mm: mmap.mmap, size_bytes: int) -> None:
-    """Allocate every page of the segment, or raise PoolError (NOTE [Pool reservation])."""
+def _mem_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes, or None where unknown."""
     try:
-        mm.madvise(_MADV_POPULATE_WRITE)
-    except OSError as e:
-        if e.errno != errno.EINVAL:  # EINVAL: a kernel before 5.14; posix_fallocate does it all
-            raise _no_room(size_bytes, e) from e
-    try:
-        os.posix_fallocate(fd, 0, size_bytes)
-    except OSError as e:
-        raise _no_room(size_bytes, e) from e
-
-
-def _no_room(size_bytes: int, error: OSError) -> PoolError:
-    free = os.statvfs(SHM_DIR)
-    reason = "no space left" if error.errno == errno.EFAULT else error.strerror  # EFAULT: a fault would SIGBUS
-    return PoolError(
-        f"cannot reserve {format_bytes(size_bytes)} in {SHM_DIR}: "
-        f"{format_bytes(free.f_bavail * free.f_frsize)} free ({reason}); "
-        "lower --pool-size or enlarge /dev/shm (docker: --shm-size)"
-    )
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def sweep_segments(names: object) -> list[str]:
-    """Unlink STORM segments a dead daemon left behind; returns the names removed."""
+    """Unlink /dev/shm segments a dead daemon of an earlier version left behind; returns the names removed."""
     removed = []
     for name in names if isinstance(names, list) else []:
         if not isinstance(name, str) or not name.startswith(SEGMENT_PREFIX) or "/" in name:

@@ -6,9 +6,9 @@ is a single frame holding one msgpack map (never pickle)::
     client DEALER ──[ request map ]──▶ ROUTER stormd   (ROUTER sees [identity, map])
     client DEALER ◀──[  reply map  ]── ROUTER stormd
 
-    request = {"v": 1, "id": <int>, "op": <str>, "token": <str|nil>, <op fields>...}
-    reply   = {"v": 1, "id": <same int>, "ok": true,  "result": {...}}
-            | {"v": 1, "id": <same int|nil>, "ok": false,
+    request = {"v": 2, "id": <int>, "op": <str>, "token": <str|nil>, <op fields>...}
+    reply   = {"v": 2, "id": <same int>, "ok": true,  "result": {...}}
+            | {"v": 2, "id": <same int|nil>, "ok": false,
                "error": {"code": <ErrorCode>, "message": <sentence>}}
 
 Request ids are chosen by the client, unique within its session; the daemon echoes
@@ -39,7 +39,7 @@ __all__ = [
     "MAX_LISTED_SESSIONS",
     "MAX_MESSAGE_BYTES",
     "MAX_NONCE_LEN",
-    "MAX_SEGMENTS",
+    "MAX_SLABS",
     "MAX_SESSION_LAYERS",
     "MAX_SIZE_BYTES",
     "MIN_NONCE_LEN",
@@ -56,7 +56,8 @@ __all__ = [
     "encode_request",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: extents name a slab (``slab``), and register lends through the fd socket (``fd_socket``)."""
 MAX_MESSAGE_BYTES = 1 << 20
 """Largest frame either side accepts (also the daemon's ZMQ_MAXMSGSIZE)."""
 MAX_BATCH = 4096
@@ -76,8 +77,8 @@ No offload can name it: ``layer_id`` starts at -1.
 """
 MAX_LISTED_SESSIONS = 512
 """Most sessions one stats reply lists (those holding the most bytes); ``live_sessions`` counts all."""
-MAX_SEGMENTS = 4096
-"""Most shared-memory segments a pool may have: the register reply lists every one."""
+MAX_SLABS = 4096
+"""Most slabs a pool may have: each holds an fd in the daemon (NOTE [Slabs] in slabs.py)."""
 MIN_NONCE_LEN = 16
 MAX_NONCE_LEN = 64
 """Bounds, in characters, of a register ``nonce`` (NOTE [Register nonce] in ``storm_service/sessions.py``).
@@ -198,7 +199,7 @@ class Reply(NamedTuple):
 #     bound is the largest such thing a reply can hold, and the daemon caps what it builds
 #     by the same names: a map at most MAX_SESSION_LAYERS layer ids plus the overflow key
 #     (layer_bytes; every fixed-shape map has far fewer than _MAX_FIXED_KEYS keys), an array
-#     at most MAX_BATCH extents, MAX_SEGMENTS segments or MAX_LISTED_SESSIONS sessions, a
+#     at most MAX_BATCH extents or MAX_LISTED_SESSIONS sessions, a
 #     string at most MAX_ERROR_MESSAGE characters (error messages; names are MAX_STR) of
 #     up to 4 UTF-8 bytes each, and no bin or ext values. That largest reply also fits in
 #     MAX_MESSAGE_BYTES. tests/unit/test_reply_limits.py builds it and decodes it; a new reply
@@ -216,7 +217,7 @@ _REQUEST_LIMITS: dict[str, int] = {
 _REPLY_LIMITS: dict[str, int] = {
     "max_str_len": _UTF8_MAX_BYTES * max(MAX_ERROR_MESSAGE, MAX_STR),
     "max_bin_len": 0,
-    "max_array_len": max(MAX_BATCH, MAX_SEGMENTS, MAX_LISTED_SESSIONS),
+    "max_array_len": max(MAX_BATCH, MAX_LISTED_SESSIONS),
     "max_map_len": max(MAX_SESSION_LAYERS + 1, _MAX_FIXED_KEYS),
     "max_ext_len": 0,
 }

@@ -58,8 +58,10 @@ import zmq
 
 from storm_service import ops
 from storm_service.config import DaemonConfig
-from storm_service.endpoints import AUTHORIZED_DIR, SERVER_SECRET_FILE
+from storm_service.endpoints import AUTHORIZED_DIR, SERVER_SECRET_FILE, ipc_path, runtime_dir
 from storm_service.errors import ErrorCode, RemoteError, ShuttingDownError
+from storm_service.fdpass import FD_SOCKET_SUFFIX, fd_socket_path
+from storm_service.lending import Lender
 from storm_service.memory_guard import EXTENT_COST_BYTES, SESSION_COST_BYTES, MemoryGuard
 from storm_service.metrics import Metrics
 from storm_service.ops import OpContext
@@ -130,6 +132,9 @@ class Server:
         self._deferred: deque[tuple[tuple[bytes, ...], zmq.Frame]] = deque()
         """Its messages that arrived meanwhile: answered, in order, once its request is."""
         self.context.pause = self._serve_others
+        self._poller = zmq.Poller()
+        self._lender: Lender | None = None
+        """The fd socket (NOTE [Lending by descriptor] in lending.py), polled with the ROUTER."""
 
     @property
     def metrics(self) -> Metrics | None:
@@ -155,6 +160,13 @@ class Server:
         self._socket = socket
         self._after_bind()
         self._guard = MemoryGuard(self.config.max_buffered)
+        self._poller.register(socket, zmq.POLLIN)
+        fd_path = fd_socket_path(self.config.endpoint) or os.path.join(
+            runtime_dir(), "tcp-" + self.config.endpoint.rsplit(":", 1)[-1] + FD_SOCKET_SUFFIX
+        )
+        self._lender = Lender(fd_path, self.context.pool, self.context.sessions, self._poller)
+        self._lender.secure(ipc_path(self.config.endpoint))
+        self.context.fd_socket = fd_path
 
     def _enable_curve(self, socket: zmq.Socket) -> None:
         """CURVE encryption, and ZAP admitting only the public keys in ``authorized/``."""
@@ -172,18 +184,23 @@ class Server:
     def serve(self) -> None:
         """Serve until ``context.stop`` is set, then answer what is queued with SHUTTING_DOWN."""
         assert self._socket is not None, "bind() first"
-        socket = self._socket
-        # A blocking recv with RCVTIMEO costs one call per message; a Poller costs several.
-        socket.setsockopt(zmq.RCVTIMEO, int(TICK_S * 1000))
+        socket, lender, poller = self._socket, self._lender, self._poller
+        assert lender is not None
         answer, stop, sessions = self._answer, self.context.stop, self.context.sessions
+        answered = 0
         while not stop.is_set():
             try:
-                # While closed sessions still hold extents, free a slice between messages and never wait.
-                identity = socket.recv(_NOBLOCK) if sessions.reclaiming else socket.recv()
+                identity = socket.recv(_NOBLOCK)
             except zmq.Again:
                 self._caught_up_at = time.monotonic()
+                # While closed sessions still hold extents, free a slice between messages and never wait.
+                ready = poller.poll(0 if sessions.reclaiming else int(TICK_S * 1000))
+                lender.serve({fd for fd, _ in ready if isinstance(fd, int)})
             else:
                 answer(identity)
+                answered += 1
+                if answered % 16 == 0:  # under a steady stream of messages the fd socket is still served
+                    lender.serve()
             if sessions.reclaiming:
                 sessions.reclaim()
             now = time.monotonic()
@@ -234,7 +251,11 @@ class Server:
     def close(self) -> None:
         if self._authenticator is not None:
             self._authenticator.stop()
+        if self._lender is not None:
+            self._lender.close()
+            self._lender = None
         if self._socket is not None:
+            self._poller.unregister(self._socket)
             self._socket.close(linger=0)
             self._socket = None
         sessions = self.context.sessions
@@ -313,8 +334,10 @@ class Server:
     def _expire_stale(self) -> None:
         sessions = self.context.sessions
         now = time.monotonic()
+        for session in sessions.release_fenced():
+            log.info("session %d's process exited; freeing its fenced %s", session.id, format_bytes(session.held_bytes))
         for session in sessions.stale(self.config.heartbeat_timeout, self._caught_up_at):
-            freed = sessions.close(session)
+            freed = sessions.close(session, fence=True)
             sessions.expired_total += 1
             log.warning(
                 "session %d (pid %d, %s) expired after %.1f s of silence or its process's exit; freeing %s",

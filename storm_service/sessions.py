@@ -2,7 +2,7 @@
 
 NOTE [Extent lifetime]
   offload allocates an extent in state WRITING and returns its handle; the client
-  copies its bytes into the mapped segment and then commits (state COMMITTED). Only a
+  copies its bytes into the mapped slab and then commits (state COMMITTED). Only a
   committed extent can be fetched, so a reader never sees a half-written activation.
   free, unregister and session expiry return extents to the pool in either state, so
   an extent whose writer died before commit is reclaimed with the rest of its session.
@@ -61,6 +61,7 @@ from storm_service.errors import (
     UnknownHandleError,
     UnknownSessionError,
 )
+from storm_service.pidfds import close_pidfd, exited
 from storm_service.pool import Pool
 from storm_service.protocol import MAX_SESSION_LAYERS, OVERFLOW_LAYER_ID
 from storm_service.replay import ReplayMemory
@@ -81,7 +82,8 @@ class ExtentState(enum.Enum):
 class Extent:
     handle: int
     session_id: int
-    segment: int
+    slab: int
+    """The id of the slab that holds it (NOTE [Lending slabs] in pool.py)."""
     offset: int
     size_bytes: int
     """Bytes requested by the client (the allocator's length may be larger)."""
@@ -94,7 +96,7 @@ class Extent:
     def location(self) -> dict[str, int]:
         return {
             "handle": self.handle,
-            "segment": self.segment,
+            "slab": self.slab,
             "offset": self.offset,
             "size_bytes": self.size_bytes,
         }
@@ -132,6 +134,10 @@ class Session:
     """Bytes held per layer id: at most MAX_SESSION_LAYERS ids, plus the overflow key (NOTE [Layer stats cap])."""
     replies: ReplayMemory = field(default_factory=ReplayMemory)
     """Replies to its latest mutating requests (NOTE [Replay memory] in replay.py)."""
+    uid: int | None = None
+    """The uid of the process that first asked for a slab's fd (NOTE [Lending by descriptor] in lending.py)."""
+    pidfd: int | None = None
+    """A pidfd of that process (NOTE [Fencing] in pidfds.py)."""
 
     @property
     def held_bytes(self) -> int:
@@ -169,6 +175,8 @@ class SessionTable:
         self.tenants: dict[str, TenantUsage] = {}
         """Every tenant with an open session or bytes still in the pool."""
         self._closed: deque[Session] = deque()
+        self._fenced: list[Session] = []
+        """Expired sessions whose process may still run: their extents stay allocated (NOTE [Fencing] in pidfds.py)."""
         """Closed sessions whose extents are not all back in the pool yet (NOTE [Bounded work per request])."""
         self._by_token: dict[str, Session] = {}
         self._by_nonce: dict[tuple[int, str], Session] = {}
@@ -249,7 +257,7 @@ class SessionTable:
         leaves the pool and the session as they were.
         """
         # Every allocator of a pool rounds to the same alignment: the first one's rounding is the pool's.
-        round_up = self.pool.allocators[0].round_up
+        round_up = self.pool.round_up
         need = sum(round_up(size) for size in sizes)
         if session.held_bytes + need > session.quota_bytes < self.pool.size_bytes:
             raise QuotaExceededError(
@@ -259,28 +267,28 @@ class SessionTable:
         self.limits.check_offload(len(session.handles), len(sizes), need, session.tenant)
         placed: list[tuple[int, int, int]] = []
         for size in sizes:
-            where = self.pool.allocate(size)
+            where = self.pool.allocate(session.tenant.name, size)
             if where is None:
-                for segment, offset, _ in placed:
-                    self.pool.free(segment, offset)
+                for slab, offset, _ in placed:
+                    self.pool.free(slab, offset)
                 raise PoolFullError(
                     f"offload: {need} bytes requested, {self.pool.free_bytes} free "
                     f"(largest free extent {self.pool.largest_free_bytes})"
                 )
             placed.append(where)
         return [
-            self._add_extent(session, segment, offset, length, size, layer_id)
-            for (segment, offset, length), size in zip(placed, sizes, strict=True)
+            self._add_extent(session, slab, offset, length, size, layer_id)
+            for (slab, offset, length), size in zip(placed, sizes, strict=True)
         ]
 
     def _add_extent(
-        self, session: Session, segment: int, offset: int, length: int, size_bytes: int, layer_id: int | None
+        self, session: Session, slab: int, offset: int, length: int, size_bytes: int, layer_id: int | None
     ) -> Extent:
         if layer_id is not None and layer_id not in session.layer_bytes:
             kept_apart = len(session.layer_bytes) - (OVERFLOW_LAYER_ID in session.layer_bytes)
             if kept_apart >= MAX_SESSION_LAYERS:
                 layer_id = OVERFLOW_LAYER_ID
-        extent = Extent(next(self._handles), session.id, segment, offset, size_bytes, length, layer_id)
+        extent = Extent(next(self._handles), session.id, slab, offset, size_bytes, length, layer_id)
         self.extents[extent.handle] = extent
         self.reserved_bytes += length
         session.handles.add(extent.handle)
@@ -318,20 +326,38 @@ class SessionTable:
                 session.layer_bytes[extent.layer_id] = left
             else:
                 session.layer_bytes.pop(extent.layer_id, None)
-        return self.pool.free(extent.segment, extent.offset)
+        return self.pool.free(extent.slab, extent.offset)
 
-    def close(self, session: Session) -> int:
+    def close(self, session: Session, fence: bool = False) -> int:
         """End a session now; its extents go back to the pool through :meth:`reclaim`.
 
-        Returns the bytes it held (NOTE [Bounded work per request]).
+        With ``fence`` (expiry) and a pidfd of a process that still runs, they stay
+        allocated until it exits (NOTE [Fencing] in pidfds.py). Returns the bytes it held (NOTE
+        [Bounded work per request]).
         """
         del self.sessions[session.id]
         del self._by_token[session.token]
         if session.nonce is not None:
             del self._by_nonce[(session.pid, session.nonce)]
         session.tenant.sessions -= 1
-        self._closed.append(session)
+        if fence and session.pidfd is not None and not exited(session.pidfd):
+            self._fenced.append(session)
+        else:
+            self._closed.append(session)
         return session.held_bytes
+
+    def release_fenced(self) -> list[Session]:
+        """Reclaim the extents of fenced sessions whose process has exited; returns those sessions."""
+        gone = [s for s in self._fenced if s.pidfd is None or exited(s.pidfd)]
+        for session in gone:
+            self._fenced.remove(session)
+            self._closed.append(session)
+        return gone
+
+    @property
+    def fenced_bytes(self) -> int:
+        """Bytes of expired sessions kept while their process may run (NOTE [Fencing] in pidfds.py)."""
+        return sum(session.held_bytes for session in self._fenced)
 
     def reclaim(self, budget: int | None = RECLAIM_SLICE) -> int:
         """Free up to ``budget`` extents of closed sessions (all of them with None); returns how many."""
@@ -341,6 +367,8 @@ class SessionTable:
             session = closed[0]
             if not session.handles:
                 closed.popleft()
+                close_pidfd(session.pidfd)
+                session.pidfd = None
                 self._forget_tenant(session.tenant)
                 continue
             self.release(session, self.extents[session.handles.pop()])
@@ -377,5 +405,7 @@ class SessionTable:
         return [
             s
             for s in self.sessions.values()
-            if s.last_seen < silent_since or (s.pid_ns is not None and s.pid_ns == own_ns and not pid_alive(s.pid))
+            if s.last_seen < silent_since
+            or (s.pid_ns is not None and s.pid_ns == own_ns and not pid_alive(s.pid))
+            or (s.pidfd is not None and exited(s.pidfd))
         ]

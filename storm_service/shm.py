@@ -31,6 +31,7 @@ NOTE [Huge pages]
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import re
@@ -41,6 +42,7 @@ __all__ = [
     "PIN_CHUNK_BYTES",
     "SEGMENT_PREFIX",
     "SHM_DIR",
+    "SLAB_SEALS",
     "ChunkPins",
     "PinError",
     "advise_huge_pages",
@@ -48,11 +50,14 @@ __all__ = [
     "huge_mapped_bytes",
     "huge_page_policy",
     "huge_policy_of",
+    "memfd_huge_policy",
 ]
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "storm-"
-"""The daemon's segments in SHM_DIR, and only they, have names that start with this."""
+"""Segments an earlier daemon put in SHM_DIR, and only they, have names that start with this."""
+SLAB_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+"""The seals of every slab (NOTE [Slabs] in storm_service/slabs.py); a client refuses a slab without them."""
 PIN_CHUNK_BYTES = 256 << 20
 """Size of one registration (NOTE [Lazy pinning]): a multiple of 2 MiB pages, at most 1 GiB."""
 MAX_PIN_CHUNK_BYTES = 1 << 30
@@ -202,6 +207,17 @@ def huge_page_policy(path: str = SHM_DIR) -> str:
         if inside and len(point) >= len(best):
             best, options = point, fields[3]
     return huge_policy_of(shmem_enabled, options) if best else "never"
+
+
+def memfd_huge_policy() -> str:
+    """The huge-page policy of memfds (the kernel's internal tmpfs): ``shmem_enabled`` alone decides."""
+    try:
+        with open(SHMEM_ENABLED) as f:
+            selected = re.search(r"\[(\w+)\]", f.read())
+    except OSError:
+        return "never"
+    policy = selected.group(1) if selected else "never"
+    return "always" if policy == "force" else policy if policy in HUGE_POLICIES else "never"
 
 
 def advise_huge_pages(mm: mmap.mmap, policy: str) -> bool:

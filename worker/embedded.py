@@ -1,7 +1,16 @@
-"""A private stormd for one run, started when no daemon answers (the embedded default)."""
+"""A private stormd for one run, started when no daemon answers (the embedded default).
+
+The daemon dies with the process that started it: it is started with a parent-death
+signal (``prctl(PR_SET_PDEATHSIG, SIGTERM)``), so a worker killed with SIGKILL still
+stops its daemon, which removes its sockets and lock on the way out; its slabs are
+memfds, so nothing of the pool outlives it either (NOTE [Slabs] in storm_service/slabs.py).
+The signal follows the thread that started the daemon: start it from the main thread.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -15,6 +24,15 @@ from storm_service.errors import StormError
 from storm_service.protocol import Op
 
 __all__ = ["EmbeddedDaemon", "daemon_answers"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """In the child, before exec: SIGTERM when the parent dies (and now, if it already has)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0 or os.getppid() != parent:
+        os._exit(1)
 
 
 def daemon_answers(endpoint: str, timeout_s: float = 0.5) -> bool:
@@ -49,6 +67,7 @@ class EmbeddedDaemon:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=self._log,
+            preexec_fn=functools.partial(_die_with, os.getpid()),
         )
         deadline = time.monotonic() + start_timeout_s
         while not daemon_answers(self.endpoint, timeout_s=0.2):

@@ -30,7 +30,7 @@ from client.engine.cuda import CudaCopier
 from client.engine.jobs import Fetch, Offload
 from client.engine.link import D2H, H2D, Link
 from client.engine.state import Slot
-from client.segments import MappedSegment
+from client.segments import SlabLookup
 
 __all__ = ["Copier", "CpuCopier", "PoolViews", "copier_for"]
 
@@ -38,7 +38,7 @@ __all__ = ["Copier", "CpuCopier", "PoolViews", "copier_for"]
 class PoolViews:
     """Typed views and aliased windows over the mapped segments."""
 
-    def __init__(self, segments: list[MappedSegment]) -> None:
+    def __init__(self, segments: SlabLookup) -> None:
         self.segments = segments
 
     def view(self, slot: Slot) -> torch.Tensor:

@@ -44,7 +44,7 @@ from client.engine.state import Slot, SlotTable
 from client.engine.window import InflightWindow
 from client.handle import Handle
 from client.reservations import Reservations
-from client.segments import MappedSegment
+from client.segments import SlabLookup
 from client.transport import Channel
 from storm_service.errors import StormError, StormTimeoutError, StormUnavailableError
 from storm_service.protocol import MAX_BATCH, Op
@@ -64,7 +64,7 @@ class TransferEngine:
         *,
         new_channel: Callable[[], Channel],
         token: str,
-        segments: list[MappedSegment],
+        segments: SlabLookup,
         policy: str,
         wait_timeout_s: float,
         prefetch_bytes: int,

@@ -157,6 +157,6 @@ class Placement:
 
     def _place(self, job: Offload, extent: dict[str, int]) -> None:
         slot = job.slot
-        slot.id, slot.segment, slot.offset = extent["handle"], extent["segment"], extent["offset"]
+        slot.id, slot.segment, slot.offset = extent["handle"], extent["slab"], extent["offset"]
         self.stats.offloaded_tensors += 1
         self.stats.offloaded_bytes += slot.handle.size_bytes

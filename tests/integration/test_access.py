@@ -68,14 +68,15 @@ def test_tcp_with_curve_gives_nothing_to_a_client_with_another_key(curve_daemon,
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="handing files to a group needs a group this user belongs to (root)")
-def test_group_option_opens_socket_and_segments_to_that_group(daemon_factory, tmp_path):
+def test_group_option_opens_the_sockets_to_that_group(daemon_factory, tmp_path):
     group = grp.getgrgid(os.getgid()).gr_name
     endpoint = f"ipc://{tmp_path}/run/stormd.sock"  # a directory the daemon creates
     daemon = daemon_factory(endpoint=endpoint, extra_args=["--group", group])
     socket_dir = os.path.dirname(daemon.socket_path)
     assert stat.S_IMODE(os.stat(socket_dir).st_mode) == 0o750
     assert stat.S_IMODE(os.stat(daemon.socket_path).st_mode) == 0o660
+    info = os.stat(daemon.socket_path + ".fds")
+    assert stat.S_IMODE(info.st_mode) == 0o660 and info.st_gid == os.getgid()
     with StormSystem(daemon.endpoint) as system:
-        for segment in system.segments:
-            info = os.stat(f"/dev/shm/{segment.name}")
-            assert stat.S_IMODE(info.st_mode) == 0o660 and info.st_gid == os.getgid()
+        handle = system.offload(torch.ones(16))
+        assert torch.equal(system.fetch(handle), torch.ones(16))

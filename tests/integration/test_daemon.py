@@ -31,6 +31,7 @@ import zmq
 from client.transport import Channel
 from helpers import BAD_FRAMES, DaemonProcess, StartDaemon, mapped_segments, storm_segments, wait_for
 from storm_service.errors import ShuttingDownError, StormError, UnknownSessionError
+from storm_service.fdpass import request_slab
 from storm_service.protocol import MAX_MESSAGE_BYTES, Op, Reply, decode_reply, encode_request
 
 RAW_IDS = iter(range(10**12, 10**13))  # far from the channels' ids, so raw requests never look like replays
@@ -84,10 +85,10 @@ def test_fetch_returns_bytes_offloaded(shared_daemon: DaemonProcess) -> None:
     sizes = [1000, 70_000, 3]
     extents = channel.call(Op.OFFLOAD, token, sizes=sizes, layer_id=0)["extents"]
     payloads = [os.urandom(size) for size in sizes]
-    segment_names = [s["name"] for s in session["segments"]]
-    with open(f"/dev/shm/{segment_names[0]}", "r+b") as f, mmap.mmap(f.fileno(), 0) as pool:
+    fd, size_bytes = request_slab(session["fd_socket"], token, extents[0]["slab"], 5)
+    with open(fd, "r+b") as f, mmap.mmap(f.fileno(), size_bytes) as pool:
         for extent, payload in zip(extents, payloads, strict=True):
-            assert extent["segment"] == 0 and extent["size_bytes"] == len(payload)
+            assert extent["slab"] == extents[0]["slab"] and extent["size_bytes"] == len(payload)
             pool[extent["offset"] : extent["offset"] + len(payload)] = payload
         handles = [e["handle"] for e in extents]
         reserved = daemon.stats()  # allocated, not yet committed: reserved, not used
@@ -104,7 +105,7 @@ def test_fetch_returns_bytes_offloaded(shared_daemon: DaemonProcess) -> None:
     assert freed == {"freed": 3, "freed_bytes": 1024 + 70_144 + 512}
     stats = daemon.stats()
     assert (stats["used_bytes"], stats["extents"], stats["free_bytes"]) == (0, 0, stats["pool_bytes"])
-    assert stats["largest_free_bytes"] == stats["pool_bytes"]
+    assert stats["largest_free_bytes"] == stats["pool_bytes"] // stats["slabs"]  # a whole slab: extents never span two
     channel.call(Op.UNREGISTER, token)
     channel.close()
 
@@ -193,16 +194,16 @@ def test_shutdown_exits_zero_and_leaves_nothing(daemon: DaemonProcess, how: str)
     session = _register(channel)
     channel.call(Op.OFFLOAD, session["token"], sizes=[4096])
     channel.close()
-    names = [s["name"] for s in session["segments"]]
-    assert all(os.path.exists(f"/dev/shm/{name}") for name in names)
+    assert os.path.exists(session["fd_socket"])
+    before = storm_segments()
     if how == "sigterm":
         assert daemon.stop() == 0
     else:
         result = _ctl(daemon.endpoint, "shutdown")
         assert (result.returncode, "is shutting down" in result.stdout) == (0, True), result.stderr
         assert daemon.proc.wait(timeout=10) == 0
-    assert not any(os.path.exists(f"/dev/shm/{name}") for name in names)
-    assert os.listdir(daemon.socket_dir) == ["stormd.log"]  # no socket, no lock file
+    assert storm_segments() <= before  # slabs are memfds: nothing in /dev/shm, ever
+    assert os.listdir(daemon.socket_dir) == ["stormd.log"]  # no sockets, no lock file
     assert "stopped" in daemon.log()
 
 
@@ -243,30 +244,31 @@ def test_second_daemon_on_the_same_endpoint_refuses_to_start(shared_daemon: Daem
     channel.close()
 
 
-def test_pool_larger_than_dev_shm_fails_at_start() -> None:
+def test_pool_larger_than_memory_fails_at_start() -> None:
     socket_dir = tempfile.mkdtemp(prefix="stormt-", dir="/tmp")
     before = storm_segments()
     try:
         result = _stormd(f"ipc://{socket_dir}/stormd.sock", "--pool-size", "100TiB")
         assert result.returncode != 0
-        assert "/dev/shm" in result.stderr
+        assert "MemAvailable" in result.stderr
         assert not _unmapped(storm_segments() - before)
         assert os.listdir(socket_dir) == []  # no socket, no lock file
     finally:
         shutil.rmtree(socket_dir, ignore_errors=True)
 
 
-def test_killed_daemon_segment_is_swept_by_the_next(daemon_factory: StartDaemon) -> None:
+def test_killed_daemon_leaves_no_memory_and_the_next_replaces_its_sockets(daemon_factory: StartDaemon) -> None:
+    before = storm_segments()
     first = daemon_factory()
     channel = first.channel()
-    names = [s["name"] for s in _register(channel)["segments"]]
+    session = _register(channel)
+    channel.call(Op.OFFLOAD, session["token"], sizes=[4096])
     channel.close()
     first.kill()
-    assert all(os.path.exists(f"/dev/shm/{name}") for name in names)  # SIGKILL cleans nothing
+    assert storm_segments() <= before  # the slabs were memfds: the kernel freed them with the daemon
     second = daemon_factory(endpoint=first.endpoint)
-    assert not any(os.path.exists(f"/dev/shm/{name}") for name in names)
-    assert "swept 1 segment(s)" in second.log()
     assert "removed a stale socket" in second.log()
+    assert second.channel().call(Op.PING)["pid"] == second.proc.pid
 
 
 # -- stormctl and permissions -----------------------------------------------------------
@@ -283,7 +285,7 @@ def test_stormctl_stats_json_prints_one_object(shared_daemon: DaemonProcess) -> 
     stats = json.loads(result.stdout)
     assert stats["pool_bytes"] == 256 << 20 and stats["reserved_bytes"] == 4096  # the module daemon's pool
     assert stats["free_bytes"] == stats["pool_bytes"] - 4096
-    assert stats["largest_free_bytes"] == stats["free_bytes"]
+    assert stats["largest_free_bytes"] == stats["pool_bytes"] // stats["slabs"]
     [listed] = stats["sessions"]
     assert (listed["id"], listed["pid"], listed["reserved_bytes"]) == (session["session_id"], os.getpid(), 4096)
     channel.call(Op.UNREGISTER, session["token"])
@@ -303,10 +305,10 @@ def test_socket_directory_and_files_are_private(daemon_factory: StartDaemon) -> 
         socket_dir = os.path.join(parent, "run")  # missing: the daemon creates it
         daemon = daemon_factory(endpoint=f"ipc://{socket_dir}/stormd.sock")
         channel = daemon.channel()
-        [segment] = _register(channel)["segments"]
+        _register(channel)
         channel.close()
         assert stat.S_IMODE(os.stat(socket_dir).st_mode) == 0o700
-        assert stat.S_IMODE(os.stat(f"/dev/shm/{segment['name']}").st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(f"{socket_dir}/stormd.sock.fds").st_mode) == 0o600
         assert stat.S_IMODE(os.stat(f"{socket_dir}/stormd.sock").st_mode) == 0o600
         assert stat.S_IMODE(os.stat(f"{socket_dir}/stormd.sock.lock").st_mode) == 0o600
         assert daemon.stop() == 0

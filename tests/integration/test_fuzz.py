@@ -288,7 +288,7 @@ def valid_requests(draw: st.DrawFn) -> dict[str, Any]:
     """A well-formed request of some op (its token may still name no live session)."""
     op = draw(st.sampled_from(WEIGHTED_OPS))
     token = draw(valid_token(op))
-    msg: dict[str, Any] = {"v": 1, "id": draw(request_ids), "op": op.value, "token": token}
+    msg: dict[str, Any] = {"v": 2, "id": draw(request_ids), "op": op.value, "token": token}
     if op is Op.REGISTER:
         msg["pid"] = os.getpid() if draw(st.integers(0, 3)) else draw(st.integers(0, (1 << 31) - 1))
         optional = {
@@ -368,7 +368,7 @@ def mutated_requests(draw: st.DrawFn) -> dict[Any, Any]:
 
 def _pad_frame(size: int, request_id: int) -> bytes:
     """A register request whose ``name`` pads the frame to exactly ``size`` bytes."""
-    base = {"v": 1, "id": request_id, "op": "register", "token": None, "pid": 1}
+    base = {"v": 2, "id": request_id, "op": "register", "token": None, "pid": 1}
     overhead = len(msgpack.packb({**base, "name": "a" * 70_000}, use_bin_type=True)) - 70_000
     frame = msgpack.packb({**base, "name": "a" * (size - overhead)}, use_bin_type=True)
     assert len(frame) == size
@@ -587,7 +587,7 @@ class Fuzzer:
             extents = result["extents"]
             assert [e["size_bytes"] for e in extents] == args["sizes"], what
             for extent in extents:
-                assert extent["offset"] % ALIGNMENT == 0 and extent["segment"] == 0, what
+                assert extent["offset"] % ALIGNMENT == 0 and extent["slab"] >= 1, what
                 assert extent["offset"] + extent["size_bytes"] <= POOL_BYTES, what
                 assert extent["handle"] not in world.issued, f"{what}: handle {extent['handle']} issued twice"
                 world.issued.add(extent["handle"])
@@ -771,7 +771,7 @@ EXPECTED_CODE = {"v": ErrorCode.UNSUPPORTED_VERSION, "op": ErrorCode.UNKNOWN_OP,
 @pytest.mark.parametrize("where", ["v", "op", "sizes"])
 def test_deeply_nested_value_is_a_clean_error(daemon: DaemonProcess, where: str) -> None:
     """Was: repr of a list nested 1000 deep raised RecursionError, answered INTERNAL with id nil."""
-    msg: dict[str, Any] = {"v": 1, "id": 7, "op": "offload", "token": "t", "sizes": [1]}
+    msg: dict[str, Any] = {"v": 2, "id": 7, "op": "offload", "token": "t", "sizes": [1]}
     msg[where] = [_deep(DEEP)] if where == "sizes" else _deep(DEEP)
     reply = decode_reply(_one_reply(daemon, msgpack.packb(msg, use_bin_type=True)))
     assert daemon.proc.poll() is None
@@ -783,7 +783,7 @@ def test_deeply_nested_value_is_a_clean_error(daemon: DaemonProcess, where: str)
 def test_error_reply_to_a_large_value_decodes(daemon: DaemonProcess, where: str) -> None:
     """Was: the message quoted the value whole (1.2 MB), past decode_reply's 1 MiB string bound."""
     big = BIG_STRINGS[0]
-    msg: dict[str, Any] = {"v": 1, "id": 7, "op": "offload", "token": "t", "sizes": [1]}
+    msg: dict[str, Any] = {"v": 2, "id": 7, "op": "offload", "token": "t", "sizes": [1]}
     if where == "sizes":
         msg["sizes"] = [big]
     elif where == "unknown_field":

@@ -367,12 +367,14 @@ def test_a_saved_tensor_changed_in_place_is_refused_at_unpack(daemon_factory, po
         _assert_pool_empty(system)
 
 
-def test_a_storage_freed_before_its_copy_fails_the_fetch_instead_of_reading_it(daemon):
+def test_a_storage_freed_before_its_copy_fails_the_fetch_instead_of_reading_it(daemon_factory):
     """FSDP-style ``resize_(0)`` after the pack and before the copy: the copy must not read it.
 
     The daemon is stopped so that the transfer thread waits on it before copying. (A
     resize that lands *while* the copy runs cannot be seen: see NOTE [Modified sources].)
+    Its pool has slabs of 64 MiB (an eighth of it), so that the 64 MiB source fits in one.
     """
+    daemon = daemon_factory(pool_size="512MiB")
     with StormSystem(daemon.endpoint) as system:
         x = torch.randn(16, requires_grad=True)
         w = torch.randn(16 << 20)  # 64 MiB: its pages go back to the OS when freed

@@ -29,7 +29,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ from storm_service.pool import Pool
 from storm_service.protocol import Op, decode_reply, encode_request
 from storm_service.server import Server
 from storm_service.sessions import RECLAIM_SLICE
+from storm_service.slabs import Slab
 
 NOBODY = 65534
 KiB = 1 << 10
@@ -60,17 +60,9 @@ MiB = 1 << 20
 # -- helpers -------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Unmapped:
-    """A segment as ``Pool`` sees it, without memory: the allocators deal in offsets only."""
-
-    name: str
-    size_bytes: int
-
-
 def _server(*argv: str, pool_bytes: int = 64 * MiB) -> Server:
     config = load_config(build_parser().parse_args(list(argv)), {})
-    return Server(config, Pool([_Unmapped(f"storm-{0:024x}", pool_bytes)]))
+    return Server(config, Pool([Slab(1, pool_bytes, backed=False)]))
 
 
 _IDS = itertools.count(1)
@@ -341,7 +333,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     directory = tempfile.mkdtemp(prefix="stormlv-", dir="/tmp")
     argv = ["--endpoint", f"ipc://{directory}/s.sock", "--heartbeat-timeout", "1s"]
     context = zmq.Context()
-    server = Server(load_config(build_parser().parse_args(argv), {}), Pool([_Unmapped("storm-x", MiB)]), context)
+    server = Server(load_config(build_parser().parse_args(argv), {}), Pool([Slab(1, MiB, backed=False)]), context)
     server.bind()
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()

@@ -1,6 +1,6 @@
 """Every op through ``Server.dispatch`` (bytes in, bytes out), in process.
 
-The server is built over a pool of unmapped segments (the allocators deal in offsets
+The server is built over a pool of slabs without memory (the allocators deal in offsets
 only) and never binds a socket, so no daemon is forked: each test encodes a request as
 a client does, dispatches it, and asserts on the decoded reply and on the daemon's state.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -39,22 +38,15 @@ from storm_service.protocol import (
     encode_request,
 )
 from storm_service.server import Server
+from storm_service.slabs import Slab
 
 SEGMENT_BYTES = 64 << 10
 NONCE = "n" * MIN_NONCE_LEN
 _REQUEST_IDS = itertools.count(1)
 
 
-@dataclass
-class _Unmapped:
-    """A segment as ``Pool`` sees it, without memory."""
-
-    name: str
-    size_bytes: int
-
-
 def _server(segments: int = 1, segment_bytes: int = SEGMENT_BYTES) -> Server:
-    pool = Pool([_Unmapped(f"storm-{i:024x}", segment_bytes) for i in range(segments)])
+    pool = Pool([Slab(i + 1, segment_bytes, backed=False) for i in range(segments)])
     return Server(load_config(build_parser().parse_args([]), {}), pool)
 
 
@@ -102,7 +94,7 @@ def test_register_grants_a_session_and_describes_the_pool() -> None:
     server = _server(segments=2)
     result = _register(server, name="rank0", quota_bytes=4096)
     assert result["quota_bytes"] == 4096 and result["alignment"] == ALIGNMENT
-    assert [s["size_bytes"] for s in result["segments"]] == [SEGMENT_BYTES, SEGMENT_BYTES]
+    assert "segments" not in result and _ok(server, Op.STATS)["slabs"] == 2
     assert server.context.sessions.by_token(result["token"]).id == result["session_id"]
 
 
@@ -338,7 +330,7 @@ def test_fetch_before_commit_is_refused() -> None:
 def test_batched_offload_returns_aligned_disjoint_extents() -> None:
     daemon = _Daemon()
     session = daemon.register()
-    alignment, segment_bytes = session["alignment"], session["segments"][0]["size_bytes"]
+    alignment, segment_bytes = session["alignment"], daemon.server.context.pool.size_bytes
     sizes = [1, 511, 512, 513, 4096, 100_000, 1 << 20]
     extents = daemon.call(Op.OFFLOAD, session["token"], sizes=sizes)["extents"]
     assert [e["size_bytes"] for e in extents] == sizes
@@ -416,7 +408,7 @@ def test_bad_input_gets_an_error_reply_and_is_counted(name: str) -> None:
 
 def test_mixed_key_types_are_a_bad_request_not_internal() -> None:
     daemon = _Daemon()
-    reply = daemon.exchange(msgpack.packb({"v": 1, "id": 7, "op": "ping", b"x": 1, "y": 2}, use_bin_type=True))
+    reply = daemon.exchange(msgpack.packb({"v": 2, "id": 7, "op": "ping", b"x": 1, "y": 2}, use_bin_type=True))
     assert daemon.call(Op.PING)  # served either way
     assert reply.code == "BAD_REQUEST"
 

@@ -48,7 +48,7 @@ class FakePool:
         for size in sizes:
             handle = len(self.sizes) + 1
             self.sizes[handle] = size
-            extents.append({"handle": handle, "segment": 0, "offset": self.used, "size_bytes": size})
+            extents.append({"handle": handle, "slab": 0, "offset": self.used, "size_bytes": size})
             self.used += size
         return {"extents": extents}
 

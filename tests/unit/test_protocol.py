@@ -94,7 +94,7 @@ def test_optional_fields_may_be_absent_or_nil() -> None:
 
 @pytest.mark.parametrize(
     "frame",
-    [b"", b"\xc1", b"\x92\x01", b"\x81\xa1", b"\xff" * 16, msgpack.packb({"v": 1}) + b"extra"],
+    [b"", b"\xc1", b"\x92\x01", b"\x81\xa1", b"\xff" * 16, msgpack.packb({"v": 2}) + b"extra"],
     ids=["empty", "reserved-byte", "truncated-array", "truncated-map", "garbage", "trailing-bytes"],
 )
 def test_garbage_bytes_are_bad_requests(frame: bytes) -> None:
@@ -121,20 +121,20 @@ def test_frame_over_the_size_limit_is_refused_before_decoding() -> None:
 
 @pytest.mark.parametrize("bad_id", ["missing", -1, True, 1.0, "7", MAX_ID + 1, None])
 def test_request_id_must_be_a_non_negative_integer(bad_id: Any) -> None:
-    msg = {"v": 1, "op": "ping"} if bad_id == "missing" else {"v": 1, "op": "ping", "id": bad_id}
+    msg = {"v": 2, "op": "ping"} if bad_id == "missing" else {"v": 2, "op": "ping", "id": bad_id}
     error = _invalid(msgpack.packb(msg), ErrorCode.BAD_REQUEST, "'id'")
     assert error.request_id is None
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None, "missing"])
+@pytest.mark.parametrize("version", [0, 1, 3, "2", None, "missing"])
 def test_other_protocol_versions_are_unsupported(version: Any) -> None:
     frame = msgpack.packb({"id": 9, "op": "ping"}) if version == "missing" else _frame(v=version)
     error = _invalid(frame, ErrorCode.UNSUPPORTED_VERSION, "version", str(PROTOCOL_VERSION))
     assert error.request_id == 9
 
 
-@pytest.mark.parametrize("version", [True, 1.0])
-def test_version_must_be_the_integer_one(version: Any) -> None:
+@pytest.mark.parametrize("version", [True, 2.0])
+def test_version_must_be_the_integer_two(version: Any) -> None:
     _invalid(_frame(v=version), ErrorCode.UNSUPPORTED_VERSION)
 
 
@@ -210,12 +210,12 @@ def test_largest_batch_is_accepted() -> None:
 
 def test_unknown_fields_mixing_string_and_bytes_keys_are_a_bad_request() -> None:
     # strict_map_key admits bytes keys; they are unknown fields like any other.
-    frame = msgpack.packb({"v": 1, "id": 1, "op": "ping", "token": None, b"x": 1, "y": 2}, use_bin_type=True)
+    frame = msgpack.packb({"v": 2, "id": 1, "op": "ping", "token": None, b"x": 1, "y": 2}, use_bin_type=True)
     _invalid(frame, ErrorCode.BAD_REQUEST, "unknown fields")
 
 
 def test_a_bytes_key_alone_is_an_unknown_field() -> None:
-    frame = msgpack.packb({"v": 1, "id": 1, "op": "ping", "token": None, b"x": 1}, use_bin_type=True)
+    frame = msgpack.packb({"v": 2, "id": 1, "op": "ping", "token": None, b"x": 1}, use_bin_type=True)
     _invalid(frame, ErrorCode.BAD_REQUEST, "unknown fields")
 
 

@@ -1,7 +1,7 @@
 """The decoders' limits against the largest messages each side can build (NOTE [Decoder limits]).
 
 The replies are built by the daemon's own handlers (``Server.dispatch``) over a pool of
-unmapped segments (the allocators deal in offsets only), every count and name at its
+slabs without memory (the allocators deal in offsets only), every count and name at its
 cap, and decoded by the client's ``decode_reply``. Was: a STATS reply whose
 ``layer_bytes`` had more than 64 entries did not decode; the client timed out and
 marked its session lost.
@@ -10,7 +10,6 @@ marked its session lost.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -25,9 +24,9 @@ from storm_service.protocol import (
     MAX_LISTED_SESSIONS,
     MAX_MESSAGE_BYTES,
     MAX_NONCE_LEN,
-    MAX_SEGMENTS,
     MAX_SESSION_LAYERS,
     MAX_SIZE_BYTES,
+    MAX_SLABS,
     MAX_STR,
     OVERFLOW_LAYER_ID,
     Op,
@@ -37,6 +36,7 @@ from storm_service.protocol import (
     encode_request,
 )
 from storm_service.server import Server
+from storm_service.slabs import Slab
 from storm_service.tenants import Peer
 
 WIDE = "\U0001f600"
@@ -49,17 +49,8 @@ _REQUEST_IDS = itertools.count(MAX_ID, -1)
 """Never reused: the daemon answers a mutating request whose id it remembers with the old reply."""
 
 
-@dataclass
-class _Unmapped:
-    """A segment as ``Pool`` sees it, without memory: the allocators deal in offsets only."""
-
-    name: str
-    size_bytes: int
-
-
 def _server(segments: int, segment_bytes: int) -> Server:
-    names = [f"storm-{i:024x}" for i in range(segments)]  # as long as real names
-    pool = Pool([_Unmapped(name, segment_bytes) for name in names])
+    pool = Pool([Slab(i + 1, segment_bytes, backed=False) for i in range(segments)])
     # More sessions than one tenant may open by default: every call here comes from one uid.
     argv = ["--max-tenant-sessions", str(2 * MAX_LISTED_SESSIONS)]
     return Server(load_config(build_parser().parse_args(argv), {}), pool)
@@ -145,10 +136,11 @@ def test_layers_past_the_cap_count_under_the_overflow_key_until_freed() -> None:
 
 
 def test_largest_register_reply_decodes_within_the_frame_cap() -> None:
-    server = _server(MAX_SEGMENTS, 1 << 36)
+    server = _server(MAX_SLABS, 1 << 36)
+    server.context.fd_socket = "/" + WIDE * 107  # longer than any Unix socket path
     frame = server.dispatch(encode_request(MAX_ID, Op.REGISTER, None, pid=1, name=WIDE * MAX_STR))
     assert len(frame) <= MAX_MESSAGE_BYTES
-    assert len(decode_reply(frame).result["segments"]) == MAX_SEGMENTS
+    assert decode_reply(frame).result["fd_socket"] == server.context.fd_socket
 
 
 @pytest.mark.parametrize("op", [Op.OFFLOAD, Op.FETCH])
@@ -189,9 +181,9 @@ def test_largest_requests_decode_on_the_daemon_side() -> None:
         decode_request(frame)
 
 
-def test_a_pool_of_more_segments_than_a_register_reply_lists_is_refused() -> None:
-    argv = ["--pool-size", f"{MAX_SEGMENTS + 1}MiB", "--segment-size", "1MiB"]
-    with pytest.raises(ConfigError, match=f"{MAX_SEGMENTS + 1} segments, at most {MAX_SEGMENTS}"):
+def test_a_pool_of_more_slabs_than_the_cap_is_refused() -> None:
+    argv = ["--pool-size", f"{MAX_SLABS + 1}MiB", "--segment-size", "1MiB"]
+    with pytest.raises(ConfigError, match=f"{MAX_SLABS + 1} slabs, at most {MAX_SLABS}"):
         load_config(build_parser().parse_args(argv), {})
-    argv = ["--pool-size", f"{MAX_SEGMENTS}MiB", "--segment-size", "1MiB"]
-    assert load_config(build_parser().parse_args(argv), {}).pool_size == MAX_SEGMENTS << 20
+    argv = ["--pool-size", f"{MAX_SLABS}MiB", "--segment-size", "1MiB"]
+    assert load_config(build_parser().parse_args(argv), {}).pool_size == MAX_SLABS << 20

@@ -6,7 +6,7 @@ from client.reservations import Reservations
 
 
 def _extents(sizes: list[int], first_handle: int = 1) -> list[dict[str, int]]:
-    return [{"handle": first_handle + i, "segment": 0, "offset": 0, "size_bytes": s} for i, s in enumerate(sizes)]
+    return [{"handle": first_handle + i, "slab": 0, "offset": 0, "size_bytes": s} for i, s in enumerate(sizes)]
 
 
 def _handles(extents: list[dict[str, int]]) -> list[int]:

@@ -1,0 +1,163 @@
+"""The daemon's side of the fd socket (storm_service/fdpass.py): slabs lent by descriptor.
+
+NOTE [Lending by descriptor]
+  A slab's fd goes only to a client of the tenant that holds the slab, over the fd
+  socket, with ``SCM_RIGHTS``. The peer is identified there by ``SO_PEERCRED`` (its uid,
+  and its pid as the daemon's pid namespace sees it: the kernel translates it), never by
+  what a message claims. A session's first request on the fd socket binds it: the uid
+  must be the session's tenant (the uid its register came from), and the daemon takes a
+  pidfd of the process (NOTE [Fencing] in pidfds.py); every later request must come from
+  the same uid. The socket is served from the daemon's loop without ever blocking it:
+  accept and receive are non-blocking, each connection gets one request and is closed,
+  at most MAX_CONNECTIONS are open, and one that sends nothing within REQUEST_TIMEOUT_S
+  is dropped, so no peer can stall the loop or hold the daemon's fds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import time
+
+import zmq
+
+from storm_service.errors import ErrorCode, ForbiddenError, RemoteError
+from storm_service.fdpass import (
+    MAX_FD_MESSAGE_BYTES,
+    decode_slab_request,
+    encode_slab_error,
+    encode_slab_reply,
+    peer_credentials,
+)
+from storm_service.pidfds import open_pidfd
+from storm_service.pool import Pool
+from storm_service.sessions import Session, SessionTable
+
+__all__ = ["MAX_CONNECTIONS", "REQUEST_TIMEOUT_S", "Lender"]
+
+log = logging.getLogger("stormd.lending")
+
+MAX_CONNECTIONS = 64
+"""Connections to the fd socket open at once; more are closed as they are accepted."""
+REQUEST_TIMEOUT_S = 2.0
+"""How long a connection may take to send its request."""
+
+
+class Lender:
+    """The listening fd socket and its open connections, registered in the loop's poller."""
+
+    def __init__(self, path: str, pool: Pool, sessions: SessionTable, poller: zmq.Poller) -> None:
+        self.path = path
+        self._pool = pool
+        self._sessions = sessions
+        self._poller = poller
+        self._connections: dict[int, tuple[socket.socket, float]] = {}
+        self.lent = 0
+        """Slab fds sent so far."""
+        if os.path.lexists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # a dead daemon's: the endpoint lock says no live one serves here
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        listener.bind(path)
+        listener.listen(MAX_CONNECTIONS)
+        self._listener = listener
+        poller.register(listener.fileno(), zmq.POLLIN)
+
+    def secure(self, like: str | None) -> None:
+        """Give the fd socket the owner group and mode of the endpoint's socket ``like`` (else 0600)."""
+        if like is None:
+            os.chmod(self.path, 0o600)
+            return
+        info = os.stat(like)
+        os.chown(self.path, -1, info.st_gid)
+        os.chmod(self.path, stat.S_IMODE(info.st_mode))
+
+    def serve(self, ready: set[int] | None = None) -> None:
+        """Accept, answer and drop what is ready (``ready``: fds the poller reported; None: try all)."""
+        listener = self._listener.fileno()
+        if ready is None or listener in ready:
+            self._accept()
+        now = time.monotonic()
+        for fd, (conn, deadline) in list(self._connections.items()):
+            if ready is None or fd in ready:
+                self._answer(fd, conn)
+            elif now > deadline:
+                self._drop(fd)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:  # EMFILE and the like: the connection stays queued, tried again next time
+                log.warning("fd socket: cannot accept: %s", e)
+                return
+            if len(self._connections) >= MAX_CONNECTIONS:
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self._connections[conn.fileno()] = (conn, time.monotonic() + REQUEST_TIMEOUT_S)
+            self._poller.register(conn.fileno(), zmq.POLLIN)
+
+    def _answer(self, fd: int, conn: socket.socket) -> None:
+        try:
+            frame = conn.recv(MAX_FD_MESSAGE_BYTES + 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(fd)
+            return
+        if frame:
+            try:
+                reply, fds = self._handle(conn, frame)
+            except RemoteError as e:
+                reply, fds = encode_slab_error(e.code.value, e.message), []
+            except ValueError as e:
+                reply, fds = encode_slab_error(ErrorCode.BAD_REQUEST.value, str(e)), []
+            try:
+                socket.send_fds(conn, [reply], fds, socket.MSG_DONTWAIT)
+            except OSError as e:  # the peer left, or stopped reading
+                log.debug("fd socket: dropped a reply: %s", e)
+        self._drop(fd)
+
+    def _handle(self, conn: socket.socket, frame: bytes) -> tuple[bytes, list[int]]:
+        token, slab_id = decode_slab_request(frame)
+        session = self._sessions.by_token(token)
+        pid, uid, _ = peer_credentials(conn)
+        self._bind(session, pid, uid)
+        if slab_id == 0:
+            return encode_slab_reply(0, 0), []
+        slab = self._pool.lent_to(slab_id)
+        if slab is None or slab.tenant != session.tenant.name:
+            raise ForbiddenError(f"slab {slab_id} is not lent to {session.tenant.name}")
+        session.last_seen = time.monotonic()
+        self.lent += 1
+        return encode_slab_reply(slab.id, slab.size_bytes), [slab.fd]
+
+    def _bind(self, session: Session, pid: int, uid: int) -> None:
+        """Tie ``session`` to the uid and process of its first request (NOTE [Lending by descriptor])."""
+        if session.uid is None:
+            tenant = session.tenant.name
+            if tenant.startswith("uid ") and tenant != f"uid {uid}":
+                log.warning("fd socket: uid %d (pid %d) presented a token of %s", uid, pid, tenant)
+                raise ForbiddenError(f"the session belongs to {tenant}, not to uid {uid}")
+            session.uid, session.pidfd = uid, open_pidfd(pid)
+        elif session.uid != uid:
+            raise ForbiddenError(f"the session belongs to uid {session.uid}, not to uid {uid}")
+
+    def _drop(self, fd: int) -> None:
+        conn, _ = self._connections.pop(fd)
+        self._poller.unregister(fd)
+        conn.close()
+
+    def close(self) -> None:
+        for fd in list(self._connections):
+            self._drop(fd)
+        self._poller.unregister(self._listener.fileno())
+        self._listener.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
