@@ -108,14 +108,19 @@ class TransferEngine:
         slot.stored.set()
 
     def submit_offload(self, handle: Handle, tensor: torch.Tensor, guard: torch.Tensor) -> None:
-        slot = self.table.add(handle)
+        slot = Slot(handle)
         producer = None
         if tensor.is_cuda:  # NOTE [Device hygiene] in client/engine/cuda.py
             slot.stream = torch.cuda.current_stream(tensor.device)
             producer = torch.cuda.Event()
             producer.record(slot.stream)
         self._window.admit(slot)
-        self._queue.put(Offload(slot, tensor, producer, guard, guard._version, tensor.data_ptr()))
+        job = Offload(slot, tensor, producer, guard, guard._version, tensor.data_ptr())
+        # Prefetches pick slots from the table under its lock: one must never find a slot
+        # whose offload is not queued yet, or its fetch would wait on a store never coming.
+        with self.table.lock:
+            self.table.insert(slot)
+            self._queue.put(job)
 
     def inflight_bytes(self) -> int:
         """Bytes of offloads not stored yet: their sources are still held where they were."""

@@ -98,8 +98,12 @@ class SlotTable:
     def add(self, handle: Handle) -> Slot:
         slot = Slot(handle)
         with self.lock:
-            self._slots[handle.seq] = slot
+            self.insert(slot)
         return slot
+
+    def insert(self, slot: Slot) -> None:
+        """Add a slot made by the caller (call with ``lock`` held)."""
+        self._slots[slot.handle.seq] = slot
 
     def get(self, handle: Handle) -> Slot | None:
         """The handle's slot (None once freed); callers hold ``lock`` if they change it."""
