@@ -1,9 +1,8 @@
 """The serving loop: a ZeroMQ ROUTER, and dispatch from a request frame to its reply frame.
 
-Every frame is decoded and validated by :mod:`storm_service.protocol` before any
-handler runs; the handlers live in :mod:`storm_service.ops`, and their exceptions are
-mapped to error codes in :meth:`Server.dispatch` alone, which also answers replayed
-mutating requests from the session's memory. The loop never blocks on a client: sends
+Each request frame becomes its reply frame in :mod:`storm_service.dispatch` (validation,
+replays, the op's handler from :mod:`storm_service.ops`, exceptions to error codes);
+:meth:`Server.dispatch` does the same in process. The loop never blocks on a client: sends
 are non-blocking, and a reply that cannot be routed (its client left) is dropped and
 counted. Each message's sender is read from the transport (NOTE [Peer credentials] in
 tenants.py), never from the message.
@@ -56,10 +55,10 @@ from typing import Any, cast
 
 import zmq
 
-from storm_service import ops
 from storm_service.config import DaemonConfig
+from storm_service.dispatch import Dispatcher
 from storm_service.endpoints import AUTHORIZED_DIR, SERVER_SECRET_FILE, ipc_path, runtime_dir
-from storm_service.errors import ErrorCode, RemoteError, ShuttingDownError
+from storm_service.errors import ErrorCode
 from storm_service.fdpass import FD_SOCKET_SUFFIX, fd_socket_path
 from storm_service.lending import Lender
 from storm_service.memory_guard import EXTENT_COST_BYTES, SESSION_COST_BYTES, MemoryGuard
@@ -68,13 +67,7 @@ from storm_service.ops import OpContext
 from storm_service.pool import Pool
 from storm_service.protocol import (
     MAX_MESSAGE_BYTES,
-    MUTATING_OPS,
-    SESSIONLESS_OPS,
-    Invalid,
-    Op,
-    decode_request,
     encode_error,
-    encode_ok,
 )
 from storm_service.sessions import Session, SessionTable
 from storm_service.tenants import Limits, Peer
@@ -127,8 +120,8 @@ class Server:
         self._next_expiry = 0.0
         self._next_guard = 0.0
         self._next_full_collection = 0.0
-        self._busy: Session | None = None
-        """The session whose long request is paused, while others are served (NOTE [Serving around a long request])."""
+        self._dispatcher = Dispatcher(self.context)
+        """Request frame to reply frame; its ``busy`` is the session whose long request is paused."""
         self._deferred: deque[tuple[tuple[bytes, ...], zmq.Frame]] = deque()
         """Its messages that arrived meanwhile: answered, in order, once its request is."""
         self.context.pause = self._serve_others
@@ -282,11 +275,11 @@ class Server:
             self._send(envelope, body)
             return
         self._answer_frame(envelope, body)
-        while self._deferred and self._busy is None:
+        while self._deferred and self._dispatcher.busy is None:
             self._answer_frame(*self._deferred.popleft())
 
     def _answer_frame(self, envelope: tuple[bytes, ...], body: zmq.Frame) -> None:
-        reply = self._reply(body.bytes, lambda: Peer.of_message(body, self._ipc))
+        reply = self._dispatcher.reply(body.bytes, lambda: Peer.of_message(body, self._ipc))
         if reply is None:
             self._deferred.append((envelope, body))
         else:
@@ -320,16 +313,16 @@ class Server:
     def _serve_others(self, busy: Session) -> None:
         """A pause in ``busy``'s long request: answer what others sent (NOTE [Serving around a long request])."""
         socket = self._socket
-        if socket is None or self._busy is not None:
+        if socket is None or self._dispatcher.busy is not None:
             return
-        self._busy = busy
+        self._dispatcher.busy = busy
         try:
             for _ in range(PAUSE_MESSAGES):
                 if len(self._deferred) >= MAX_DEFERRED or not cast(int, socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                     break
                 self._answer(socket.recv(_NOBLOCK))
         finally:
-            self._busy = None
+            self._dispatcher.busy = None
 
     def _expire_stale(self) -> None:
         sessions = self.context.sessions
@@ -348,7 +341,7 @@ class Server:
                 format_bytes(freed),
             )
 
-    # -- dispatch: the one place where exceptions become error codes -----------
+    # -- in process ----------------------------------------------------------------
 
     def dispatch(self, frame: bytes, peer: Peer | None = None) -> bytes:
         """The reply frame to one request frame from ``peer`` (default: this process); never raises.
@@ -357,63 +350,9 @@ class Server:
         message (NOTE [Bounded work per request] in sessions.py).
         """
         sender = peer or Peer.this_process()
-        reply = self._reply(frame, lambda: sender)
+        reply = self._dispatcher.reply(frame, lambda: sender)
         assert reply is not None, "nothing is set aside without a socket"
         sessions = self.context.sessions
         if sessions.reclaiming:
             sessions.reclaim()
         return reply
-
-    def _reply(self, frame: bytes, peer: Callable[[], Peer]) -> bytes | None:
-        """The reply frame to one request frame, or None when it is the busy session's and must wait
-        (NOTE [Serving around a long request]); ``peer`` is called only by ops that need the sender."""
-        metrics = self.context.metrics
-        if metrics is None:
-            return self._dispatch(frame, peer)[0]
-        started = time.perf_counter()
-        reply, op = self._dispatch(frame, peer)
-        if reply is not None:
-            metrics.latency.labels(op).observe(time.perf_counter() - started)
-        return reply
-
-    def _dispatch(self, frame: bytes, peer: Callable[[], Peer]) -> tuple[bytes | None, str]:
-        """The reply to one frame, and the op it named ("invalid" if none)."""
-        context = self.context
-        request_id: int | None = None
-        op = "invalid"
-        try:
-            request = decode_request(frame)
-            op, request_id = request.op, request.id  # op: a StrEnum, usable as its name
-            if self._busy is not None and request.token == self._busy.token:
-                return None, op
-            context.requests[op] += 1
-            if op is not Op.PING and context.stop.is_set():
-                raise ShuttingDownError(f"{op}: the daemon is shutting down")
-            if request.token is None and op in SESSIONLESS_OPS:
-                return encode_ok(request_id, ops.SESSIONLESS_OPS[op](context, request, peer())), op
-            session = context.sessions.by_token(request.token)  # UNKNOWN_SESSION when it names none
-            session.last_seen = time.monotonic()
-            mutating = op in MUTATING_OPS
-            if mutating and (remembered := session.replies.get(request_id)) is not None:
-                return remembered, op
-            handler = ops.SESSION_OPS.get(op)
-            if handler is None:  # ping, register, shutdown: the token was checked, the op ignores it
-                result = ops.SESSIONLESS_OPS[op](context, request, peer())
-            else:
-                result = handler(context, request, session)
-            reply = encode_ok(request_id, result)
-            if mutating:
-                session.replies.remember(request_id, reply)
-            return reply, op
-        except Invalid as e:
-            return self._error(e.request_id, e.code, e.message), op
-        except RemoteError as e:
-            return self._error(request_id, e.code, e.message), op
-        except Exception as e:
-            log.exception("internal error while serving request %s", request_id)
-            return self._error(request_id, ErrorCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"), op
-
-    def _error(self, request_id: int | None, code: ErrorCode, message: str) -> bytes:
-        self.context.errors[code.value] += 1
-        log.debug("request %s failed: %s %s", request_id, code.value, message)
-        return encode_error(request_id, code, message)
