@@ -41,9 +41,10 @@ from typing import TYPE_CHECKING, Any
 from storm_service.config import DaemonConfig
 from storm_service.endpoints import pid_namespace
 from storm_service.errors import ForbiddenError, NotCommittedError, RemoteError, SessionLimitError
+from storm_service.extents import Extent, ExtentState
 from storm_service.pool import ALIGNMENT, Pool
 from storm_service.protocol import MAX_LISTED_SESSIONS, MAX_SIZE_BYTES, Op, Request
-from storm_service.sessions import Extent, ExtentState, Session, SessionTable
+from storm_service.sessions import Session, SessionTable
 from storm_service.tenants import Peer
 from storm_service.units import format_bytes
 
