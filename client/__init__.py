@@ -20,6 +20,7 @@ from storm_service.errors import (
     ProtocolError,
     QuotaExceededError,
     RemoteError,
+    SessionLimitError,
     ShuttingDownError,
     SourceModifiedError,
     StormError,
@@ -29,6 +30,7 @@ from storm_service.errors import (
     UnknownOpError,
     UnknownSessionError,
     UnsupportedVersionError,
+    UntrustedDaemonError,
 )
 
 if TYPE_CHECKING:
@@ -55,6 +57,7 @@ __all__ = [
     "ProtocolError",
     "QuotaExceededError",
     "RemoteError",
+    "SessionLimitError",
     "ShuttingDownError",
     "SourceModifiedError",
     "StormError",
@@ -69,6 +72,7 @@ __all__ = [
     "UnknownOpError",
     "UnknownSessionError",
     "UnsupportedVersionError",
+    "UntrustedDaemonError",
     "default_system",
     "fetch_activation_from_cpu",
     "offload_activation_to_cpu",
