@@ -156,3 +156,32 @@ def recorded_segments(daemon: DaemonProcess) -> set[str] | None:
         return None
     names = record.get("segments") if isinstance(record, dict) else None
     return {n for n in names if isinstance(n, str)} if isinstance(names, list) else None
+
+
+def run_as(uid: int, gid: int, work: Callable[[], Any]) -> Any:
+    """Run ``work`` in a forked child that dropped to ``uid`` and ``gid``; return its JSON-able result.
+
+    The child must make its own ZeroMQ context (a parent's must not be used after fork).
+    An exception in the child fails the test with its type and message. Needs root.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 0
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            payload = json.dumps({"result": work()})
+        except BaseException as e:
+            payload, status = json.dumps({"error": f"{type(e).__name__}: {e}"}), 1
+        with os.fdopen(write_end, "w") as out:
+            out.write(payload)
+        os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end) as result:
+        data = json.loads(result.read() or "{}")
+    os.waitpid(pid, 0)
+    assert "result" in data, f"as uid {uid}: {data.get('error', 'no result')}"
+    return data["result"]

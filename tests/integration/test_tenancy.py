@@ -10,7 +10,6 @@ daemon outliving its worker. Tests that need a second uid create a throwaway use
 from __future__ import annotations
 
 import itertools
-import json
 import mmap
 import os
 import signal
@@ -19,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import zmq
 
 from client import StormSystem
 from client.transport import Channel
-from helpers import StartDaemon, storm_segments, wait_for
+from helpers import StartDaemon, run_as, storm_segments, wait_for
 from storm_service.endpoints import pid_alive
 from storm_service.errors import StormError, UntrustedDaemonError
 from storm_service.fdpass import request_slab
@@ -59,29 +58,6 @@ def shared_dir(other_user: tuple[int, int, str]) -> Iterator[Path]:
     path.chmod(0o750)
     yield path
     subprocess.run(["rm", "-rf", str(path)], check=False)
-
-
-def _as_user(uid: int, gid: int, work: Callable[[], Any]) -> Any:
-    """Run ``work`` in a forked child as ``uid``; return its JSON-able result (or its error as a string)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            payload = json.dumps({"result": work()})
-        except BaseException as e:
-            payload = json.dumps({"result": f"{type(e).__name__}: {e}"})
-        with os.fdopen(write_end, "w") as out:
-            out.write(payload)
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as result:
-        data = json.loads(result.read() or "{}")
-    os.waitpid(pid, 0)
-    return data.get("result")
 
 
 def _register(endpoint: str) -> tuple[Channel, zmq.Context, dict[str, Any]]:
@@ -127,7 +103,7 @@ def test_another_uid_gets_no_fd_of_a_tenants_slab(daemon_factory: StartDaemon, o
             context.term()
             return refusals
 
-        own, stolen = _as_user(uid, gid, steal)
+        own, stolen = run_as(uid, gid, steal)
     assert fd_socket == f"slab {slab_id}"
     assert own == f"FORBIDDEN: slab {slab_id}: slab {slab_id} is not lent to uid {uid}"
     assert stolen == f"FORBIDDEN: slab {slab_id}: the session belongs to uid 0, not to uid {uid}"
@@ -143,7 +119,7 @@ def test_a_fresh_extent_of_another_tenant_reads_zeros(daemon_factory: StartDaemo
         [(first_slab, _)] = system.segments.items()
         system.free(handle)
     wait_for(lambda: daemon.stats()["used_bytes"] + daemon.stats()["reserved_bytes"] == 0, what="the slab freed")
-    fresh = _as_user(uid, gid, lambda: _read_fresh_extent(daemon.endpoint, 1 << 18))
+    fresh = run_as(uid, gid, lambda: _read_fresh_extent(daemon.endpoint, 1 << 18))
     assert fresh == {"slab": fresh["slab"], "zeros": True} and fresh["slab"] != first_slab  # renewed, not reused
 
 

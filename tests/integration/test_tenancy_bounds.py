@@ -36,7 +36,7 @@ import pytest
 import zmq
 
 from client.transport import Channel
-from helpers import DaemonProcess, StartDaemon, wait_for
+from helpers import DaemonProcess, StartDaemon, run_as, wait_for
 from storm_service import ops
 from storm_service.config import build_parser, load_config
 from storm_service.errors import (
@@ -88,33 +88,10 @@ def _anon_bytes(pid: int) -> int:
 
 
 def _as_nobody(work: Callable[[], Any]) -> Any:
-    """Run ``work`` in a forked child that dropped to uid and gid nobody; return its JSON-able result.
-
-    The child makes its own ZeroMQ context (a parent's must not be used after fork).
-    """
+    """Run ``work`` in a forked child as uid and gid nobody; return its JSON-able result."""
     if os.getuid() != 0:
         pytest.skip("needs root to act as a second uid")
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        status = 0
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            payload = json.dumps({"result": work()})
-        except BaseException as e:
-            payload, status = json.dumps({"error": f"{type(e).__name__}: {e}"}), 1
-        with os.fdopen(write_end, "w") as out:
-            out.write(payload)
-        os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end) as result:
-        data = json.loads(result.read() or "{}")
-    os.waitpid(pid, 0)
-    assert "result" in data, data
-    return data["result"]
+    return run_as(NOBODY, NOBODY, work)
 
 
 def _in_child(endpoint: str, calls: Callable[[Channel], Any]) -> Callable[[], Any]:
