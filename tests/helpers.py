@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -185,3 +186,18 @@ def run_as(uid: int, gid: int, work: Callable[[], Any]) -> Any:
     os.waitpid(pid, 0)
     assert "result" in data, f"as uid {uid}: {data.get('error', 'no result')}"
     return data["result"]
+
+
+def torchrun_worker(args: list[str], summaries: Any, tag: str, ranks: int) -> list[dict[str, Any]]:
+    """Run ``storm-worker`` under ``torchrun --standalone`` with ``ranks`` processes, 5 steps;
+    returns each rank's summary. Parameters are saved to ``summaries / f"{tag}.pt"``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STORM_")}
+    env["GLOO_SOCKET_IFNAME"] = "lo"
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)),
+        *("-m", "worker.main", *args, "--steps", "5"),
+        *("--save-params", str(summaries / f"{tag}.pt"), "--summary", str(summaries / f"{tag}-{{rank}}.json")),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [json.loads((summaries / f"{tag}-{rank}.json").read_text()) for rank in range(ranks)]

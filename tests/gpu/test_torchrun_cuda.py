@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+
+from helpers import torchrun_worker
 
 pytestmark = [
     pytest.mark.gpu,
@@ -17,29 +14,7 @@ pytestmark = [
 
 
 def _torchrun(args: list[str], tmp_path, tag: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STORM_")}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "1",
-        "-m",
-        "worker.main",
-        *args,
-        "--device",
-        "cuda",
-        "--steps",
-        "5",
-        "--save-params",
-        str(tmp_path / f"{tag}.pt"),
-        "--summary",
-        str(tmp_path / f"{tag}-{{rank}}.json"),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads((tmp_path / f"{tag}-0.json").read_text())
+    return torchrun_worker([*args, "--device", "cuda"], tmp_path, tag, ranks=1)[0]
 
 
 def test_a_cuda_rank_with_storm_ends_with_the_same_parameters_as_without(daemon_factory, tmp_path):

@@ -2,39 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import torch
+
+from helpers import torchrun_worker
 
 
 def _torchrun(args: list[str], tmp_path, tag: str) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STORM_")}
-    env["GLOO_SOCKET_IFNAME"] = "lo"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "worker.main",
-        *args,
-        "--steps",
-        "5",
-        "--threads",
-        "1",
-        "--save-params",
-        str(tmp_path / f"{tag}.pt"),
-        "--summary",
-        str(tmp_path / f"{tag}-{{rank}}.json"),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return [json.loads((tmp_path / f"{tag}-{rank}.json").read_text()) for rank in (0, 1)]
+    return torchrun_worker([*args, "--threads", "1"], tmp_path, tag, ranks=2)
 
 
 def test_ddp_ranks_with_storm_end_with_the_same_parameters_as_without(daemon_factory, tmp_path):
