@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import atexit
 import copy
 import itertools
 import logging
 import os
 import threading
-import weakref
 from typing import Any
 
 import torch
@@ -17,6 +15,7 @@ import zmq
 from client.engine import EngineStats, TransferEngine
 from client.engine.cuda import CudaCopier
 from client.handle import Handle
+from client.lifetime import close_at_exit
 from client.malloc import fix_mmap_threshold
 from client.segments import LentSlabs, PinnedMemoryBuffer
 from client.session import Heartbeat, Registration, register, verify_daemon
@@ -117,7 +116,7 @@ class StormSystem:
         except BaseException:
             self._context.destroy(linger=0)
             raise
-        atexit.register(_close_at_exit, weakref.ref(self))
+        close_at_exit(self)
 
     def _register(self) -> None:
         """Check the daemon, register a session, start its heartbeat and the transfer engine.
@@ -153,15 +152,9 @@ class StormSystem:
                 new_channel=self._new_channel,
                 token=self.token,
                 segments=self.segments,
-                policy=settings.policy,
-                wait_timeout_s=settings.wait_timeout_s,
-                prefetch_bytes=settings.prefetch_bytes,
-                reserve_idle_s=settings.reserve_idle_s,
-                timeout_s=self.timeout_s,
+                settings=settings,
                 cuda=cuda,
                 on_lost=self._mark_lost,
-                max_inflight_layers=settings.max_inflight_layers,
-                link_gbps=settings.link_gbps,
             )
         except BaseException:
             self._heartbeat.stop()
@@ -403,22 +396,3 @@ class StormSystem:
         except (StormUnavailableError, StormTimeoutError, UnknownSessionError) as e:
             self._mark_lost(e)
             raise
-
-
-def _close_at_exit(ref: weakref.ref[StormSystem]) -> None:
-    system = ref()
-    if system is not None:
-        system.close()
-
-
-def _forget_parent_systems() -> None:
-    """In a forked child, the parent's systems are never closed, not even at exit (NOTE [Fork]).
-
-    Closing one would wait on the parent's copies, unregister its pinned memory (CUDA
-    calls, which a forked child must not make) and end its session; the child only drops
-    the at-exit closes it inherited, so its exit, however it exits, leaves them alone.
-    """
-    atexit.unregister(_close_at_exit)
-
-
-os.register_at_fork(after_in_child=_forget_parent_systems)

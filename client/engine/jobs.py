@@ -26,7 +26,7 @@ import torch
 from client.engine.state import Slot
 from storm_service.errors import SourceModifiedError
 
-__all__ = ["EngineStats", "Fetch", "Flush", "Free", "Offload"]
+__all__ = ["EngineStats", "Fetch", "Flush", "Free", "Offload", "runs_by_layer"]
 
 
 @dataclass
@@ -124,3 +124,14 @@ class Free:
 @dataclass
 class Flush:
     done: threading.Event
+
+
+def runs_by_layer(jobs: list[Offload]) -> list[list[Offload]]:
+    """Split jobs into consecutive runs that share a layer id (one offload request each)."""
+    runs: list[list[Offload]] = []
+    for job in jobs:
+        if runs and runs[-1][0].slot.handle.layer_id == job.slot.handle.layer_id:
+            runs[-1].append(job)
+        else:
+            runs.append([job])
+    return runs

@@ -35,7 +35,7 @@ import torch
 
 from client.engine.copies import PoolViews, copier_for
 from client.engine.failures import Failures
-from client.engine.jobs import EngineStats, Fetch, Flush, Free, Offload
+from client.engine.jobs import EngineStats, Fetch, Flush, Free, Offload, runs_by_layer
 from client.engine.link import Link
 from client.engine.placement import Placement, pressure_policy
 from client.engine.prefetch import Prefetcher
@@ -45,6 +45,7 @@ from client.engine.window import InflightWindow
 from client.handle import Handle
 from client.reservations import Reservations
 from client.segments import SlabLookup
+from client.settings import ClientSettings
 from client.transport import Channel
 from storm_service.errors import StormError, StormTimeoutError, StormUnavailableError
 from storm_service.protocol import MAX_BATCH, Op
@@ -65,32 +66,27 @@ class TransferEngine:
         new_channel: Callable[[], Channel],
         token: str,
         segments: SlabLookup,
-        policy: str,
-        wait_timeout_s: float,
-        prefetch_bytes: int,
-        reserve_idle_s: float,
-        timeout_s: float,
+        settings: ClientSettings,
         cuda: bool,
         on_lost: Callable[[BaseException], None],
-        max_inflight_layers: int = 0,
-        link_gbps: float = 0.0,
     ) -> None:
         self.token = token
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s = settings.timeout_s
         self.stats = EngineStats()
         self.failure: BaseException | None = None
-        self._policy = pressure_policy(policy, wait_timeout_s)
-        self._reservations = Reservations(reserve_idle_s)
+        self._policy = pressure_policy(settings.policy, settings.wait_timeout_s)
+        self._reservations = Reservations(settings.reserve_idle_s)
         self._failures = Failures(on_lost)
         self._new_channel = new_channel
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._backlog: deque[object] = deque()
         self.table = SlotTable()
         self._views = PoolViews(segments)
-        self.copier = copier_for(self._views, cuda, Link(link_gbps) if link_gbps > 0 else None)
-        self._prefetch = Prefetcher(prefetch_bytes, self.table, self._request_fetch)
-        self._window = InflightWindow(max_inflight_layers, self._wait_stored, self.stats)
-        self._stored_timeout_s = wait_timeout_s + timeout_s
+        link = Link(settings.link_gbps) if settings.link_gbps > 0 else None
+        self.copier = copier_for(self._views, cuda, link)
+        self._prefetch = Prefetcher(settings.prefetch_bytes, self.table, self._request_fetch)
+        self._window = InflightWindow(settings.max_inflight_layers, self._wait_stored, self.stats)
+        self._stored_timeout_s = settings.wait_timeout_s + timeout_s
         """A placement may retry (policy wait) and then post its commit: the most a store takes."""
         self._thread = threading.Thread(target=self._run, name="storm-transfer", daemon=True)
         self._thread.start()
@@ -317,7 +313,7 @@ class TransferEngine:
         return _STOP in batch
 
     def _offload(self, requests: Requests, placement: Placement, jobs: list[Offload]) -> None:
-        for index, layer_jobs in enumerate(_runs_by_layer(jobs)):
+        for index, layer_jobs in enumerate(runs_by_layer(jobs)):
             if index and not self._queue.empty():
                 self._serve_while_waiting(requests)  # fetches queued meanwhile go first
             placement.place_layer(layer_jobs)
@@ -391,14 +387,3 @@ class TransferEngine:
                 ids.append(slot.id)
         self.stats.freed_tensors += len(slots)
         requests.post_free(ids)
-
-
-def _runs_by_layer(jobs: list[Offload]) -> list[list[Offload]]:
-    """Split jobs into consecutive runs that share a layer id (one offload request each)."""
-    runs: list[list[Offload]] = []
-    for job in jobs:
-        if runs and runs[-1][0].slot.handle.layer_id == job.slot.handle.layer_id:
-            runs[-1].append(job)
-        else:
-            runs.append([job])
-    return runs
