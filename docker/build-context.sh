@@ -6,7 +6,7 @@
 #   * storm-offload itself (pip wheel --no-deps of the project),
 #   * torch as the CPU build pinned by a local version label (default: the +cpu build
 #     installed in the project's venv, else torch==2.13.0+cpu) -- never a CUDA build,
-#   * pyzmq, msgpack, xxhash, numpy and torch's own dependencies (filelock,
+#   * pyzmq, msgpack, xxhash, sortedcontainers, numpy and torch's own dependencies (filelock,
 #     typing-extensions, setuptools, sympy, mpmath, networkx, jinja2, MarkupSafe, fsspec),
 # all binary wheels for the interpreter that runs this script (CPython 3.11, x86_64
 # glibc), which is what both the debootstrap'd bookworm base and python:3.11-slim have.
@@ -57,7 +57,7 @@ rm -f "$project"/*.whl "$wheels"/storm_offload-*.whl
 
 # 2. torch (CPU) + runtime deps with their dependencies, binary wheels only
 "${pip[@]}" download --quiet --only-binary=:all: --dest "$wheels" \
-  "$STORM_TORCH" "$(pin pyzmq)" "$(pin msgpack)" "$(pin xxhash)" "$(pin numpy)" \
+  "$STORM_TORCH" "$(pin pyzmq)" "$(pin msgpack)" "$(pin xxhash)" "$(pin sortedcontainers)" "$(pin numpy)" \
   "$(pin filelock)" "$(pin typing_extensions)" "$(pin setuptools)" "$(pin sympy)" "$(pin mpmath)" \
   "$(pin networkx)" "$(pin jinja2)" "$(pin MarkupSafe)" "$(pin fsspec)"
 

@@ -202,7 +202,8 @@ def test_the_window_bounds_what_is_still_copying_when_forward_ends(module_daemon
         out.sum().backward()
         system.flush()
         assert system.stats().used_bytes == 0
-    with StormSystem(module_daemon.endpoint, link_gbps=0.2, max_inflight_layers=0) as unbounded:
+    # Without the bound, on a link slow enough that forward (milliseconds here) outruns it.
+    with StormSystem(module_daemon.endpoint, link_gbps=0.005, max_inflight_layers=0) as unbounded:
         with offload_saved_tensors(unbounded, module=model, min_bytes=0):
             out = model(x)
             assert unbounded.inflight_bytes() > 2 * per_layer  # what the bound prevents
