@@ -191,7 +191,7 @@ def test_the_window_bounds_what_is_still_copying_when_forward_ends(module_daemon
     # A slow link: without the bound, forward would end with nearly every copy pending.
     model = _stack(layers=8, width=256, dropout=0.0)
     x = torch.randn(128, 256)
-    with StormSystem(module_daemon.endpoint, link_gbps=0.2, max_inflight_layers=2) as system:
+    with StormSystem(module_daemon.endpoint, link_gbps=0.02, max_inflight_layers=2) as system:
         with offload_saved_tensors(system, module=model, min_bytes=0) as moved:
             out = model(x)
             pending = system.inflight_bytes()
