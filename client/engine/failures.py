@@ -4,6 +4,13 @@ A failed batch fails each of its handles that is not done (their ``fetch`` raise
 request posted without waiting, or an offload that failed, is reported by the next
 ``offload``. Errors are raised as copies: a traceback on a stored instance (also a
 handle's error) would pin the frames, and so the tensors, of the step that raised it.
+
+NOTE [Error epochs]
+  Reporting an error ends an epoch. An offload carries the epoch it was submitted in, and
+  its failure is kept only if that epoch has not ended: the training thread has already
+  given up on a step whose error it raised, and the rest of that step's queued offloads,
+  failing after the report for the same reason (a pool still full), must not fail the
+  next step too.
 """
 
 from __future__ import annotations
@@ -26,8 +33,19 @@ _LOST = (StormUnavailableError, StormTimeoutError, UnknownSessionError)
 
 class Failures:
     def __init__(self, on_lost: Callable[[BaseException], None]) -> None:
-        self.pending: deque[BaseException] = deque(maxlen=64)
+        self._pending: deque[tuple[int, BaseException]] = deque(maxlen=64)
         self._on_lost = on_lost
+        self.epoch = 0
+        """Errors reported so far (NOTE [Error epochs]); offloads are stamped with it."""
+
+    def add(self, error: BaseException, epoch: int | None = None) -> None:
+        """Report ``error`` at the next offload, unless ``epoch`` (the failed job's) has ended."""
+        self._pending.append((self.epoch if epoch is None else epoch, error))
+
+    def reported(self) -> None:
+        """An error was raised to the training thread: what is pending belongs to its epoch."""
+        self._pending.clear()
+        self.epoch += 1
 
     def raise_pending(self) -> None:
         """Raise the oldest pending error, if any, and forget the rest.
@@ -35,11 +53,13 @@ class Failures:
         Errors queued since the last report come from one burst (a step that found the pool
         full): the first stands for all, so the next step starts clean.
         """
-        if not self.pending:
+        current = [error for epoch, error in self._pending if epoch >= self.epoch]
+        if not current:
+            self._pending.clear()
             return
-        first = copy.copy(self.pending[0])
-        more = len(self.pending) - 1
-        self.pending.clear()
+        first = copy.copy(current[0])
+        more = len(current) - 1
+        self.reported()
         if more:
             first.add_note(f"{more} more offload or posted request(s) failed the same way since the last report")
         raise first
@@ -48,7 +68,7 @@ class Failures:
         """A commit or free failed after we moved on: report it at the next offload."""
         if isinstance(error, UnknownSessionError):
             self._on_lost(error)
-        self.pending.append(error)
+        self.add(error)
 
     def guard(self, jobs: list[Any], work: Callable[[], None]) -> None:
         """Run ``work``; if it raises, fail every handle of ``jobs`` that is not done yet."""

@@ -83,6 +83,8 @@ class Offload:
     version: int
     address: int
     """``tensor.data_ptr()`` at submit: a storage freed or resized since must not be read."""
+    epoch: int
+    """The error epoch it was submitted in (NOTE [Error epochs] in client/engine/failures.py)."""
 
     def moved(self) -> bool:
         """Whether the source's storage was freed or resized since submit (the handle then fails)."""

@@ -111,7 +111,7 @@ class TransferEngine:
             producer = torch.cuda.Event()
             producer.record(slot.stream)
         self._window.admit(slot)
-        job = Offload(slot, tensor, producer, guard, guard._version, tensor.data_ptr())
+        job = Offload(slot, tensor, producer, guard, guard._version, tensor.data_ptr(), self._failures.epoch)
         # Prefetches pick slots from the table under its lock: one must never find a slot
         # whose offload is not queued yet, or its fetch would wait on a store never coming.
         with self.table.lock:
@@ -166,7 +166,7 @@ class TransferEngine:
         if error is not None:
             # Reported now: the queued errors of its burst would only fail the next step. A fresh
             # copy, since a traceback on the stored instance would keep the step's tensors alive.
-            self._failures.pending.clear()
+            self._failures.reported()
             raise copy.copy(error)
         if tensor is None:
             if alias:
@@ -250,7 +250,7 @@ class TransferEngine:
     def _run(self) -> None:
         channel = self._new_channel()
         channel.on_async_error = self._failures.posted
-        requests = Requests(channel, self.token, self.timeout_s, self.stats, self._failures.pending)
+        requests = Requests(channel, self.token, self.timeout_s, self.stats, self._failures)
         placement = Placement(
             policy=self._policy,
             reservations=self._reservations,
@@ -306,7 +306,7 @@ class TransferEngine:
             try:
                 requests.channel.settle(self.timeout_s)
             except StormError as e:
-                self._failures.pending.append(e)
+                self._failures.add(e)
             for job in flushes:
                 job.done.set()
         requests.channel.drain()

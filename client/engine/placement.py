@@ -138,7 +138,7 @@ class Placement:
 
     def fail(self, job: Offload, error: BaseException) -> None:
         job.slot.error = error
-        self.requests.pending_errors.append(error)
+        self.requests.failures.add(error, job.epoch)
 
     def _allocate(self, jobs: list[Offload], ask_together: bool = True) -> None:
         if ask_together:

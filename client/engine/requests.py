@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
 
+from client.engine.failures import Failures
 from client.engine.jobs import EngineStats
 from client.transport import Channel
 from storm_service.errors import StormError
@@ -17,13 +17,13 @@ class Requests:
     """One channel (the transfer thread's), the session token, and what failed after we moved on."""
 
     def __init__(
-        self, channel: Channel, token: str, timeout_s: float, stats: EngineStats, pending_errors: deque[BaseException]
+        self, channel: Channel, token: str, timeout_s: float, stats: EngineStats, failures: Failures
     ) -> None:
         self.channel = channel
         self.token = token
         self.timeout_s = timeout_s
         self.stats = stats
-        self.pending_errors = pending_errors
+        self.failures = failures
         """Errors of posted requests and failed offloads, raised by the next ``offload``."""
         self._reported: dict[str, int] = {}
 
@@ -51,4 +51,4 @@ class Requests:
             try:
                 self.channel.post(Op.FREE, self.token, handles=ids[start : start + MAX_BATCH])
             except StormError as e:
-                self.pending_errors.append(e)
+                self.failures.add(e)

@@ -159,7 +159,7 @@ def _offload(cuda: FakeCuda, tensor: torch.Tensor, device: str, offset: int) -> 
         slot.stream = FakeStream(cuda, f"forward@{handle.device.index}")
         producer = cuda.event()
         producer.record(slot.stream)
-    return Offload(slot, tensor, producer, tensor, tensor._version, tensor.data_ptr())
+    return Offload(slot, tensor, producer, tensor, tensor._version, tensor.data_ptr(), 0)
 
 
 def test_nothing_is_made_or_pinned_before_a_cuda_tensor_is_copied(cuda):

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import gc
 import mmap
-from collections import deque
 from typing import Any
 
 import pytest
 import torch
 
 from client.engine.copies import CpuCopier, PoolViews
+from client.engine.failures import Failures
 from client.engine.jobs import EngineStats, Offload
 from client.engine.placement import Placement, pressure_policy
 from client.engine.prefetch import Prefetcher
@@ -35,7 +35,7 @@ class FakePool:
         self.calls: list[tuple[Op, dict[str, Any]]] = []
         self.freed: list[int] = []
         self.sizes: dict[int, int] = {}
-        self.pending_errors: deque[BaseException] = deque()
+        self.failures = Failures(on_lost=lambda error: None)
 
     def call(self, op: Op, **fields: Any) -> dict[str, Any]:
         self.calls.append((op, fields))
@@ -62,7 +62,7 @@ def _jobs(sizes: list[int], layer_id: int = 0, first_seq: int = 0) -> list[Offlo
     for seq, size in enumerate(sizes, start=first_seq):
         tensor = torch.zeros(size, dtype=torch.uint8)
         handle = Handle((size,), torch.uint8, tensor.device, size, layer_id, seq)
-        jobs.append(Offload(Slot(handle), tensor, None, tensor, tensor._version, tensor.data_ptr()))
+        jobs.append(Offload(Slot(handle), tensor, None, tensor, tensor._version, tensor.data_ptr(), 0))
     return jobs
 
 
@@ -117,9 +117,29 @@ def test_pool_full_goes_to_the_policy(policy):
         assert placement.stats.kept_tensors == 1
     elif policy == "error":
         assert isinstance(slot.error, PoolFullError) and not slot.placed
-        assert list(pool.pending_errors) == [slot.error]
+        with pytest.raises(PoolFullError) as raised:
+            pool.failures.raise_pending()
+        assert str(raised.value) == str(slot.error)
     else:
         assert slot.placed and served, "wait must serve queued frees and fetches while it retries"
+
+
+def test_an_offload_failing_after_its_step_reported_an_error_does_not_fail_the_next_step():
+    """NOTE [Error epochs]: late failures of an abandoned step are dropped; the next step's are kept."""
+    pool = FakePool(1024)
+    placement = _placement(pool, "error", [])
+    early, late = _jobs([4096]), _jobs([4096], first_seq=1)  # both submitted in epoch 0
+    placement.place_layer(early)
+    with pytest.raises(PoolFullError):
+        pool.failures.raise_pending()  # the training thread gives up on the step
+    placement.place_layer(late)  # its queued offload fails after the report
+    pool.failures.raise_pending()  # nothing: that failure belonged to the step already reported
+    assert isinstance(late[0].slot.error, PoolFullError), "the late handle itself still fails"
+    for job in (fresh := _jobs([4096], first_seq=2)):
+        job.epoch = pool.failures.epoch
+    placement.place_layer(fresh)
+    with pytest.raises(PoolFullError):
+        pool.failures.raise_pending()
 
 
 def test_error_policy_places_when_room_appeared_since_the_refusal():
@@ -198,7 +218,7 @@ def test_cpu_copier_copies_contiguous_and_strided_sources_and_aliases_the_extent
     for seq, tensor in enumerate([source, source.t()]):
         handle = Handle(tuple(tensor.shape), tensor.dtype, tensor.device, tensor.numel() * 4, 0, seq)
         slot = Slot(handle, id=seq + 1, segment=0, offset=seq * 512)
-        jobs.append(Offload(slot, tensor, None, tensor, tensor._version, tensor.data_ptr()))
+        jobs.append(Offload(slot, tensor, None, tensor, tensor._version, tensor.data_ptr(), 0))
     copier.copy_out(jobs)
     assert torch.equal(views.view(jobs[0].slot), source)
     assert torch.equal(views.view(jobs[1].slot), source.t())
