@@ -60,6 +60,12 @@ class DaemonConfig:
     """Bytes the sessions of one tenant hold together (0: the whole pool)."""
     max_buffered: int
     """Anonymous memory past its own state the daemon lets ZeroMQ buffer before it drops every connection."""
+    spill_dir: tuple[str, ...] = ()
+    """Directories of the disk tier, one spill file each (NOTE [Disk tier] in storm_service/disk/tier.py)."""
+    spill_size: int = 0
+    """Bytes reserved in each spill file."""
+    spill_high_water: float = 0.8
+    """Fraction of the host pool in use past which the disk tier starts spilling."""
 
 
 def _choice(options: Sequence[str]) -> Callable[[str], str]:
@@ -114,6 +120,24 @@ def _curve_dir(text: str) -> str:
     if value and not os.path.isfile(os.path.join(value, SERVER_SECRET_FILE)):
         raise ValueError(f"{text!r} holds no {SERVER_SECRET_FILE} (create keys with `stormctl keygen DIR`)")
     return value
+
+
+def _spill_dirs(text: str) -> tuple[str, ...]:
+    dirs = tuple(part.strip() for part in str(text).split(",") if part.strip())
+    for path in dirs:
+        if not os.path.isabs(path):
+            raise ValueError(f"{path!r} is not an absolute path")
+    if len(set(dirs)) != len(dirs):
+        raise ValueError(f"{text!r} names a directory twice")
+    return dirs
+
+
+def _fraction(text: str | float) -> float:
+    value = str(text).strip()
+    number = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+    if not 0.05 <= number <= 0.99:
+        raise ValueError(f"{text!r} is not between 5% and 99% (write 80% or 0.8)")
+    return number
 
 
 def _positive(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -183,6 +207,9 @@ SETTINGS: tuple[_Setting, ...] = (
         lambda: "256MiB",
         "memory ZeroMQ may buffer for peers before every connection is dropped",
     ),
+    _Setting("spill_dir", _spill_dirs, lambda: "", "disk tier: PATH[,PATH...], one spill file in each (off if empty)"),
+    _Setting("spill_size", _non_negative(parse_size), lambda: "0", "bytes of each spill file (needed with --spill-dir)"),
+    _Setting("spill_high_water", _fraction, lambda: "80%", "host pool use past which the disk tier spills"),
 )
 
 
@@ -247,4 +274,6 @@ def load_config(args: argparse.Namespace | None = None, environ: Mapping[str, st
             f"segment_size {format_bytes(values['segment_size'])} splits the {format_bytes(values['pool_size'])} "
             f"pool into {segments} slabs, at most {MAX_SLABS}; raise --segment-size"
         )
+    if values["spill_dir"] and values["spill_size"] == 0:
+        raise ConfigError("spill_dir is set but spill_size is 0: say how much of each directory to reserve (--spill-size)")
     return DaemonConfig(**values)
