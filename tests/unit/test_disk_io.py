@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from storm_service.disk import DiskIO, SpillFile, SpillFileError, parse_spill_dirs
+from storm_service.disk import DiskIO, SpillFile, SpillFileError, parse_spill_dirs, raw_throughput
 from storm_service.disk import direct as direct_module
 from storm_service.disk.direct import probe_alignment, statx_dio_alignment
 from storm_service.disk.io import transfer
@@ -386,3 +386,9 @@ def test_parse_spill_dirs_splits_paths_and_refuses_empty_or_repeated_ones() -> N
     for value, problem in [("", "empty"), ("/mnt/a,,/mnt/b", "empty"), ("/mnt/a,/mnt/a", "more than once")]:
         with pytest.raises(ValueError, match=f"--spill-dir .*{problem}"):
             parse_spill_dirs(value)
+
+
+def test_raw_throughput_measures_both_ways_and_leaves_nothing(disk_dir) -> None:
+    result = raw_throughput(disk_dir, 8 * MiB + 100, piece_bytes=MiB, depth=2)
+    assert result.direct and result.size_bytes == 8 * MiB
+    assert result.write_gb_s > 0 and result.read_gb_s > 0
