@@ -60,6 +60,8 @@ class DaemonConfig:
     """Bytes the sessions of one tenant hold together (0: the whole pool)."""
     max_buffered: int
     """Anonymous memory past its own state the daemon lets ZeroMQ buffer before it drops every connection."""
+    max_connections_per_uid: int
+    """ZeroMQ connections one uid (over tcp://, one remote address) keeps open at once (0: no cap)."""
     spill_dir: tuple[str, ...] = ()
     """Directories of the disk tier, one spill file each (NOTE [Disk tier] in storm_service/disk/tier.py)."""
     spill_size: int = 0
@@ -206,6 +208,12 @@ SETTINGS: tuple[_Setting, ...] = (
         _positive(parse_size),
         lambda: "256MiB",
         "memory ZeroMQ may buffer for peers before every connection is dropped",
+    ),
+    _Setting(
+        "max_connections_per_uid",
+        _non_negative(int),
+        lambda: "64",
+        "connections one uid (over tcp://: one address) keeps open; more are refused (0: no cap)",
     ),
     _Setting("spill_dir", _spill_dirs, lambda: "", "disk tier: PATH[,PATH...], one spill file in each (off if empty)"),
     _Setting("spill_size", _non_negative(parse_size), lambda: "0", "bytes of each spill file (needed with --spill-dir)"),

@@ -39,7 +39,8 @@ NOTE [Socket bounds]
   high-water marks (1000 messages per peer, libzmq's default) stop reading from a peer
   that sends faster than it is answered, and drop replies to one that stops reading
   (``dropped_replies``). Neither bounds bytes, nor a message that never ends: that is
-  NOTE [Buffered messages] in memory_guard.py.
+  NOTE [Buffered messages] in memory_guard.py; nor connections: NOTE [Connection caps]
+  in connections.py (the ROUTER's monitor, read by the loop with the fd socket).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from typing import Any, cast
 import zmq
 
 from storm_service.config import DaemonConfig
+from storm_service.connections import ConnectionCaps, total_connections
 from storm_service.dispatch import Dispatcher
 from storm_service.endpoints import AUTHORIZED_DIR, SERVER_SECRET_FILE, ipc_path, runtime_dir
 from storm_service.errors import ErrorCode
@@ -128,6 +130,8 @@ class Server:
         self._poller = zmq.Poller()
         self._lender: Lender | None = None
         """The fd socket (NOTE [Lending by descriptor] in lending.py), polled with the ROUTER."""
+        self._connections: ConnectionCaps | None = None
+        """The ROUTER's monitor, polled with it: caps on connections (NOTE [Connection caps] in connections.py)."""
 
     @property
     def metrics(self) -> Metrics | None:
@@ -149,6 +153,10 @@ class Server:
         socket.setsockopt(zmq.RCVHWM, SOCKET_HWM)
         if self.config.curve_dir:
             self._enable_curve(socket)
+        per_uid = self.config.max_connections_per_uid
+        total = total_connections(len(self.context.pool.slabs), self.config.max_sessions, per_uid)
+        self._connections = ConnectionCaps(socket, self._zmq, self.config.endpoint, per_uid, total)
+        self._poller.register(self._connections.monitor, zmq.POLLIN)
         socket.bind(self.config.endpoint)
         self._socket = socket
         self._after_bind()
@@ -177,8 +185,8 @@ class Server:
     def serve(self) -> None:
         """Serve until ``context.stop`` is set, then answer what is queued with SHUTTING_DOWN."""
         assert self._socket is not None, "bind() first"
-        socket, lender, poller = self._socket, self._lender, self._poller
-        assert lender is not None
+        socket, lender, poller, connections = self._socket, self._lender, self._poller, self._connections
+        assert lender is not None and connections is not None
         answer, stop, sessions = self._answer, self.context.stop, self.context.sessions
         answered = 0
         while not stop.is_set():
@@ -189,11 +197,13 @@ class Server:
                 # While closed sessions still hold extents, free a slice between messages and never wait.
                 ready = poller.poll(0 if sessions.reclaiming else int(TICK_S * 1000))
                 lender.serve({fd for fd, _ in ready if isinstance(fd, int)})
+                connections.serve()
             else:
                 answer(identity)
                 answered += 1
                 if answered % 16 == 0:  # under a steady stream of messages the fd socket is still served
                     lender.serve()
+                    connections.serve()
             if sessions.reclaiming:
                 sessions.reclaim()
             now = time.monotonic()
@@ -223,13 +233,16 @@ class Server:
 
     def _guard_memory(self) -> None:
         """Past the allowance, drop every connection to free what ZeroMQ buffers (NOTE [Buffered messages])."""
-        assert self._socket is not None and self._guard is not None
+        assert self._socket is not None and self._guard is not None and self._connections is not None
         excess = self._guard.excess(self._accounted_bytes())
         if excess is None:
             return
-        socket = self._socket
+        socket, connections = self._socket, self._connections
         socket.unbind(self.config.endpoint)
-        settled = self._guard.settle(lambda: socket.getsockopt(zmq.EVENTS), self._accounted_bytes())
+        settled = self._guard.settle(
+            lambda: (socket.getsockopt(zmq.EVENTS), connections.drain()), self._accounted_bytes()
+        )
+        connections.reset()  # every connection closed, without an event (NOTE [Connection caps])
         socket.bind(self.config.endpoint)
         self._after_bind()
         self.context.connection_resets += 1
@@ -247,6 +260,10 @@ class Server:
         if self._lender is not None:
             self._lender.close()
             self._lender = None
+        if self._connections is not None:
+            self._poller.unregister(self._connections.monitor)
+            self._connections.close()
+            self._connections = None
         if self._socket is not None:
             self._poller.unregister(self._socket)
             self._socket.close(linger=0)

@@ -7,8 +7,9 @@
 * closing a session of many extents frees them a slice at a time between requests (NOTE
   [Bounded work per request]), and silence is judged only once the queue is drained
   (NOTE [Liveness after the queue]);
-* replays, unfinished multipart messages and connections cannot make the daemon hold
-  unbounded memory (NOTE [Replay memory], NOTE [Buffered messages]) or run out of fds.
+* replays and unfinished multipart messages cannot make the daemon hold unbounded memory
+  (NOTE [Replay memory], NOTE [Buffered messages]); connections and fds are
+  tests/integration/test_connections.py's.
 
 Tests that need a second uid fork a child that drops to ``nobody`` (root only).
 """
@@ -18,12 +19,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import resource
-import signal
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -446,72 +444,6 @@ def test_an_oversized_frame_drops_only_its_sender(daemon_factory: StartDaemon) -
     assert channel.call(Op.HEARTBEAT, token) == {"used_bytes": 0}  # the others keep their connections
     assert daemon.stats()["connection_resets"] == 0
     channel.close()
-
-
-def _limited_daemon(directory: str, soft: int, hard: int, *args: str) -> DaemonProcess:
-    """stormd started with an open-files limit of ``soft`` (hard ``hard``), ready."""
-    endpoint = f"ipc://{directory}/stormd.sock"
-    log_path = os.path.join(directory, "stormd.log")
-    command = [sys.executable, "-m", "storm_service.daemon", "--endpoint", endpoint, "--pool-size", "8MiB", *args]
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("STORM_")}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=log,
-            env=environ,
-            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)),
-        )
-    daemon = DaemonProcess(endpoint=endpoint, socket_dir=directory, proc=proc, log_path=log_path)
-
-    def answers() -> bool:
-        assert proc.poll() is None, daemon.log()
-        try:
-            daemon.stats()
-            return True
-        except StormError:
-            return False
-
-    wait_for(answers, 30, "the daemon to answer")
-    return daemon
-
-
-def test_many_connections_and_registers_leave_the_daemon_serving() -> None:
-    """More connections than the soft open-files limit it was started with, each registering."""
-    directory = tempfile.mkdtemp(prefix="stormfd-", dir="/tmp")
-    daemon = _limited_daemon(directory, 256, 4096, "--max-sessions", "64", "--max-tenant-sessions", "64")
-    context = zmq.Context()
-    context.max_sockets = 2048
-    channels: list[Channel] = []
-    try:
-        with open(f"/proc/{daemon.proc.pid}/limits") as f:
-            [limit] = [line.split()[3:5] for line in f if line.startswith("Max open files")]
-        assert limit == ["4096", "4096"]
-        channels = [_channel(daemon.endpoint, context) for _ in range(600)]
-        requests = [c.send(Op.REGISTER, pid=os.getpid()) for c in channels]
-        outcomes: dict[str, int] = {}
-        for channel, request_id in zip(channels, requests, strict=True):
-            try:
-                channel.wait(request_id, Op.REGISTER, timeout_s=30)
-                outcome = "registered"
-            except SessionLimitError:
-                outcome = "refused"
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        assert outcomes == {"registered": 64, "refused": 536}
-        assert daemon.proc.poll() is None
-        bystander = _channel(daemon.endpoint, context)
-        assert bystander.call(Op.PING, timeout_s=10)["pid"] == daemon.proc.pid
-        channels.append(bystander)
-        assert "refused a register from uid" in daemon.log()
-    finally:
-        for channel in channels:
-            channel.close()
-        context.term()
-        if daemon.proc.poll() is None:
-            daemon.proc.send_signal(signal.SIGTERM)
-        daemon.proc.wait(30)
-        subprocess.run(["rm", "-rf", directory], check=False)
-    assert daemon.proc.returncode == 0, daemon.log()
 
 
 # -- metrics -------------------------------------------------------------------------------------------
