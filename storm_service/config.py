@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from storm_service.endpoints import SERVER_SECRET_FILE, default_endpoint
+from storm_service.endpoints import SERVER_SECRET_FILE, default_endpoint, ipc_path
 from storm_service.protocol import MAX_SLABS
 from storm_service.units import format_bytes, parse_duration, parse_size
 
@@ -62,6 +62,8 @@ class DaemonConfig:
     """Anonymous memory past its own state the daemon lets ZeroMQ buffer before it drops every connection."""
     max_connections_per_uid: int
     """ZeroMQ connections one uid (over tcp://, one remote address) keeps open at once (0: no cap)."""
+    remove_on_exit: str
+    """The endpoint's directory, removed (once empty) when the daemon exits: an embedded daemon's own."""
     spill_dir: tuple[str, ...] = ()
     """Directories of the disk tier, one spill file each (NOTE [Disk tier] in storm_service/disk/tier.py)."""
     spill_size: int = 0
@@ -215,6 +217,7 @@ SETTINGS: tuple[_Setting, ...] = (
         lambda: "64",
         "connections one uid (over tcp://: one address) keeps open; more are refused (0: no cap)",
     ),
+    _Setting("remove_on_exit", str, lambda: "", "the endpoint's directory, removed (once empty) when the daemon exits"),
     _Setting("spill_dir", _spill_dirs, lambda: "", "disk tier: PATH[,PATH...], one spill file in each (off if empty)"),
     _Setting("spill_size", _non_negative(parse_size), lambda: "0", "bytes of each spill file (needed with --spill-dir)"),
     _Setting("spill_high_water", _fraction, lambda: "80%", "host pool use past which the disk tier spills"),
@@ -284,4 +287,9 @@ def load_config(args: argparse.Namespace | None = None, environ: Mapping[str, st
         )
     if values["spill_dir"] and values["spill_size"] == 0:
         raise ConfigError("spill_dir is set but spill_size is 0: say how much of each directory to reserve (--spill-size)")
+    socket_dir = os.path.dirname(os.path.abspath(ipc_path(values["endpoint"]) or "/"))
+    if values["remove_on_exit"] and os.path.abspath(values["remove_on_exit"]) != socket_dir:
+        raise ConfigError(
+            f"remove_on_exit {values['remove_on_exit']!r} is not the directory of endpoint {values['endpoint']!r}"
+        )
     return DaemonConfig(**values)

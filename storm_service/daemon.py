@@ -187,7 +187,22 @@ def run(config: DaemonConfig) -> int:
             except UnsafePathError as e:
                 log.warning("left the endpoint's path alone: %s", e)
         lock.release()
+        if config.remove_on_exit:
+            _remove_dir(config.remove_on_exit)
         log.info("stopped")
+
+
+def _remove_dir(path: str) -> None:
+    """Remove the endpoint's directory the daemon was given as its own (``--remove-on-exit``), if
+    nothing but its own files was there: they are gone by now."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("left the directory %s: %s", path, e.strerror)
+    else:
+        log.info("removed the directory %s", path)
 
 
 def _install_signals(stop: threading.Event) -> None:

@@ -2,9 +2,11 @@
 
 The daemon dies with the process that started it: it is started with a parent-death
 signal (``prctl(PR_SET_PDEATHSIG, SIGTERM)``), so a worker killed with SIGKILL still
-stops its daemon, which removes its sockets and lock on the way out; its slabs are
-memfds, so nothing of the pool outlives it either (NOTE [Slabs] in storm_service/slabs.py).
-The signal follows the thread that started the daemon: start it from the main thread.
+stops its daemon, which removes its sockets, its lock and then its private directory on
+the way out (``--remove-on-exit``); its log is an unnamed file, and its slabs are memfds,
+so nothing of it outlives it (NOTE [Slabs] in storm_service/slabs.py). A daemon killed
+with SIGKILL leaves its directory to :meth:`EmbeddedDaemon.stop`. The signal follows the
+thread that started the daemon: start it from the main thread.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,7 +54,7 @@ class EmbeddedDaemon:
     def __init__(self, pool_size: str, heartbeat_timeout: str = "5s", start_timeout_s: float = 30.0) -> None:
         self._dir = tempfile.mkdtemp(prefix="storm-")
         self.endpoint = f"ipc://{os.path.join(self._dir, 'stormd.sock')}"
-        self._log = open(os.path.join(self._dir, "stormd.log"), "w+b")  # noqa: SIM115 (closed in stop)
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop)
         self._proc = subprocess.Popen(
             [
                 sys.executable,
@@ -63,6 +66,8 @@ class EmbeddedDaemon:
                 pool_size,
                 "--heartbeat-timeout",
                 heartbeat_timeout,
+                "--remove-on-exit",
+                self._dir,
             ],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
@@ -98,9 +103,7 @@ class EmbeddedDaemon:
                 self._proc.kill()
                 self._proc.wait()
         self._log.close()
-        for name in os.listdir(self._dir):
-            os.unlink(os.path.join(self._dir, name))
-        os.rmdir(self._dir)
+        shutil.rmtree(self._dir, ignore_errors=True)  # gone already, unless the daemon was killed
         return self._proc.returncode
 
     def __enter__(self) -> EmbeddedDaemon:
