@@ -28,7 +28,7 @@ from types import FrameType
 import zmq
 
 from storm_service.config import ConfigError, DaemonConfig, build_parser, load_config
-from storm_service.endpoints import ipc_path, runtime_dir
+from storm_service.endpoints import ipc_path, runtime_dir, runtime_dir_fallback
 from storm_service.lockfile import (
     EndpointLock,
     LockHeldError,
@@ -101,7 +101,9 @@ def _prepare_socket_dir(endpoint: str, access: _Access) -> str | None:
     if path is None:
         return None
     directory = os.path.dirname(os.path.abspath(path))
-    if directory == runtime_dir() or not os.path.exists(directory):
+    if directory == runtime_dir():
+        _ensure_runtime_dir(access.dir_mode, access.gid)
+    elif not os.path.exists(directory):
         ensure_private_dir(directory, access.dir_mode, access.gid)
     elif stat.S_IMODE(os.stat(directory).st_mode) & 0o007:
         log.warning("socket directory %s is open to other users; anyone there can reach the daemon", directory)
@@ -111,8 +113,30 @@ def _prepare_socket_dir(endpoint: str, access: _Access) -> str | None:
 def _lock_path(endpoint: str, socket_path: str | None) -> str:
     if socket_path is not None:
         return socket_path + ".lock"
-    ensure_private_dir(runtime_dir())
-    return os.path.join(runtime_dir(), re.sub(r"[^A-Za-z0-9]+", "_", endpoint) + ".lock")
+    return os.path.join(_ensure_runtime_dir(), re.sub(r"[^A-Za-z0-9]+", "_", endpoint) + ".lock")
+
+
+def _ensure_runtime_dir(mode: int = 0o700, gid: int = -1) -> str:
+    """Create or check the default runtime directory, saying why when it is under /tmp (NOTE [Runtime directory])."""
+    directory, fallback = runtime_dir(), runtime_dir_fallback()
+    if fallback is not None:
+        log.info(
+            "%s: the runtime directory is %s, which must be uid %d's alone (made %o; refused if it is another "
+            "user's or others may write to it)",
+            fallback,
+            directory,
+            os.getuid(),
+            mode,
+        )
+    try:
+        ensure_private_dir(directory, mode, gid)
+    except OSError as e:  # UnsafePathError, or EACCES from a directory of another user that we may not open
+        problem = str(e) if isinstance(e, UnsafePathError) else f"cannot open {directory}: {e.strerror}"
+        raise UnsafePathError(
+            f"{problem}; it is the default runtime directory: point XDG_RUNTIME_DIR at a private directory, or "
+            "--endpoint at a socket in a directory of yours"
+        ) from None
+    return directory
 
 
 def run(config: DaemonConfig) -> int:

@@ -4,6 +4,18 @@ checks that tell whether a peer process still lives.
 
 A wire module: the client imports it, so it imports nothing from the rest of the daemon
 and nothing from torch (``[tool.importlinter]`` in pyproject.toml enforces both).
+
+NOTE [Runtime directory]
+  The default endpoint is ``$XDG_RUNTIME_DIR/storm/stormd.sock`` when ``XDG_RUNTIME_DIR``
+  names an absolute path to a directory (the per-user 0700 directory systemd makes at
+  login), else ``/tmp/storm-<uid>/stormd.sock``. Everyone may create names in /tmp, so
+  that directory is taken only as one of our own: the daemon creates it 0700, or opens
+  the one there without following links and refuses it, naming the remedy, unless it is
+  its uid's and nobody else may write to it (NOTE [Files we trust] in lockfile.py); it
+  logs at start which directory it took and why (``runtime_dir_fallback``). A client
+  refuses a socket directory that belongs to another uid than its own, root's or
+  ``STORM_DAEMON_UID``, or that everyone may write (NOTE [Verifying the daemon] in
+  fdpass.py), so a directory another user made there first gets no activations.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ __all__ = [
     "pid_alive",
     "pid_namespace",
     "runtime_dir",
+    "runtime_dir_fallback",
 ]
 
 SOCKET_NAME = "stormd.sock"
@@ -27,11 +40,22 @@ AUTHORIZED_DIR = "authorized"
 
 
 def runtime_dir() -> str:
-    """The per-user directory for the default socket: ``$XDG_RUNTIME_DIR/storm`` or ``/tmp/storm-<uid>``."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base):
-        return os.path.join(base, "storm")
-    return f"/tmp/storm-{os.getuid()}"
+    """The per-user directory for the default socket: ``$XDG_RUNTIME_DIR/storm`` or ``/tmp/storm-<uid>``
+    (NOTE [Runtime directory])."""
+    base = os.environ.get("XDG_RUNTIME_DIR", "")
+    return os.path.join(base, "storm") if runtime_dir_fallback() is None else f"/tmp/storm-{os.getuid()}"
+
+
+def runtime_dir_fallback() -> str | None:
+    """Why :func:`runtime_dir` is under /tmp (``XDG_RUNTIME_DIR is not set``, ...), or None when it is not."""
+    base = os.environ.get("XDG_RUNTIME_DIR", "")
+    if not base:
+        return "XDG_RUNTIME_DIR is not set"
+    if not os.path.isabs(base):
+        return f"XDG_RUNTIME_DIR={base} is not an absolute path"
+    if not os.path.isdir(base):
+        return f"XDG_RUNTIME_DIR={base} is not a directory"
+    return None
 
 
 def default_endpoint() -> str:

@@ -1,9 +1,10 @@
 """The daemon's files on a shared host (NOTE [Files we trust] in storm_service/lockfile.py).
 
 Each test plants what another user of the host could plant: a symbolic link where the
-runtime directory goes, a directory anyone may write, a symbolic link or a foreign file
-where the lock goes, a lock record naming a file that is not the daemon's, a regular
-file at the endpoint's path. The daemon refuses to start with a message naming the
+runtime directory goes, a directory anyone may write, ``/tmp/storm-<uid>`` made by
+another user first (NOTE [Runtime directory]), a symbolic link or a foreign file where
+the lock goes, a lock record naming a file that is not the daemon's, a regular file at
+the endpoint's path. The daemon refuses to start with a message naming the
 path, or starts and leaves the planted file alone; it never follows, truncates or
 deletes what is not its own. Liveness checks on pids count only ESRCH and ENOENT as
 "dead" (``pid_alive``).
@@ -12,23 +13,31 @@ deletes what is not its own. Liveness checks on pids count only ESRCH and ENOENT
 from __future__ import annotations
 
 import errno
+import io
 import json
+import logging
 import os
 import secrets
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from helpers import SEGMENT_PREFIX, SHM_DIR, StartDaemon
-from storm_service import endpoints
-from storm_service.endpoints import pid_alive
+from helpers import SEGMENT_PREFIX, SHM_DIR, StartDaemon, run_as
+from storm_service import daemon, endpoints
+from storm_service.endpoints import pid_alive, runtime_dir, runtime_dir_fallback
 from storm_service.lockfile import UnsafePathError, ensure_private_dir
 
 NOBODY = 65534
+FRESH_UID = 64998
+"""A uid with no files on the host: its /tmp/storm-<uid> is the tests' to make and remove."""
 
 
 @pytest.fixture
@@ -88,6 +97,110 @@ def test_ensure_private_dir_creates_and_narrows_its_own_directory(scratch: Path)
     (scratch / "file").write_text("x")
     with pytest.raises(UnsafePathError, match="not a directory"):
         ensure_private_dir(str(scratch / "file"))
+
+
+@pytest.mark.parametrize(
+    ("xdg", "reason"),
+    [
+        (None, "XDG_RUNTIME_DIR is not set"),
+        ("relative/run", "XDG_RUNTIME_DIR=relative/run is not an absolute path"),
+        ("/nonexistent/run", "XDG_RUNTIME_DIR=/nonexistent/run is not a directory"),
+    ],
+)
+def test_the_runtime_directory_falls_back_to_tmp_only_with_a_reason(
+    monkeypatch: pytest.MonkeyPatch, scratch: Path, xdg: str | None, reason: str
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(scratch))
+    assert (runtime_dir(), runtime_dir_fallback()) == (f"{scratch}/storm", None)
+    if xdg is None:
+        monkeypatch.delenv("XDG_RUNTIME_DIR")
+    else:
+        monkeypatch.setenv("XDG_RUNTIME_DIR", xdg)
+    assert (runtime_dir(), runtime_dir_fallback()) == (f"/tmp/storm-{os.getuid()}", reason)
+
+
+@pytest.fixture
+def fresh_tmp_runtime_dir() -> Iterator[Path]:
+    """``/tmp/storm-<FRESH_UID>``, absent at the start and removed at the end (root only)."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to act as a uid whose /tmp/storm-<uid> the test may create and remove")
+    path = Path(f"/tmp/storm-{FRESH_UID}")
+    if os.path.lexists(path):
+        pytest.skip(f"{path} exists already")
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def _stormd_as_fresh_uid(*args: str, stop_when_serving: bool = False) -> tuple[int, str]:
+    """``stormd.main(args)`` in a child running as FRESH_UID without XDG_RUNTIME_DIR; its exit
+    status and log. With ``stop_when_serving``, the child sends itself SIGTERM once it serves."""
+
+    def work() -> tuple[int, str]:
+        os.environ.pop("XDG_RUNTIME_DIR", None)
+        text = io.StringIO()
+        handler = logging.StreamHandler(text)
+        logging.getLogger("stormd").addHandler(handler)
+        logging.getLogger("stormd").setLevel(logging.INFO)
+        if stop_when_serving:
+            threading.Thread(target=_terminate_when_serving, daemon=True).start()
+        code = daemon.main(list(args))
+        handler.flush()
+        return code, text.getvalue()
+
+    code, log = run_as(FRESH_UID, FRESH_UID, work)
+    return code, log
+
+
+def _terminate_when_serving() -> None:
+    socket_path = f"/tmp/storm-{FRESH_UID}/stormd.sock"
+    deadline = time.monotonic() + 30
+    while not os.path.exists(socket_path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_the_tmp_runtime_directory_is_made_private_and_the_fallback_logged(fresh_tmp_runtime_dir: Path) -> None:
+    code, log = _stormd_as_fresh_uid("--pool-size", "16MiB", stop_when_serving=True)
+
+    assert code == 0, log
+    said = (
+        f"XDG_RUNTIME_DIR is not set: the runtime directory is {fresh_tmp_runtime_dir}, which must be uid {FRESH_UID}'s"
+    )
+    assert said in log
+    info = fresh_tmp_runtime_dir.lstat()
+    assert stat.S_ISDIR(info.st_mode) and (info.st_uid, stat.S_IMODE(info.st_mode)) == (FRESH_UID, 0o700)
+    assert list(fresh_tmp_runtime_dir.iterdir()) == []  # socket, fd socket and lock removed at exit
+
+
+@pytest.mark.parametrize(
+    ("problem", "refusal"),
+    [
+        ("another user's, 700", f"cannot open /tmp/storm-{FRESH_UID}: Permission denied"),
+        ("another user's, 755", f"/tmp/storm-{FRESH_UID} belongs to uid {NOBODY}, not to uid {FRESH_UID}"),
+        ("writable by others", f"/tmp/storm-{FRESH_UID} has mode 777: others can write to it"),
+        ("a symbolic link", f"/tmp/storm-{FRESH_UID} is a symbolic link or not a directory"),
+    ],
+)
+def test_a_tmp_runtime_directory_made_by_someone_else_is_refused_with_the_remedy(
+    fresh_tmp_runtime_dir: Path, scratch: Path, problem: str, refusal: str
+) -> None:
+    if problem == "a symbolic link":
+        target = scratch / "target"
+        target.mkdir(mode=0o700)
+        os.chown(target, FRESH_UID, FRESH_UID)
+        fresh_tmp_runtime_dir.symlink_to(target)
+    else:
+        fresh_tmp_runtime_dir.mkdir()
+        owner = NOBODY if problem.startswith("another user's") else FRESH_UID
+        os.chown(fresh_tmp_runtime_dir, owner, owner)
+        fresh_tmp_runtime_dir.chmod({"another user's, 755": 0o755, "writable by others": 0o777}.get(problem, 0o700))
+
+    code, log = _stormd_as_fresh_uid("--pool-size", "16MiB")
+
+    assert code == 1
+    assert f"cannot use the socket directory: {refusal}" in log
+    assert "; it is the default runtime directory: point XDG_RUNTIME_DIR at a private directory, or --endpoint" in log
+    assert not os.path.lexists(fresh_tmp_runtime_dir / "stormd.sock")
 
 
 def test_a_runtime_directory_of_another_user_is_refused(scratch: Path) -> None:
