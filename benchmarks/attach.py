@@ -2,12 +2,15 @@
 
 A client maps only the slabs its extents lie in, when the first such extent arrives
 (NOTE [Slabs] in storm_service/slabs.py), so attaching should cost the same whatever
-the pool's size. Sizes the machine's memory (MemAvailable, less 2 GiB) cannot hold are
-skipped. Run: ``.venv/bin/python -m benchmarks.attach``.
+the pool's size; the first offload maps one slab, 1/8 of the pool by default, so with a
+fixed ``--segment-size`` it should not grow either. Sizes the machine's memory
+(MemAvailable, less 2 GiB) cannot hold are skipped. Run:
+``.venv/bin/python -m benchmarks.attach [--segment-size 256MiB]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -46,11 +49,12 @@ def _attach(endpoint: str) -> tuple[float, float]:
     return constructed - started, offloaded - constructed
 
 
-def _measure(size_gib: int) -> dict[str, Any]:
+def _measure(size_gib: int, segment_size: str | None) -> dict[str, Any]:
     directory = tempfile.mkdtemp(prefix="storm-bench-")
     endpoint = f"ipc://{directory}/stormd.sock"
+    slabs = ["--segment-size", segment_size] if segment_size else []
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "storm_service.daemon", "--endpoint", endpoint, "--pool-size", f"{size_gib}GiB"],
+        [sys.executable, "-m", "storm_service.daemon", "--endpoint", endpoint, "--pool-size", f"{size_gib}GiB", *slabs],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -74,6 +78,9 @@ def _measure(size_gib: int) -> dict[str, Any]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--segment-size", help="the daemon's largest slab (default: its own, 1/8 of the pool here)")
+    args = parser.parse_args()
     torch.set_num_threads(1)
     available = _mem_available() - HEADROOM_BYTES
     results, skipped = [], []
@@ -81,7 +88,7 @@ def main() -> None:
         if size << 30 > available:
             skipped.append(size)
             continue
-        results.append(_measure(size))
+        results.append(_measure(size, args.segment_size))
     rows = [
         [
             r["pool_gib"],
@@ -91,10 +98,13 @@ def main() -> None:
         ]
         for r in results
     ]
-    print_table(["pool GiB", "daemon start s", "StormSystem() ms", "first offload ms"], rows, "attach cost")
+    title = f"attach cost, slabs of at most {args.segment_size}" if args.segment_size else "attach cost"
+    print_table(["pool GiB", "daemon start s", "StormSystem() ms", "first offload ms"], rows, title)
     if skipped:
         print(f"skipped {skipped} GiB: MemAvailable less headroom is {available >> 30} GiB")
-    write_json("attach", {"repeats": REPEATS, "results": results, "skipped_gib": skipped, "pid": os.getpid()})
+    name = "attach_fixed_slabs" if args.segment_size else "attach"
+    data = {"repeats": REPEATS, "segment_size": args.segment_size, "results": results, "skipped_gib": skipped}
+    write_json(name, {**data, "pid": os.getpid()})
 
 
 if __name__ == "__main__":
