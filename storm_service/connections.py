@@ -21,7 +21,9 @@ NOTE [Connection caps]
   libzmq's I/O thread waits when the queue is full (its monitor sends block) and accepts
   nothing meanwhile. So the total is the open-files limit less that queue
   (EVENTS_QUEUED), the slabs' fds, a pidfd per session and RESERVED_FDS for everything
-  else; with a hard limit too low for that, the daemon says so at start.
+  else. Where that leaves less than a quarter of the limit (a hard limit below about
+  3100 with the defaults), the daemon allows a quarter and warns at start that a flood
+  can then still reach EMFILE.
 
   Counts are kept by fd with the socket's inode: an fd number that comes back for a new
   connection replaces its old entry, and before a peer is refused its entries are checked
@@ -62,17 +64,18 @@ _LIBZMQ_MONITOR_HWM = 1000
 _EVENT = struct.Struct("=HI")  # monitor event, version 1: event number (u16), value (u32)
 
 
-def total_connections(slabs: int, max_sessions: int, per_peer: int) -> int:
+def total_connections(slabs: int, max_sessions: int) -> int:
     """The connections the daemon keeps open in all, from its open-files limit (NOTE [Connection caps])."""
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     room = limit - EVENTS_QUEUED - RESERVED_FDS - slabs - max_sessions
-    if room < max(per_peer, limit // 4):
+    if room < limit // 4:
         log.warning(
-            "the open-files limit %d leaves room for %d connections beside the daemon's own fds; a flood of "
-            "connections may still exhaust them: raise the hard limit (LimitNOFILE, ulimit -Hn) or lower "
-            "--max-sessions",
+            "the open-files limit %d leaves room for %d connections beside the daemon's own fds; allowing %d, "
+            "which a flood of connections can push past the limit: raise the hard limit (LimitNOFILE, ulimit -Hn) "
+            "or lower --max-sessions",
             limit,
             room,
+            limit // 4,
         )
     return max(room, limit // 4)
 

@@ -153,9 +153,10 @@ class Server:
         socket.setsockopt(zmq.RCVHWM, SOCKET_HWM)
         if self.config.curve_dir:
             self._enable_curve(socket)
-        per_uid = self.config.max_connections_per_uid
-        total = total_connections(len(self.context.pool.slabs), self.config.max_sessions, per_uid)
-        self._connections = ConnectionCaps(socket, self._zmq, self.config.endpoint, per_uid, total)
+        total = total_connections(len(self.context.pool.slabs), self.config.max_sessions)
+        self._connections = ConnectionCaps(
+            socket, self._zmq, self.config.endpoint, self.config.max_connections_per_uid, total
+        )
         self._poller.register(self._connections.monitor, zmq.POLLIN)
         socket.bind(self.config.endpoint)
         self._socket = socket

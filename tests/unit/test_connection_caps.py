@@ -8,6 +8,7 @@ so once a later connection's end of file is seen, an earlier one still open was 
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pytest
 import zmq
 
 from helpers import wait_for
-from storm_service.connections import ConnectionCaps
+from storm_service.connections import EVENTS_QUEUED, RESERVED_FDS, ConnectionCaps, total_connections
 
 
 class _Endpoint:
@@ -123,3 +124,14 @@ def test_the_total_cap_counts_every_peer(endpoint: _Endpoint) -> None:
     conns = [endpoint.connect() for _ in range(5)]
     endpoint.wait_refused(conns[4], 1)
     assert not any(_closed(conn) for conn in conns[:4])
+
+
+def test_the_total_leaves_room_for_the_daemons_own_fds(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (20000, 20000))
+    assert total_connections(slabs=8, max_sessions=1024) == 20000 - EVENTS_QUEUED - RESERVED_FDS - 8 - 1024
+    assert not caplog.records
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (2048, 2048))
+    assert total_connections(slabs=8, max_sessions=1024) == 512  # a quarter: the room left is less
+    assert "the open-files limit 2048 leaves room for -264 connections" in caplog.text
