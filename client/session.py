@@ -40,6 +40,8 @@ class Registration:
     """Where this session's slabs are lent (storm_service/fdpass.py)."""
     daemon_alive: Callable[[], bool] | None
     """Where the daemon's pid is visible (same pid namespace): whether it still runs."""
+    disk_tier: bool = False
+    """The daemon spills to disk (NOTE [Disk tier] in storm_service/disk/tier.py)."""
 
 
 def verify_daemon(endpoint: str, timeout_s: float) -> None:
@@ -82,6 +84,7 @@ def register(channel: Channel, timeout_s: float, name: str, quota_bytes: int | N
         heartbeat_interval_s=float(reply["heartbeat_interval_s"]),
         fd_socket=fd_socket,
         daemon_alive=daemon_alive,
+        disk_tier=reply.get("disk_tier") is True,
     )
 
 

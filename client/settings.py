@@ -20,7 +20,7 @@ from storm_service.units import parse_size
 
 __all__ = ["POLICIES", "SELECTIONS", "ClientSettings"]
 
-POLICIES = ("keep", "wait", "error")
+POLICIES = ("auto", "keep", "wait", "error", "spill")
 """What happens when the pool or quota is full (client/engine/placement.py)."""
 SELECTIONS = ("all", "budget", "checkpoint")
 """Which saved tensors are offloaded (client/selection.py)."""
@@ -75,8 +75,9 @@ class ClientSettings:
     """``STORM_TIMEOUT_S``: how long a control request may wait for its reply."""
     fetch_timeout_s: float = 120.0
     """``STORM_FETCH_TIMEOUT_S``: how long a fetch or flush may wait for its copies."""
-    policy: str = "keep"
-    """``STORM_POLICY``: when the pool or quota is full: keep, wait or error."""
+    policy: str = "auto"
+    """``STORM_POLICY``: when the pool or quota is full: keep, wait, error or spill; auto is spill
+    where the daemon has a disk tier, keep elsewhere."""
     wait_timeout_s: float = 30.0
     """``STORM_WAIT_TIMEOUT_S``: how long policy ``wait`` retries."""
     prefetch_bytes: int = 64 << 20

@@ -47,16 +47,20 @@ def render(view: dict[str, Any]) -> str:
         f" ({100 * used / pool:.1f}%)",
         f"free  {format_bytes(view['free_bytes'])}, largest extent {format_bytes(view['largest_free_bytes'])},"
         f" {format_bytes(view.get('reserved_bytes', 0))} reserved ahead of copies",
-        f"sessions  {view['live_sessions']} live, {view['expired_sessions']} expired",
     ]
+    if view.get("disk_tier"):
+        lines += _disk_lines(view)
+    lines.append(f"sessions  {view['live_sessions']} live, {view['expired_sessions']} expired")
     if view["sessions"]:
         lines.append(
-            f"  {'id':>4} {'pid':>8} {'rank':>6} {'held':>11} {'peak':>11} {'offload':>12} {'fetch':>12}  name"
+            f"  {'id':>4} {'pid':>8} {'rank':>6} {'held':>11} {'disk':>11} {'peak':>11} {'offload':>12}"
+            f" {'fetch':>12}  name"
         )
     for s in view["sessions"]:
         rank = "-" if s["rank"] is None else f"{s['rank']}/{s['world_size']}"
         lines.append(
             f"  {s['id']:>4} {s['pid']:>8} {rank:>6} {format_bytes(s['used_bytes']):>11}"
+            f" {format_bytes(s.get('disk_bytes', 0)):>11}"
             f" {format_bytes(s['peak_bytes']):>11} {_rate(s['offload_bytes_per_s']):>12}"
             f" {_rate(s['fetch_bytes_per_s']):>12}  {s['name']}"
         )
@@ -65,6 +69,19 @@ def render(view: dict[str, Any]) -> str:
     if view["dropped_replies"]:
         lines.append(f"dropped replies  {view['dropped_replies']}")
     return "\n".join(lines)
+
+
+def _disk_lines(view: dict[str, Any]) -> list[str]:
+    """The disk tier: a bar of its use, totals and rates (NOTE [Disk tier])."""
+    size, used = view["disk_bytes"], view["disk_used_bytes"]
+    filled = round(_BAR * used / size) if size else 0
+    return [
+        f"disk  [{'#' * filled}{'.' * (_BAR - filled)}] {format_bytes(used)} / {format_bytes(size)}"
+        f" (spills past {format_bytes(view['high_water_bytes'])} of the pool)",
+        f"      spilled {format_bytes(view['spilled_total_bytes'])} at {_rate(view['spill_bytes_per_s'] or None)},"
+        f" restored {format_bytes(view['restored_total_bytes'])} at {_rate(view['restore_bytes_per_s'] or None)};"
+        f" fetches found {view['restore_hits']} back in time, waited for {view['restore_waits']}",
+    ]
 
 
 def watch(channel: Channel, interval_s: float, once: bool, as_json: bool, out: TextIO = sys.stdout) -> int:

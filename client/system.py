@@ -155,6 +155,7 @@ class StormSystem:
                 settings=settings,
                 cuda=cuda,
                 on_lost=self._mark_lost,
+                disk_tier=registration.disk_tier,
             )
         except BaseException:
             self._heartbeat.stop()

@@ -219,7 +219,7 @@ SETTINGS: tuple[_Setting, ...] = (
     ),
     _Setting("remove_on_exit", str, lambda: "", "the endpoint's directory, removed (once empty) when the daemon exits"),
     _Setting("spill_dir", _spill_dirs, lambda: "", "disk tier: PATH[,PATH...], one spill file in each (off if empty)"),
-    _Setting("spill_size", _non_negative(parse_size), lambda: "0", "bytes of each spill file (needed with --spill-dir)"),
+    _Setting("spill_size", _non_negative(parse_size), lambda: "0", "bytes of each spill file (with --spill-dir)"),
     _Setting("spill_high_water", _fraction, lambda: "80%", "host pool use past which the disk tier spills"),
 )
 
@@ -286,7 +286,9 @@ def load_config(args: argparse.Namespace | None = None, environ: Mapping[str, st
             f"pool into {segments} slabs, at most {MAX_SLABS}; raise --segment-size"
         )
     if values["spill_dir"] and values["spill_size"] == 0:
-        raise ConfigError("spill_dir is set but spill_size is 0: say how much of each directory to reserve (--spill-size)")
+        raise ConfigError(
+            "spill_dir is set but spill_size is 0: say how much of each directory to reserve (--spill-size)"
+        )
     socket_dir = os.path.dirname(os.path.abspath(ipc_path(values["endpoint"]) or "/"))
     if values["remove_on_exit"] and os.path.abspath(values["remove_on_exit"]) != socket_dir:
         raise ConfigError(

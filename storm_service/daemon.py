@@ -28,6 +28,10 @@ from types import FrameType
 import zmq
 
 from storm_service.config import ConfigError, DaemonConfig, build_parser, load_config
+from storm_service.disk.files import SpillFileError
+from storm_service.disk.io import DiskIO
+from storm_service.disk.setup import open_spill_files, pool_alignment
+from storm_service.disk.tier import DiskTier
 from storm_service.endpoints import ipc_path, runtime_dir, runtime_dir_fallback
 from storm_service.lockfile import (
     EndpointLock,
@@ -38,7 +42,7 @@ from storm_service.lockfile import (
     remove_stale_socket,
 )
 from storm_service.metrics import Metrics
-from storm_service.pool import Pool, PoolError, sweep_segments
+from storm_service.pool import ALIGNMENT, Pool, PoolError, sweep_segments
 from storm_service.server import Server
 from storm_service.units import format_bytes
 
@@ -159,6 +163,7 @@ def run(config: DaemonConfig) -> int:
         log.error("refusing to start on %s: %s", config.endpoint, e)
         return EXIT_STARTUP
     pool: Pool | None = None
+    tier: DiskTier | None = None
     server: Server | None = None
     try:
         ours, refused = owned_segments(lock.previous.get("segments"))
@@ -171,7 +176,10 @@ def run(config: DaemonConfig) -> int:
             log.warning("removed a stale socket %s", socket_path)
         start = time.perf_counter()
         lock.record([])
-        pool = Pool.create(config.pool_size, config.segment_size)
+        spill_files = open_spill_files(config.spill_dir, config.spill_size)
+        pool = Pool.create(config.pool_size, config.segment_size, alignment=pool_alignment(spill_files, ALIGNMENT))
+        if spill_files:
+            tier = DiskTier(pool, spill_files, DiskIO(spill_files), config.spill_high_water)
         log.info(
             "pool of %s in %d slab(s) reserved and pre-faulted in %.2f s",
             format_bytes(pool.size_bytes),
@@ -179,7 +187,7 @@ def run(config: DaemonConfig) -> int:
             time.perf_counter() - start,
         )
         after_bind = (lambda: _secure_socket(socket_path, access)) if socket_path is not None else (lambda: None)
-        server = Server(config, pool, stop=stop, after_bind=after_bind)
+        server = Server(config, pool, stop=stop, after_bind=after_bind, tier=tier)
         server.bind()
         if config.metrics_port:
             server.metrics = Metrics(server)
@@ -189,7 +197,7 @@ def run(config: DaemonConfig) -> int:
         server.serve()  # returns at once if a signal came during start-up
         log.info("shutting down")
         return 0
-    except PoolError as e:
+    except (PoolError, SpillFileError) as e:
         log.error("%s", e)
         return EXIT_STARTUP
     except zmq.ZMQError as e:
@@ -203,6 +211,8 @@ def run(config: DaemonConfig) -> int:
             if server.metrics is not None:
                 server.metrics.close()
             server.close()
+        elif tier is not None:
+            tier.close()
         if pool is not None:
             pool.close()
         if socket_path is not None and server is not None:

@@ -5,7 +5,9 @@ runs; the handlers live in :mod:`storm_service.ops`. A mutating request whose id
 session remembers is answered from that memory, not applied again (NOTE [Replay memory]
 in replay.py). While a session's long request is paused (NOTE [Serving around a long
 request] in server.py) its other requests are not answered here: the server sets them
-aside until that request's reply is sent.
+aside until that request's reply is sent. A fetch that waits for the disk tier raises
+:class:`~storm_service.ops.Parked` out of :meth:`Dispatcher.reply`: the only exception
+that leaves it (storm_service/disk/parking.py answers it later).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class Dispatcher:
 
     def reply(self, frame: bytes, peer: Callable[[], Peer]) -> bytes | None:
         """The reply frame to one request frame, or None when it is the busy session's and must wait;
-        ``peer`` is called only by ops that need the sender."""
+        ``peer`` is called only by ops that need the sender. Raises Parked for a fetch that waits for
+        the disk tier."""
         metrics = self.context.metrics
         if metrics is None:
             return self._dispatch(frame, peer)[0]
@@ -76,6 +79,8 @@ class Dispatcher:
             if mutating:
                 session.replies.remember(request_id, reply)
             return reply, op
+        except ops.Parked:
+            raise
         except Invalid as e:
             return self._error(e.request_id, e.code, e.message), op
         except RemoteError as e:

@@ -32,6 +32,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 __all__ = [
+    "ActivationLostError",
     "BadRequestError",
     "ErrorCode",
     "ForbiddenError",
@@ -71,6 +72,7 @@ class ErrorCode(StrEnum):
     QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
     SESSION_LIMIT = "SESSION_LIMIT"
     SHUTTING_DOWN = "SHUTTING_DOWN"
+    ACTIVATION_LOST = "ACTIVATION_LOST"
     INTERNAL = "INTERNAL"
 
 
@@ -175,6 +177,12 @@ class SessionLimitError(RemoteError):
     code = ErrorCode.SESSION_LIMIT
 
 
+class ActivationLostError(RemoteError):
+    """The daemon cannot give these bytes back (reading them from the disk tier failed); the session goes on."""
+
+    code = ErrorCode.ACTIVATION_LOST
+
+
 class ShuttingDownError(RemoteError):
     """The daemon is stopping and accepts no more work."""
 
@@ -200,6 +208,7 @@ _BY_CODE: dict[str, type[RemoteError]] = {
         PoolFullError,
         QuotaExceededError,
         SessionLimitError,
+        ActivationLostError,
         ShuttingDownError,
         InternalError,
     )

@@ -17,12 +17,24 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["Extent", "ExtentState"]
+__all__ = ["Extent", "ExtentState", "Residence"]
 
 
 class ExtentState(enum.Enum):
     WRITING = "writing"
     COMMITTED = "committed"
+
+
+class Residence(enum.Enum):
+    """Where a committed extent's bytes are (NOTE [Disk tier] in storm_service/disk/tier.py)."""
+
+    HOST = "host"
+    SPILLING = "spilling"
+    """Being written to disk; the host copy is still the one read."""
+    DISK = "disk"
+    """On disk only; its host space is free."""
+    RESTORING = "restoring"
+    """Being read back into host space (``slab``/``offset`` name the new space)."""
 
 
 @dataclass(slots=True)
@@ -39,6 +51,23 @@ class Extent:
     """The ``layer_bytes`` key this extent counts under: the offload's, or the overflow key
     (NOTE [Layer stats cap] in sessions.py)."""
     state: ExtentState = ExtentState.WRITING
+    residence: Residence = Residence.HOST
+    disk: tuple[int, int] | None = None
+    """``(spill file, offset)`` of its copy on disk, while it has one."""
+    committed_at: float = 0.0
+    """``time.monotonic()`` at commit: the step profile's clock (storm_service/disk/profile.py)."""
+    restored: bool = False
+    """Read back from disk at least once: it is not spilled again (it is wanted soon)."""
+    ahead: bool = False
+    """Read back ahead of any fetch, not answered for yet (its session's ``ahead_bytes``)."""
+    waited: bool = False
+    """A fetch had to wait for it to come back from disk (a restore that was late)."""
+    pinned: bool = False
+    """A fetch answered for it: it stays in host memory until freed (a client may read it in place)."""
+    freed: bool = False
+    """Freed by its session while disk I/O still used its host space: that space is freed when the I/O ends."""
+    lost: str = ""
+    """Why its bytes cannot be read back (a read error), if they cannot."""
 
     def location(self) -> dict[str, int]:
         return {

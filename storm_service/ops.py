@@ -42,7 +42,7 @@ from storm_service.config import DaemonConfig
 from storm_service.endpoints import pid_namespace
 from storm_service.errors import ForbiddenError, NotCommittedError, RemoteError, SessionLimitError
 from storm_service.extents import Extent, ExtentState
-from storm_service.pool import ALIGNMENT, Pool
+from storm_service.pool import Pool
 from storm_service.protocol import MAX_LISTED_SESSIONS, MAX_SIZE_BYTES, Op, Request
 from storm_service.sessions import Session, SessionTable
 from storm_service.tenants import Peer
@@ -51,7 +51,7 @@ from storm_service.units import format_bytes
 if TYPE_CHECKING:
     from storm_service.metrics import Metrics
 
-__all__ = ["SESSIONLESS_OPS", "SESSION_OPS", "OpContext", "SessionHandler", "SessionlessHandler"]
+__all__ = ["SESSIONLESS_OPS", "SESSION_OPS", "OpContext", "Parked", "SessionHandler", "SessionlessHandler"]
 
 log = logging.getLogger("stormd.server")
 
@@ -82,6 +82,8 @@ class OpContext:
     pause: Callable[[Session], None] = lambda session: None
     """Called by a handler every PAUSE_EVERY items of a batch: the server answers other sessions'
     queued messages there (NOTE [Serving around a long request] in server.py)."""
+    answer_now: bool = False
+    """Set while a parked fetch is answered for the last time: with what is in host memory, maybe nothing."""
     fd_socket: str = ""
     """Where clients get slab fds (NOTE [Lending by descriptor] in lending.py); set once bound."""
 
@@ -150,7 +152,8 @@ def _registration(context: OpContext, session: Session) -> dict[str, Any]:
         "session_id": session.id,
         "token": session.token,
         "fd_socket": context.fd_socket,
-        "alignment": ALIGNMENT,
+        "alignment": context.pool.alignment,
+        "disk_tier": context.sessions.tier is not None,
         "quota_bytes": session.quota_bytes,
         "heartbeat_interval_s": context.config.heartbeat_timeout / 3,
         "heartbeat_timeout_s": context.config.heartbeat_timeout,
@@ -180,6 +183,7 @@ def _stats(context: OpContext, tenant: str | None) -> dict[str, Any]:
         "slabs": len(pool.slabs),
         "free_slabs": pool.free_slabs,
         "fenced_bytes": sessions.fenced_bytes,
+        "disk_tier": sessions.tier is not None,
         "extents": len(sessions.extents),
         "sessions": [s.summary() for s in _listed(visible)],
         "tenants": _tenant_totals(sessions),
@@ -190,7 +194,7 @@ def _stats(context: OpContext, tenant: str | None) -> dict[str, Any]:
         "dropped_replies": context.dropped_replies,
         "connection_resets": context.connection_resets,
         "refused_registers": context.refused_registers,
-    }
+    } | (sessions.tier.stats() if sessions.tier is not None else {})
 
 
 def _tenant_totals(table: SessionTable) -> list[dict[str, Any]]:
@@ -274,11 +278,25 @@ def handle_commit(context: OpContext, request: Request, session: Session) -> dic
     return {"committed": len(extents)}
 
 
+class Parked(Exception):
+    """A fetch waits for extents the disk tier is reading back: the server answers it again once
+    they are in host memory (NOTE [Disk tier] in storm_service/disk/tier.py)."""
+
+
 def handle_fetch(context: OpContext, request: Request, session: Session) -> dict[str, Any]:
+    """Where each extent's bytes are now: with a disk tier, for the run of extents from the first that
+    is in host memory (the client asks again for the rest), parked while that is none (NOTE [Disk tier])."""
     extents = _owned_all(context, request, session)
     for extent in extents:
         if extent.state is not ExtentState.COMMITTED:
             raise NotCommittedError(f"fetch: handle {extent.handle} was never committed")
+    tier = context.sessions.tier
+    if tier is not None:
+        wait = bool(request.args.get("wait", 1))
+        ready = tier.fetching(session, extents, wait)
+        if ready == 0 and wait and not context.answer_now:
+            raise Parked
+        extents = extents[:ready]
     fetched = sum(e.size_bytes for e in extents)
     session.fetched_bytes += fetched
     if context.metrics is not None:

@@ -49,6 +49,10 @@ class Pool:
 
     def __init__(self, slabs: Iterable[Slab]) -> None:
         self.slabs: dict[int, Slab] = {slab.id: slab for slab in slabs}
+        self.alignment = next(iter(self.slabs.values())).allocator.alignment if self.slabs else ALIGNMENT
+        """Every extent's offset and length are multiples of it (at least a spill file's: storm_service/disk/)."""
+        self.used_bytes = 0
+        """Bytes of every live extent, in every slab."""
         self._ids = itertools.count(max(self.slabs, default=0) + 1)
         self._free: dict[int, Slab] = dict(self.slabs)
         """Free slabs by id, in the order they became free."""
@@ -57,15 +61,15 @@ class Pool:
         """Slabs renewed to move between tenants (NOTE [Slabs])."""
 
     @classmethod
-    def create(cls, pool_size: int, max_slab_size: int, *, backed: bool = True) -> Pool:
+    def create(cls, pool_size: int, max_slab_size: int, *, backed: bool = True, alignment: int = ALIGNMENT) -> Pool:
         """Make and reserve every slab (NOTE [Pool reservation]); PoolError without the memory.
 
         Slabs are at most ``max_slab_size`` (``--segment-size``) and at most an eighth of
         the pool (but at least MIN_SLAB_BYTES), so that several tenants can hold memory at once.
         """
         slab_size = min(max_slab_size, max(pool_size // 8, MIN_SLAB_BYTES))
-        if pool_size < ALIGNMENT:
-            raise PoolError(f"--pool-size {pool_size} is smaller than {ALIGNMENT} bytes")
+        if pool_size < alignment:
+            raise PoolError(f"--pool-size {pool_size} is smaller than {alignment} bytes")
         available = _mem_available()
         if backed and available is not None and pool_size > available:
             raise PoolError(
@@ -76,12 +80,12 @@ class Pool:
         remaining = pool_size
         while remaining > 0:
             size = min(remaining, slab_size)
-            sizes.append(size - size % ALIGNMENT or ALIGNMENT)
+            sizes.append(size - size % alignment or alignment)
             remaining -= size
         slabs: list[Slab] = []
         try:
             for slab_id, size in enumerate(sizes, start=1):
-                slabs.append(Slab(slab_id, size, backed=backed))
+                slabs.append(Slab(slab_id, size, backed=backed, alignment=alignment))
         except (SlabError, OSError) as e:
             for slab in slabs:
                 slab.close()
@@ -91,10 +95,6 @@ class Pool:
     @property
     def size_bytes(self) -> int:
         return sum(s.size_bytes for s in self.slabs.values())
-
-    @property
-    def used_bytes(self) -> int:
-        return sum(s.allocator.used_bytes for s in self.slabs.values())
 
     @property
     def free_bytes(self) -> int:
@@ -110,20 +110,25 @@ class Pool:
 
     def round_up(self, size_bytes: int) -> int:
         """The length the allocators give a request of ``size_bytes``."""
-        return -(-size_bytes // ALIGNMENT) * ALIGNMENT
+        return -(-size_bytes // self.alignment) * self.alignment
 
     def allocate(self, tenant: str, size_bytes: int) -> tuple[int, int, int] | None:
         """``(slab id, offset, length)`` of a new extent of ``tenant``, or None when nothing fits."""
         for slab in self._held.get(tenant, ()):
             offset = slab.allocator.allocate(size_bytes)
             if offset is not None:
-                return slab.id, offset, slab.allocator.length_of(offset)
+                return self._allocated(slab, offset)
         lent = self._lend(tenant, size_bytes)
         if lent is None:
             return None
         offset = lent.allocator.allocate(size_bytes)
         assert offset is not None, "an empty slab as large as the request"
-        return lent.id, offset, lent.allocator.length_of(offset)
+        return self._allocated(lent, offset)
+
+    def _allocated(self, slab: Slab, offset: int) -> tuple[int, int, int]:
+        length = slab.allocator.length_of(offset)
+        self.used_bytes += length
+        return slab.id, offset, length
 
     def _lend(self, tenant: str, size_bytes: int) -> Slab | None:
         """A free slab of at least ``size_bytes`` for ``tenant`` (NOTE [Lending slabs])."""
@@ -154,6 +159,7 @@ class Pool:
         """Free one extent; a slab left empty goes back to the free list. Returns its length."""
         slab = self.slabs[slab_id]
         length = slab.allocator.free(offset)
+        self.used_bytes -= length
         if slab.allocator.live_count == 0 and slab.tenant is not None:
             held = self._held[slab.tenant]
             held.remove(slab)
@@ -162,6 +168,10 @@ class Pool:
             slab.tenant = None
             self._free[slab.id] = slab
         return length
+
+    def view(self, slab_id: int, offset: int, length: int) -> memoryview:
+        """The daemon's view of an extent's bytes (for the disk tier's I/O)."""
+        return self.slabs[slab_id].view(offset, length)
 
     def lent_to(self, slab_id: int) -> Slab | None:
         """The slab ``slab_id`` while some tenant holds it, else None."""

@@ -151,7 +151,7 @@ FIELDS: dict[Op, dict[str, _Spec]] = {
         "dedup_saved_bytes": _Int(0, MAX_SIZE_BYTES, required=False),
         "span_saved_bytes": _Int(0, MAX_SIZE_BYTES, required=False),
     },
-    Op.FETCH: {"handles": _HANDLES},
+    Op.FETCH: {"handles": _HANDLES, "wait": _Int(0, 1, required=False)},
     Op.FREE: {"handles": _HANDLES},
     Op.STATS: {},
     Op.SHUTDOWN: {},

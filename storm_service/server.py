@@ -58,6 +58,8 @@ import zmq
 
 from storm_service.config import DaemonConfig
 from storm_service.connections import ConnectionCaps, total_connections
+from storm_service.disk.parking import Parking, dispatch_until_answered
+from storm_service.disk.tier import DiskTier
 from storm_service.dispatch import Dispatcher
 from storm_service.endpoints import AUTHORIZED_DIR, SERVER_SECRET_FILE, ipc_path, runtime_dir
 from storm_service.errors import ErrorCode
@@ -65,7 +67,7 @@ from storm_service.fdpass import FD_SOCKET_SUFFIX, fd_socket_path
 from storm_service.lending import Lender
 from storm_service.memory_guard import EXTENT_COST_BYTES, SESSION_COST_BYTES, MemoryGuard
 from storm_service.metrics import Metrics
-from storm_service.ops import OpContext
+from storm_service.ops import OpContext, Parked
 from storm_service.pool import Pool
 from storm_service.protocol import (
     MAX_MESSAGE_BYTES,
@@ -105,10 +107,11 @@ class Server:
         zmq_context: zmq.Context | None = None,
         stop: threading.Event | None = None,
         after_bind: Callable[[], None] = lambda: None,
+        tier: DiskTier | None = None,
     ) -> None:
         self.config = config
         limits = Limits(config.max_sessions, config.max_tenant_sessions, config.max_extents, config.tenant_quota)
-        self.context = OpContext(config, pool, SessionTable(pool, limits), stop or threading.Event())
+        self.context = OpContext(config, pool, SessionTable(pool, limits, tier), stop or threading.Event())
         """What every handler gets; :attr:`context.stop <OpContext.stop>` ends :meth:`serve`."""
         self._zmq = zmq_context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
@@ -132,6 +135,10 @@ class Server:
         """The fd socket (NOTE [Lending by descriptor] in lending.py), polled with the ROUTER."""
         self._connections: ConnectionCaps | None = None
         """The ROUTER's monitor, polled with it: caps on connections (NOTE [Connection caps] in connections.py)."""
+        self._parking = Parking(tier, self.context, self._answer_frame, self._send) if tier is not None else None
+        """Fetches waiting for the disk tier, whose I/O threads wake the loop (storm_service/disk/parking.py)."""
+        if self._parking is not None:
+            self._poller.register(self._parking.wakeup_fd, zmq.POLLIN)
 
     @property
     def metrics(self) -> Metrics | None:
@@ -188,7 +195,7 @@ class Server:
         assert self._socket is not None, "bind() first"
         socket, lender, poller, connections = self._socket, self._lender, self._poller, self._connections
         assert lender is not None and connections is not None
-        answer, stop, sessions = self._answer, self.context.stop, self.context.sessions
+        answer, stop, sessions, parking = self._answer, self.context.stop, self.context.sessions, self._parking
         answered = 0
         while not stop.is_set():
             try:
@@ -207,6 +214,8 @@ class Server:
                     connections.serve()
             if sessions.reclaiming:
                 sessions.reclaim()
+            if parking is not None:
+                parking.step()
             now = time.monotonic()
             if now >= self._next_guard:
                 self._housekeep(now)
@@ -217,6 +226,8 @@ class Server:
         assert self._socket is not None
         self._next_guard = now + TICK_S
         self._guard_memory()
+        if self._parking is not None:
+            self._parking.retry()  # fetches of extents freed or sessions closed meanwhile get their error
         if now >= self._next_expiry:
             if not cast(int, self._socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 self._caught_up_at = now
@@ -273,6 +284,8 @@ class Server:
         for session in list(sessions.sessions.values()):
             sessions.close(session)
         sessions.reclaim(None)
+        if sessions.tier is not None:
+            sessions.tier.close()
 
     def _serve_burst(self) -> None:
         """Answer what is already queued, without blocking (at shutdown: up to MAX_BURST)."""
@@ -297,7 +310,12 @@ class Server:
             self._answer_frame(*self._deferred.popleft())
 
     def _answer_frame(self, envelope: tuple[bytes, ...], body: zmq.Frame) -> None:
-        reply = self._dispatcher.reply(body.bytes, lambda: Peer.of_message(body, self._ipc))
+        try:
+            reply = self._dispatcher.reply(body.bytes, lambda: Peer.of_message(body, self._ipc))
+        except Parked:
+            assert self._parking is not None, "only the disk tier parks a fetch"
+            self._parking.park(envelope, body)
+            return
         if reply is None:
             self._deferred.append((envelope, body))
         else:
@@ -368,7 +386,9 @@ class Server:
         message (NOTE [Bounded work per request] in sessions.py).
         """
         sender = peer or Peer.this_process()
-        reply = self._dispatcher.reply(frame, lambda: sender)
+        reply = dispatch_until_answered(
+            lambda: self._dispatcher.reply(frame, lambda: sender), self._parking, self.config.heartbeat_timeout
+        )
         assert reply is not None, "nothing is set aside without a socket"
         sessions = self.context.sessions
         if sessions.reclaiming:

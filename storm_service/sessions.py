@@ -40,6 +40,7 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from storm_service.endpoints import pid_alive, pid_namespace
 from storm_service.errors import (
@@ -49,12 +50,15 @@ from storm_service.errors import (
     UnknownHandleError,
     UnknownSessionError,
 )
-from storm_service.extents import Extent, ExtentState
+from storm_service.extents import Extent, ExtentState, Residence
 from storm_service.pidfds import close_pidfd, exited
 from storm_service.pool import Pool
 from storm_service.protocol import MAX_SESSION_LAYERS, OVERFLOW_LAYER_ID
 from storm_service.replay import ReplayMemory
 from storm_service.tenants import Limits, TenantUsage
+
+if TYPE_CHECKING:
+    from storm_service.disk.tier import DiskTier
 
 __all__ = ["RECLAIM_SLICE", "Session", "SessionTable"]
 
@@ -82,6 +86,8 @@ class Session:
     """Bytes of committed extents: activations held."""
     reserved_bytes: int = 0
     """Bytes of extents allocated and not yet committed."""
+    disk_bytes: int = 0
+    """Bytes of its extents held in the disk tier only (NOTE [Disk tier] in storm_service/disk/tier.py)."""
     peak_bytes: int = 0
     """Most bytes held (used + reserved) at once."""
     offloaded_bytes: int = 0
@@ -114,6 +120,7 @@ class Session:
             "world_size": self.world_size,
             "used_bytes": self.used_bytes,
             "reserved_bytes": self.reserved_bytes,
+            "disk_bytes": self.disk_bytes,
             "peak_bytes": self.peak_bytes,
             "quota_bytes": self.quota_bytes,
             "handles": len(self.handles),
@@ -128,9 +135,11 @@ class Session:
 class SessionTable:
     """Every live session and every extent, with ownership checks on each access."""
 
-    def __init__(self, pool: Pool, limits: Limits | None = None) -> None:
+    def __init__(self, pool: Pool, limits: Limits | None = None, tier: DiskTier | None = None) -> None:
         self.pool = pool
         self.limits = limits or Limits()
+        self.tier = tier
+        """The disk tier, with ``--spill-dir`` (storm_service/disk/tier.py)."""
         self.sessions: dict[int, Session] = {}
         self.tenants: dict[str, TenantUsage] = {}
         """Every tenant with an open session or bytes still in the pool."""
@@ -231,6 +240,8 @@ class SessionTable:
             if where is None:
                 for slab, offset, _ in placed:
                     self.pool.free(slab, offset)
+                if self.tier is not None:
+                    self.tier.refused(need)
                 raise PoolFullError(
                     f"offload: {need} bytes requested, {self.pool.free_bytes} free "
                     f"(largest free extent {self.pool.largest_free_bytes})"
@@ -268,24 +279,30 @@ class SessionTable:
         session.reserved_bytes -= extent.length
         session.used_bytes += extent.length
         session.offloaded_bytes += extent.size_bytes
+        if self.tier is not None:
+            self.tier.committed(session, extent)
         return extent.size_bytes
 
     def release(self, session: Session, extent: Extent) -> int:
         """Free one extent back to the pool; returns its length."""
         del self.extents[extent.handle]
+        in_host = extent.residence is not Residence.DISK
         if extent.state is ExtentState.WRITING:
             self.reserved_bytes -= extent.length
             session.reserved_bytes -= extent.length
-        else:
+        elif in_host:
             session.used_bytes -= extent.length
         session.handles.discard(extent.handle)
-        session.tenant.held_bytes -= extent.length
+        if in_host:
+            session.tenant.held_bytes -= extent.length
         if extent.layer_id is not None:
             left = session.layer_bytes.get(extent.layer_id, 0) - extent.length
             if left > 0:
                 session.layer_bytes[extent.layer_id] = left
             else:
                 session.layer_bytes.pop(extent.layer_id, None)
+        if self.tier is not None:
+            return self.tier.release(session, extent)
         return self.pool.free(extent.slab, extent.offset)
 
     def close(self, session: Session, fence: bool = False) -> int:
@@ -300,6 +317,8 @@ class SessionTable:
         if session.nonce is not None:
             del self._by_nonce[(session.pid, session.nonce)]
         session.tenant.sessions -= 1
+        if self.tier is not None:
+            self.tier.closed(session)
         if fence and session.pidfd is not None and not exited(session.pidfd):
             self._fenced.append(session)
         else:
@@ -329,6 +348,8 @@ class SessionTable:
                 closed.popleft()
                 close_pidfd(session.pidfd)
                 session.pidfd = None
+                if self.tier is not None:
+                    self.tier.forget(session)
                 self._forget_tenant(session.tenant)
                 continue
             self.release(session, self.extents[session.handles.pop()])

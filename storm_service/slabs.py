@@ -47,16 +47,24 @@ class Slab:
     only, so the daemon's logic runs in tests over pools larger than the machine.
     """
 
-    def __init__(self, slab_id: int, size_bytes: int, *, backed: bool = True) -> None:
+    def __init__(self, slab_id: int, size_bytes: int, *, backed: bool = True, alignment: int = ALIGNMENT) -> None:
         self.id = slab_id
         self.size_bytes = size_bytes
         self.backed = backed
         self.fd = _sealed_memfd(f"storm-slab-{slab_id}", size_bytes) if backed else -1
-        self.allocator = ExtentAllocator(size_bytes, ALIGNMENT)
+        self.allocator = ExtentAllocator(size_bytes, alignment)
+        self._mapping: mmap.mmap | None = None
         self.tenant: str | None = None
         """The tenant that holds it now; None while it is free."""
         self.last_tenant: str | None = None
         """The tenant whose bytes it may still hold (its processes may map it)."""
+
+    def view(self, offset: int, length: int) -> memoryview:
+        """The daemon's own view of ``length`` bytes at ``offset`` (mapped on first use), for disk I/O."""
+        if self._mapping is None:
+            assert self.backed, "a slab without memory has no bytes to view"
+            self._mapping = mmap.mmap(self.fd, self.size_bytes, flags=mmap.MAP_SHARED)
+        return memoryview(self._mapping)[offset : offset + length]
 
     def renew(self, slab_id: int) -> None:
         """Swap the file for a fresh, zeroed one under a new id (NOTE [Slabs]); only while free."""
@@ -66,6 +74,9 @@ class Slab:
         self.id, self.fd, self.last_tenant = slab_id, fd, None
 
     def close(self) -> None:
+        if self._mapping is not None:
+            self._mapping.close()
+            self._mapping = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

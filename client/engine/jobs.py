@@ -68,6 +68,8 @@ class EngineStats:
     """Times, and seconds, a new layer waited for older copies (NOTE [Bounded copies in flight])."""
     prefetch_oom: int = 0
     """Prefetches dropped for want of device memory (fetched on demand instead)."""
+    prefetch_deferred: int = 0
+    """Prefetches dropped while the disk tier still had them (fetched on demand instead)."""
     returned_reservation_bytes: int = 0
     """Bytes of spare reservations given back (NOTE [Reservations])."""
 

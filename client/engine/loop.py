@@ -69,12 +69,13 @@ class TransferEngine:
         settings: ClientSettings,
         cuda: bool,
         on_lost: Callable[[BaseException], None],
+        disk_tier: bool = False,
     ) -> None:
         self.token = token
         self.timeout_s = timeout_s = settings.timeout_s
         self.stats = EngineStats()
         self.failure: BaseException | None = None
-        self._policy = pressure_policy(settings.policy, settings.wait_timeout_s)
+        self._policy = pressure_policy(settings.policy, settings.wait_timeout_s, disk_tier)
         self._reservations = Reservations(settings.reserve_idle_s)
         self._failures = Failures(on_lost)
         self._new_channel = new_channel
@@ -156,7 +157,11 @@ class TransferEngine:
             else:
                 self.stats.prefetch_waits += 1
             self._prefetch.before(slot)
-        self._wait(slot.fetch_done, timeout_s, f"fetch of {slot.describe()}")
+            slot.awaited = True
+        try:
+            self._wait(slot.fetch_done, timeout_s, f"fetch of {slot.describe()}")
+        finally:
+            slot.awaited = False
         with self.table.lock:
             error, tensor = slot.error, slot.fetched
             slot.fetched = None
@@ -330,15 +335,16 @@ class TransferEngine:
                 job.tensor = job.guard = None  # type: ignore[assignment]
                 job.slot.stored.set()
 
-    def _serve_while_waiting(self, requests: Requests) -> None:
-        """While an offload waits for room, run the frees and fetches queued behind it.
+    def _serve_while_waiting(self, requests: Requests, fetches: bool = True) -> None:
+        """While an offload waits for room (or a fetch for the disk tier: ``fetches`` False), run the
+        frees and fetches queued behind it.
 
         Frees may make the room; fetches of tensors already stored must not wait behind
         the offload, since the training thread that would free more is waiting on them.
         Everything else keeps its place in the backlog.
         """
         frees: list[Slot] = []
-        fetches: list[Fetch] = []
+        ready: list[Fetch] = []
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -346,12 +352,12 @@ class TransferEngine:
                 break
             if isinstance(job, Free):
                 frees.append(job.slot)
-            elif isinstance(job, Fetch) and job.slot.stored.is_set():
-                fetches.append(job)
+            elif fetches and isinstance(job, Fetch) and job.slot.stored.is_set():
+                ready.append(job)
             else:
                 self._backlog.append(job)
-        if fetches:
-            self._failures.guard(fetches, lambda: self._fetch(requests, fetches))
+        if ready:
+            self._failures.guard(ready, lambda: self._fetch(requests, ready))
         if frees:
             self._free(requests, frees)
 
@@ -369,14 +375,38 @@ class TransferEngine:
                 wanted.append(job)
         if not wanted:
             return
-        # The daemon confirms each extent is ours and committed before a byte is read.
+        # The daemon confirms each extent is ours and committed before a byte is read. With a disk
+        # tier it answers for those in host memory, from the first (NOTE [Disk tier]): ask again for
+        # the rest, sending the frees queued meanwhile, which may be what makes room for them.
         started = time.perf_counter()
-        requests.call(Op.FETCH, handles=[job.slot.id for job in wanted])
-        for job in wanted:  # in the order asked: each is ready as soon as its own copy is
-            self.copier.copy_in([job])
-            job.slot.fetch_done.set()
+        while wanted:
+            wanted.sort(key=lambda job: not job.slot.awaited)  # what backward waits for first
+            wait = int(wanted[0].slot.awaited)  # a prefetch must not pull bytes back from disk early
+            extents = requests.call(Op.FETCH, handles=[job.slot.id for job in wanted], wait=wait)["extents"]
+            for job, extent in zip(wanted, extents, strict=False):  # each is ready when its own copy is
+                job.slot.segment, job.slot.offset = extent["slab"], extent["offset"]  # read back: a new place
+                self.copier.copy_in([job])
+                job.slot.fetch_done.set()
+            wanted = wanted[len(extents) :]
+            if wanted and not extents:
+                if not self._awaited_or_dropped(wanted):
+                    break
+                self._serve_while_waiting(requests, fetches=False)
         self.stats.copy_in_s += time.perf_counter() - started
         self.stats.copy_in_bytes += sum(job.slot.handle.size_bytes for job in wanted)
+
+    def _awaited_or_dropped(self, jobs: list[Fetch]) -> bool:
+        """Whether backward waits for one of ``jobs``; if not, drop them all: prefetches the disk tier
+        could not answer yet must not hold the transfer thread (backward may wait for an offload
+        queued behind them). Backward fetches them on demand."""
+        with self.table.lock:
+            if any(job.slot.awaited for job in jobs):
+                return True
+            for job in jobs:
+                job.slot.fetch_requested = False
+                self._prefetch.settled(job.slot)
+            self.stats.prefetch_deferred += len(jobs)
+        return False
 
     def _free(self, requests: Requests, slots: list[Slot]) -> None:
         ids = []

@@ -6,7 +6,10 @@ it did not cover are asked for exactly, together; if the pool or the quota refus
 our own spares are given back first (they may be what fills it), then each offload is
 asked for alone, and one that still finds no room goes to the policy: ``keep`` leaves
 the tensor where it is, ``wait`` retries (serving queued frees and fetches meanwhile)
-until ``wait_timeout_s``, ``error`` asks once more and then fails the handle.
+until ``wait_timeout_s``, ``error`` asks once more and then fails the handle, ``spill``
+retries while the daemon's disk tier makes room and keeps the tensor if none appears
+within ``wait_timeout_s``. ``auto`` is ``spill`` where the daemon has a disk tier (its
+register reply says so), ``keep`` elsewhere.
 """
 
 from __future__ import annotations
@@ -43,10 +46,12 @@ class Keep:
 
 
 class Wait:
-    """Retry until ``timeout_s``, running the frees and fetches queued behind meanwhile."""
+    """Retry until ``timeout_s``, running the frees and fetches queued behind meanwhile; then ``then``
+    (fail the handle, or for ``spill`` keep the tensor)."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, then: PressurePolicy | None = None) -> None:
         self.timeout_s = timeout_s
+        self.then = then
 
     def resolve(self, placement: Placement, job: Offload) -> None:
         deadline = time.monotonic() + self.timeout_s
@@ -57,7 +62,10 @@ class Wait:
                 return
             except _Full as e:
                 if time.monotonic() > deadline:
-                    placement.fail(job, e)
+                    if self.then is not None:
+                        self.then.resolve(placement, job)
+                    else:
+                        placement.fail(job, e)
                     return
             time.sleep(0.01)
 
@@ -72,10 +80,18 @@ class Error:
             placement.fail(job, e)
 
 
-def pressure_policy(name: str, wait_timeout_s: float) -> PressurePolicy:
+def pressure_policy(name: str, wait_timeout_s: float, disk_tier: bool = False) -> PressurePolicy:
+    """The policy ``name`` (``auto``: ``spill`` when the daemon has a disk tier, else ``keep``)."""
     if name not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {name!r}")
-    policies: dict[str, PressurePolicy] = {"keep": Keep(), "wait": Wait(wait_timeout_s), "error": Error()}
+    if name == "auto":
+        name = "spill" if disk_tier else "keep"
+    policies: dict[str, PressurePolicy] = {
+        "keep": Keep(),
+        "wait": Wait(wait_timeout_s),
+        "error": Error(),
+        "spill": Wait(wait_timeout_s, then=Keep()),
+    }
     return policies[name]
 
 

@@ -16,9 +16,7 @@ __all__ = ["Requests"]
 class Requests:
     """One channel (the transfer thread's), the session token, and what failed after we moved on."""
 
-    def __init__(
-        self, channel: Channel, token: str, timeout_s: float, stats: EngineStats, failures: Failures
-    ) -> None:
+    def __init__(self, channel: Channel, token: str, timeout_s: float, stats: EngineStats, failures: Failures) -> None:
         self.channel = channel
         self.token = token
         self.timeout_s = timeout_s

@@ -51,6 +51,8 @@ class Slot:
     freed: bool = False
     fetch_requested: bool = False
     prefetched: bool = False
+    awaited: bool = False
+    """A training thread waits in ``take`` for its fetch (set and read under the table's lock)."""
     taken_pass: int = -1
     """The fetch pass that handed it out; prefetch skips it within that pass."""
     fetched: torch.Tensor | None = None

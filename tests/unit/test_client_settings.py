@@ -10,7 +10,7 @@ from client.settings import ClientSettings
 def test_defaults_without_variables():
     settings = ClientSettings.load({})
     assert (settings.policy, settings.timeout_s, settings.verify, settings.prefetch_bytes) == (
-        "keep",
+        "auto",
         2.0,
         False,
         64 << 20,

@@ -262,6 +262,7 @@ ERROR_CLASSES = {
     ErrorCode.POOL_FULL: errors.PoolFullError,
     ErrorCode.QUOTA_EXCEEDED: errors.QuotaExceededError,
     ErrorCode.SESSION_LIMIT: errors.SessionLimitError,
+    ErrorCode.ACTIVATION_LOST: errors.ActivationLostError,
     ErrorCode.SHUTTING_DOWN: errors.ShuttingDownError,
     ErrorCode.INTERNAL: errors.InternalError,
 }

@@ -1,0 +1,159 @@
+"""Training through a daemon whose pool is too small for the model: the disk tier holds the rest.
+
+Every step's gradients are compared with ``torch.equal`` against the same seeded model
+trained without STORM; the daemon's stats must show that bytes really went to disk and
+came back, and that nothing is left in either tier after backward.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from client import StormSystem, offload_saved_tensors
+from helpers import wait_for
+
+MiB = 1 << 20
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(*[nn.Sequential(nn.Linear(512, 512), nn.GELU(), nn.LayerNorm(512)) for _ in range(8)])
+
+
+def _transformer() -> nn.Module:
+    layer = nn.TransformerEncoderLayer(128, 4, 512, dropout=0.1, batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers=4, enable_nested_tensor=False)
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], str]] = {
+    "mlp": (_mlp, (512, 512), "16MiB"),  # 26 MiB saved per step, in 1 MiB tensors
+    "transformer": (_transformer, (16, 128, 128), "32MiB"),  # 132 MiB per step, up to 4 MiB a tensor
+}
+
+
+def _grads(
+    make: Callable[[], nn.Module], shape: tuple[int, ...], seed: int, system: StormSystem | None, start=None
+) -> list:
+    """Loss and gradients of two steps; ``start`` (model, inputs) instead of drawing them from ``seed``."""
+    model, inputs = start or _start(make, shape, seed)
+    grads = []
+    for x in inputs:
+        model.zero_grad()
+        if system is None:
+            loss = model(x).square().mean()
+        else:
+            with offload_saved_tensors(system, min_bytes=0):
+                loss = model(x).square().mean()
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    return grads
+
+
+def _start(make: Callable[[], nn.Module], shape: tuple[int, ...], seed: int) -> tuple[nn.Module, list]:
+    torch.manual_seed(seed)
+    return make(), [torch.randn(shape) for _ in range(2)]
+
+
+def _spill_daemon(daemon_factory, spill_dir, pool: str = "16MiB", spill: str = "512MiB", high_water: str = "50%"):
+    return daemon_factory(
+        pool_size=pool,
+        extra_args=["--spill-dir", str(spill_dir), "--spill-size", spill, "--spill-high-water", high_water],
+    )
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_model_several_times_larger_than_the_pool_trains_bit_exact_through_the_disk(daemon_factory, tmp_path, name):
+    make, shape, pool = MODELS[name]
+    daemon = _spill_daemon(daemon_factory, tmp_path, pool=pool)
+    with StormSystem(daemon.endpoint) as system:
+        for seed in range(3):
+            ours = _grads(make, shape, seed, system)
+            theirs = _grads(make, shape, seed, None)
+            for step_ours, step_theirs in zip(ours, theirs, strict=True):
+                assert all(torch.equal(a, b) for a, b in zip(step_ours, step_theirs, strict=True)), (name, seed)
+        assert system.stats().used_bytes == 0
+    stats = daemon.stats()
+    assert stats["spilled_total_bytes"] > stats["pool_bytes"], "the disk tier held more than the pool"
+    assert stats["restored_total_bytes"] > 0 and stats["restore_errors"] == 0
+    assert (stats["used_bytes"], stats["disk_used_bytes"]) == (0, 0)
+    assert os.listdir(tmp_path) == [], "spill files have no name"
+
+
+def test_several_sessions_spill_under_one_budget_and_each_stays_exact(daemon_factory, tmp_path):
+    daemon = _spill_daemon(daemon_factory, tmp_path)
+    make, shape, _ = MODELS["mlp"]
+    failures: list[BaseException] = []
+    # Torch's seed is global: draw every job's model and inputs here, train them at once, compare after.
+    starts = {seed: _start(make, shape, seed) for seed in range(3)}
+    expected = {seed: _grads(make, shape, seed, None) for seed in range(3)}
+
+    def train(seed: int) -> None:
+        try:
+            with StormSystem(daemon.endpoint, name=f"job-{seed}") as system:
+                ours = _grads(make, shape, seed, system, starts[seed])
+            for step, (step_ours, step_theirs) in enumerate(zip(ours, expected[seed], strict=True)):
+                for index, (a, b) in enumerate(zip(step_ours, step_theirs, strict=True)):
+                    assert torch.equal(a, b), f"job {seed} step {step} tensor {index}: {(a - b).abs().max()}"
+        except BaseException as e:  # re-raised on the test's thread
+            failures.append(e)
+
+    threads = [threading.Thread(target=train, args=(seed,)) for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+    stats = daemon.stats()
+    assert stats["spilled_total_bytes"] > 0
+    assert (stats["used_bytes"], stats["disk_used_bytes"], stats["live_sessions"]) == (0, 0, 0)
+
+
+def test_spill_files_too_small_keep_the_rest_in_host_memory_and_training_stays_exact(daemon_factory, tmp_path):
+    """ENOSPC of the tier: the spill files fill up; what does not fit stays where the policy says."""
+    daemon = _spill_daemon(daemon_factory, tmp_path, spill="4MiB")
+    make, shape, _ = MODELS["mlp"]
+    with StormSystem(daemon.endpoint, wait_timeout_s=0.5) as system:
+        ours = _grads(make, shape, 0, system)
+        kept = system.stats().kept_tensors
+    theirs = _grads(make, shape, 0, None)
+    for step_ours, step_theirs in zip(ours, theirs, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(step_ours, step_theirs, strict=True))
+    stats = daemon.stats()
+    assert stats["disk_full"] > 0 and kept > 0, "the spill policy keeps what neither tier can hold"
+    assert (stats["used_bytes"], stats["disk_used_bytes"]) == (0, 0)
+
+
+def test_a_daemon_killed_while_spilling_leaves_no_spill_space_behind(daemon_factory, tmp_path):
+    spill_bytes = 256 * MiB
+    daemon = _spill_daemon(daemon_factory, tmp_path, pool="32MiB", spill="256MiB", high_water="25%")
+    free_while_running = os.statvfs(tmp_path)
+    system = StormSystem(daemon.endpoint)
+    try:
+        handles = [system.offload(torch.full((MiB,), float(i))) for i in range(24)]
+        wait_for(lambda: daemon.stats()["spilled_total_bytes"] > 0, what="a spill")
+        assert os.listdir(tmp_path) == []
+        daemon.kill()
+    finally:
+        system.close()
+    del handles
+    free_after = os.statvfs(tmp_path)
+    returned = (free_after.f_bavail - free_while_running.f_bavail) * free_after.f_frsize
+    assert returned >= spill_bytes * 0.9, f"only {returned} of the {spill_bytes} reserved bytes came back"
+    assert os.listdir(tmp_path) == []
+
+
+def test_stats_and_status_show_the_disk_tier(daemon_factory, tmp_path):
+    daemon = _spill_daemon(daemon_factory, tmp_path, spill="64MiB")
+    stats = daemon.stats()
+    assert stats["disk_tier"] is True and stats["disk_bytes"] == 64 * MiB and stats["disk_used_bytes"] == 0
+    for key in ("spilled_total_bytes", "restored_total_bytes", "restore_hits", "restore_waits", "spill_errors"):
+        assert stats[key] == 0, key
+    from client.status import render, snapshot
+
+    text = render(snapshot(stats, None, 1.0))
+    assert "disk  [" in text and "64.0 MiB" in text
