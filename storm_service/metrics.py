@@ -82,6 +82,8 @@ class _ServerCollector:
             ("storm_sessions", "Live sessions.", len(sessions.sessions)),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
+        if sessions.tier is not None:
+            yield from self._disk(sessions.tier.stats(), GaugeMetricFamily, CounterMetricFamily)
         held = GaugeMetricFamily(
             "storm_session_used_bytes",
             "Bytes of committed activations one session holds.",
@@ -104,3 +106,23 @@ class _ServerCollector:
             "Sessions expired for silence or a dead process.",
             value=sessions.expired_total,
         )
+
+    @staticmethod
+    def _disk(stats: dict[str, Any], gauge: Any, counter: Any) -> Iterator[Any]:
+        """The disk tier (NOTE [Disk tier] in storm_service/disk/tier.py)."""
+        for name, doc, key in (
+            ("storm_disk_bytes", "Bytes reserved in the spill files.", "disk_bytes"),
+            ("storm_disk_used_bytes", "Bytes of activations on disk.", "disk_used_bytes"),
+            ("storm_disk_spill_bytes_per_second", "Spill rate while spilling.", "spill_bytes_per_s"),
+            ("storm_disk_restore_bytes_per_second", "Restore rate while restoring.", "restore_bytes_per_s"),
+        ):
+            yield gauge(name, doc, value=stats[key])
+        for name, doc, key in (
+            ("storm_disk_spilled_bytes", "Bytes written to the disk tier.", "spilled_total_bytes"),
+            ("storm_disk_restored_bytes", "Bytes read back from the disk tier.", "restored_total_bytes"),
+            ("storm_disk_restore_hits", "Extents read back before their fetch asked.", "restore_hits"),
+            ("storm_disk_restore_waits", "Extents a fetch waited for.", "restore_waits"),
+            ("storm_disk_spill_errors", "Writes to the disk tier that failed.", "spill_errors"),
+            ("storm_disk_restore_errors", "Reads from the disk tier that failed.", "restore_errors"),
+        ):
+            yield counter(name, doc, value=stats[key])

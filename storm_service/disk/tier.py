@@ -230,6 +230,13 @@ class DiskTier:
         if self.pool.used_bytes - self._spilling_bytes > self._target:
             self._spill()
 
+    def stuck(self, session: Session, extent: Extent) -> bool:
+        """Whether ``extent`` is on disk and ``session`` itself leaves no room to read it back into: what
+        it has fetched and not freed, and reserved, fills the pool. Nothing but its own frees could help."""
+        held = self._held.get(session.id)
+        own = session.reserved_bytes + (held.pinned_bytes if held is not None else 0)
+        return extent.residence is Residence.DISK and own + extent.length > self.pool.size_bytes
+
     def refused(self, need_bytes: int) -> None:
         """An offload of ``need_bytes`` found no room: spill that much more, and more at each refusal,
         until one fits (the free space may be in pieces) or ROOM_S pass without a refusal."""

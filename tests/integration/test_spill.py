@@ -8,7 +8,10 @@ came back, and that nothing is left in either tier after backward.
 from __future__ import annotations
 
 import os
+import re
+import socket
 import threading
+import urllib.request
 from collections.abc import Callable
 
 import pytest
@@ -16,7 +19,10 @@ import torch
 from torch import nn
 
 from client import StormSystem, offload_saved_tensors
+from client.status import render, snapshot
 from helpers import wait_for
+from storm_service.errors import PoolFullError
+from storm_service.units import format_bytes
 
 MiB = 1 << 20
 
@@ -147,13 +153,40 @@ def test_a_daemon_killed_while_spilling_leaves_no_spill_space_behind(daemon_fact
     assert os.listdir(tmp_path) == []
 
 
-def test_stats_and_status_show_the_disk_tier(daemon_factory, tmp_path):
-    daemon = _spill_daemon(daemon_factory, tmp_path, spill="64MiB")
+def test_stats_status_and_metrics_show_each_tier(daemon_factory, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = daemon_factory(
+        pool_size="16MiB",
+        extra_args=["--spill-dir", str(tmp_path), "--spill-size", "64MiB", "--metrics-port", str(port)],
+    )
+    assert daemon.stats()["disk_tier"] is True and daemon.stats()["disk_used_bytes"] == 0
+    with StormSystem(daemon.endpoint) as system:
+        handles = [system.offload(torch.full((MiB // 4,), float(i))) for i in range(20)]  # 20 MiB
+        system.flush()
+        stats = wait_for(lambda: (s := daemon.stats())["disk_used_bytes"] > 0 and not s["spilling_bytes"] and s)
+        assert stats["disk_bytes"] == 64 * MiB and stats["spilled_total_bytes"] >= stats["disk_used_bytes"]
+        session = stats["sessions"][0]
+        assert session["used_bytes"] + session["disk_bytes"] == 20 * MiB
+        text = render(snapshot(stats, None, 1.0))
+        assert "disk  [" in text and format_bytes(session["disk_bytes"]) in text
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        metrics = {m[1]: float(m[2]) for m in re.finditer(r"^(storm_disk_[a-z_]+) ([0-9.e+]+)$", scraped, re.M)}
+        assert metrics["storm_disk_bytes"] == 64 * MiB and metrics["storm_disk_used_bytes"] > 0
+        for index in reversed(range(len(handles))):
+            assert torch.equal(system.fetch(handles[index]), torch.full((MiB // 4,), float(index)))
+            system.free(handles[index])
     stats = daemon.stats()
-    assert stats["disk_tier"] is True and stats["disk_bytes"] == 64 * MiB and stats["disk_used_bytes"] == 0
-    for key in ("spilled_total_bytes", "restored_total_bytes", "restore_hits", "restore_waits", "spill_errors"):
-        assert stats[key] == 0, key
-    from client.status import render, snapshot
+    assert stats["restored_total_bytes"] > 0 and (stats["used_bytes"], stats["disk_used_bytes"]) == (0, 0)
 
-    text = render(snapshot(stats, None, 1.0))
-    assert "disk  [" in text and "64.0 MiB" in text
+
+def test_a_session_holding_fetched_extents_that_fill_the_pool_gets_a_clear_error_not_a_hang(daemon_factory, tmp_path):
+    daemon = _spill_daemon(daemon_factory, tmp_path, spill="64MiB")
+    with StormSystem(daemon.endpoint, fetch_timeout_s=30) as system:
+        handles = [system.offload(torch.full((MiB // 4,), float(i))) for i in range(24)]  # 24 MiB, 16 MiB pool
+        system.flush()
+        with pytest.raises(PoolFullError, match="fetched and not freed"):
+            for handle in reversed(handles):  # fetched, never freed: the pool fills with them
+                system.fetch(handle)
+    assert daemon.stats()["live_sessions"] == 0
