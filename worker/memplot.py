@@ -1,5 +1,7 @@
 """``storm-worker --plot``: private memory and pool bytes over a few steps, with and without STORM.
 
+With a disk tier the daemon's bytes on disk are drawn beside its host bytes.
+
 Private memory is the process's anonymous resident memory (``RssAnon``: what the
 kernel cannot share or drop); the pool is the daemon's used bytes. Both are sampled
 on background threads while the same model trains a few steps each way, so the saving
@@ -37,6 +39,8 @@ class MemoryTrace:
     private_bytes: list[int] = field(default_factory=list)
     pool_times_s: list[float] = field(default_factory=list)
     pool_bytes: list[int] = field(default_factory=list)
+    disk_bytes: list[int] = field(default_factory=list)
+    """The daemon's bytes on disk at each pool sample (empty without a disk tier)."""
 
 
 def trace(label: str, run: Callable[[], None], endpoint: str | None) -> MemoryTrace:
@@ -55,9 +59,11 @@ def trace(label: str, run: Callable[[], None], endpoint: str | None) -> MemoryTr
         assert endpoint is not None
         with connect(endpoint) as channel:
             while not stop.is_set():
-                used = channel.call(Op.STATS)["used_bytes"]
+                stats = channel.call(Op.STATS)
                 result.pool_times_s.append(time.perf_counter() - start)
-                result.pool_bytes.append(used)
+                result.pool_bytes.append(stats["used_bytes"])
+                if stats.get("disk_tier"):
+                    result.disk_bytes.append(stats["disk_used_bytes"])
                 stop.wait(SAMPLE_S * 5)
 
     threads = [threading.Thread(target=sample_private, daemon=True)]
@@ -88,9 +94,11 @@ def plot_traces(traces: list[MemoryTrace], path: str, title: str) -> None:
         base = t.private_bytes[0] if t.private_bytes else 0
         top.plot(t.times_s, [(b - base) / mib for b in t.private_bytes], label=t.label)
         if t.pool_bytes:
-            bottom.plot(t.pool_times_s, [b / mib for b in t.pool_bytes], label=t.label)
+            bottom.plot(t.pool_times_s, [b / mib for b in t.pool_bytes], label=f"{t.label}: host")
+        if t.disk_bytes:
+            bottom.plot(t.pool_times_s, [b / mib for b in t.disk_bytes], linestyle="--", label=f"{t.label}: disk")
     top.set_ylabel("training process\nprivate memory growth (MiB)")
-    bottom.set_ylabel("daemon pool used (MiB)")
+    bottom.set_ylabel("daemon bytes held (MiB)\nhost pool, and disk tier")
     bottom.set_xlabel("time (s)")
     top.set_title(title)
     top.legend()

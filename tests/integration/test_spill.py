@@ -190,3 +190,18 @@ def test_a_session_holding_fetched_extents_that_fill_the_pool_gets_a_clear_error
             for handle in reversed(handles):  # fetched, never freed: the pool fills with them
                 system.fetch(handle)
     assert daemon.stats()["live_sessions"] == 0
+
+
+def test_the_memory_plot_draws_host_and_disk_bytes(daemon_factory, tmp_path):
+    pytest.importorskip("matplotlib")
+    from worker.memplot import plot_traces, trace
+
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    daemon = _spill_daemon(daemon_factory, spill_dir)
+    make, shape, _ = MODELS["mlp"]
+    with StormSystem(daemon.endpoint) as system:
+        traced = trace("STORM", lambda: _grads(make, shape, 0, system), daemon.endpoint)
+    assert len(traced.disk_bytes) == len(traced.pool_bytes) and max(traced.disk_bytes) > 0
+    plot_traces([traced], str(tmp_path / "mem.png"), "host and disk")
+    assert (tmp_path / "mem.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
