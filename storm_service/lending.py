@@ -9,8 +9,10 @@ NOTE [Lending by descriptor]
   pidfd of the process (NOTE [Fencing] in pidfds.py); every later request must come from
   the same uid. The socket is served from the daemon's loop without ever blocking it:
   accept and receive are non-blocking, each connection gets one request and is closed,
-  at most MAX_CONNECTIONS are open, and one that sends nothing within REQUEST_TIMEOUT_S
-  is dropped, so no peer can stall the loop or hold the daemon's fds.
+  at most MAX_CONNECTIONS are open and at most MAX_UID_CONNECTIONS of one uid (so that
+  one user holding connections idle cannot lock the others out), and one that sends
+  nothing within REQUEST_TIMEOUT_S is dropped, so no peer can stall the loop or hold
+  the daemon's fds.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import socket
 import stat
 import time
+from collections import Counter
 
 import zmq
 
@@ -35,12 +38,14 @@ from storm_service.pidfds import open_pidfd
 from storm_service.pool import Pool
 from storm_service.sessions import Session, SessionTable
 
-__all__ = ["MAX_CONNECTIONS", "REQUEST_TIMEOUT_S", "Lender"]
+__all__ = ["MAX_CONNECTIONS", "MAX_UID_CONNECTIONS", "REQUEST_TIMEOUT_S", "Lender"]
 
 log = logging.getLogger("stormd.lending")
 
 MAX_CONNECTIONS = 64
 """Connections to the fd socket open at once; more are closed as they are accepted."""
+MAX_UID_CONNECTIONS = 8
+"""Connections of one uid open at once (a client needs one, for a moment, per slab it maps)."""
 REQUEST_TIMEOUT_S = 2.0
 """How long a connection may take to send its request."""
 
@@ -53,9 +58,13 @@ class Lender:
         self._pool = pool
         self._sessions = sessions
         self._poller = poller
-        self._connections: dict[int, tuple[socket.socket, float]] = {}
+        self._connections: dict[int, tuple[socket.socket, float, int]] = {}
+        """fd -> (connection, when it is dropped, its peer's uid)."""
+        self._per_uid: Counter[int] = Counter()
         self.lent = 0
         """Slab fds sent so far."""
+        self.refused = 0
+        """Connections closed as they were accepted, past a cap."""
         if os.path.lexists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)  # a dead daemon's: the endpoint lock says no live one serves here
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
@@ -79,7 +88,7 @@ class Lender:
         if ready is None or listener in ready:
             self._accept()
         now = time.monotonic()
-        for fd, (conn, deadline) in list(self._connections.items()):
+        for fd, (conn, deadline, _) in list(self._connections.items()):
             if ready is None or fd in ready:
                 self._answer(fd, conn)
             elif now > deadline:
@@ -94,11 +103,16 @@ class Lender:
             except OSError as e:  # EMFILE and the like: the connection stays queued, tried again next time
                 log.warning("fd socket: cannot accept: %s", e)
                 return
-            if len(self._connections) >= MAX_CONNECTIONS:
+            uid = peer_credentials(conn)[1]
+            if len(self._connections) >= MAX_CONNECTIONS or self._per_uid[uid] >= MAX_UID_CONNECTIONS:
+                self.refused += 1
+                if self.refused & (self.refused - 1) == 0:  # 1st, 2nd, 4th...: a flood cannot flood the log
+                    log.warning("fd socket: refused a connection of uid %d [%d refused so far]", uid, self.refused)
                 conn.close()
                 continue
             conn.setblocking(False)
-            self._connections[conn.fileno()] = (conn, time.monotonic() + REQUEST_TIMEOUT_S)
+            self._per_uid[uid] += 1
+            self._connections[conn.fileno()] = (conn, time.monotonic() + REQUEST_TIMEOUT_S, uid)
             self._poller.register(conn.fileno(), zmq.POLLIN)
 
     def _answer(self, fd: int, conn: socket.socket) -> None:
@@ -148,7 +162,10 @@ class Lender:
             raise ForbiddenError(f"the session belongs to uid {session.uid}, not to uid {uid}")
 
     def _drop(self, fd: int) -> None:
-        conn, _ = self._connections.pop(fd)
+        conn, _, uid = self._connections.pop(fd)
+        self._per_uid[uid] -= 1
+        if not self._per_uid[uid]:
+            del self._per_uid[uid]
         self._poller.unregister(fd)
         conn.close()
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from client import StormSystem
 from client.transport import Channel
 from helpers import DaemonProcess, run_as, wait_for
 from storm_service.errors import SessionLimitError, StormError
+from storm_service.lending import MAX_UID_CONNECTIONS
 from storm_service.protocol import Op
 
 NOBODY = 65534
@@ -265,3 +267,48 @@ def test_many_connections_and_registers_leave_the_daemon_serving(
         for channel in channels:
             channel.close()
         context.term()
+
+
+def _hold_fd_socket(path: str, count: int, hold_s: float) -> int:
+    """Open ``count`` connections to the fd socket, send nothing, and after a moment count those the
+    daemon closed at once; keep the rest open for ``hold_s``. Returns how many were closed."""
+    conns = []
+    for _ in range(count):
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        conn.connect(path)
+        conns.append(conn)
+    time.sleep(0.3)
+    closed = 0
+    for conn in conns:
+        conn.setblocking(False)
+        try:
+            closed += conn.recv(1) == b""
+        except BlockingIOError:
+            pass
+    time.sleep(hold_s)
+    for conn in conns:
+        conn.close()
+    return closed
+
+
+def test_one_uid_holding_the_fd_socket_idle_does_not_lock_other_clients_out(
+    socket_dir: Path, stopped: list[DaemonProcess]
+) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to hold the fd socket as a second uid")
+    daemon = _limited_daemon(str(socket_dir), FD_LIMIT, FD_LIMIT, "--group", "nogroup")
+    stopped.append(daemon)
+    fd_socket = daemon.socket_path + ".fds"
+    held: list[int] = []
+    holder = threading.Thread(
+        target=lambda: held.append(run_as(NOBODY, NOBODY, lambda: _hold_fd_socket(fd_socket, 64, 1.2)))
+    )
+    holder.start()
+    try:
+        wait_for(lambda: "fd socket: refused a connection of uid 65534" in daemon.log(), 10, "the holder's refusals")
+        with StormSystem(daemon.endpoint, timeout_s=2) as system:  # needs the fd socket while it is held
+            kept = torch.randn(1024)
+            assert torch.equal(system.fetch(system.offload(kept)), kept)
+    finally:
+        holder.join()
+    assert held == [64 - MAX_UID_CONNECTIONS], "every connection past the uid's cap closed, and no other"
