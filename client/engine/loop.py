@@ -24,6 +24,7 @@ NOTE [Transfer engine]
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import queue
 import threading
@@ -321,19 +322,34 @@ class TransferEngine:
         for index, layer_jobs in enumerate(runs_by_layer(jobs)):
             if index and not self._queue.empty():
                 self._serve_while_waiting(requests)  # fetches queued meanwhile go first
+            waiting = list(layer_jobs)
+            # Before a policy waits for room, what is placed is stored, so that the daemon may spill
+            # it: an uncommitted extent never moves, and a layer larger than the room would wait forever.
+            placement.before_wait = functools.partial(self._store_placed, requests, waiting)
             placement.place_layer(layer_jobs)
-            copies = [job for job in layer_jobs if job.slot.placed and not job.moved()]
-            started = time.perf_counter()
-            self.copier.copy_out(copies)
-            self.stats.copy_out_s += time.perf_counter() - started
-            self.stats.copy_out_bytes += sum(job.slot.handle.size_bytes for job in copies)
-            for job in copies:
-                job.slot.error = job.modified()
-            if copies:
-                requests.post(Op.COMMIT, handles=[job.slot.id for job in copies], **requests.unreported_savings())
-            for job in layer_jobs:
-                job.tensor = job.guard = None  # type: ignore[assignment]
-                job.slot.stored.set()
+            placement.before_wait = None
+            self._store(requests, waiting)
+
+    def _store_placed(self, requests: Requests, waiting: list[Offload]) -> None:
+        """Store the placed jobs of ``waiting``, leaving the others in it."""
+        placed = [job for job in waiting if job.slot.placed]
+        waiting[:] = [job for job in waiting if not job.slot.placed]
+        self._store(requests, placed)
+
+    def _store(self, requests: Requests, jobs: list[Offload]) -> None:
+        """Copy the placed ones of ``jobs`` into the pool and commit them; each is then stored."""
+        copies = [job for job in jobs if job.slot.placed and not job.moved()]
+        started = time.perf_counter()
+        self.copier.copy_out(copies)
+        self.stats.copy_out_s += time.perf_counter() - started
+        self.stats.copy_out_bytes += sum(job.slot.handle.size_bytes for job in copies)
+        for job in copies:
+            job.slot.error = job.modified()
+        if copies:
+            requests.post(Op.COMMIT, handles=[job.slot.id for job in copies], **requests.unreported_savings())
+        for job in jobs:
+            job.tensor = job.guard = None  # type: ignore[assignment]
+            job.slot.stored.set()
 
     def _serve_while_waiting(self, requests: Requests, fetches: bool = True) -> None:
         """While an offload waits for room (or a fetch for the disk tier: ``fetches`` False), run the

@@ -54,6 +54,8 @@ class Wait:
         self.then = then
 
     def resolve(self, placement: Placement, job: Offload) -> None:
+        if placement.before_wait is not None:
+            placement.before_wait()
         deadline = time.monotonic() + self.timeout_s
         while True:
             placement.serve_while_waiting()
@@ -112,6 +114,8 @@ class Placement:
         self.stats = stats
         self.requests = requests
         self.serve_while_waiting = serve_while_waiting
+        self.before_wait: Callable[[], None] | None = None
+        """Set while a layer is placed: stores its jobs placed so far, before a policy waits for room."""
 
     def place_layer(self, jobs: list[Offload]) -> None:
         """Give every job of one layer's run an extent, reserving what is missing in one request."""

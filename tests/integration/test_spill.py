@@ -205,3 +205,19 @@ def test_the_memory_plot_draws_host_and_disk_bytes(daemon_factory, tmp_path):
     assert len(traced.disk_bytes) == len(traced.pool_bytes) and max(traced.disk_bytes) > 0
     plot_traces([traced], str(tmp_path / "mem.png"), "host and disk")
     assert (tmp_path / "mem.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_batch_of_offloads_larger_than_the_pool_spills_instead_of_waiting(daemon_factory, tmp_path):
+    """The transfer thread places a whole batch before it copies: what it placed must be stored (and
+    so become spillable) before it waits for room, or a batch larger than the pool waits forever."""
+    daemon = _spill_daemon(daemon_factory, tmp_path)
+    tensors = [torch.full((MiB // 4,), float(i)) for i in range(24)]  # 24 MiB for a 16 MiB pool
+    # A slow link holds the transfer thread on the first copy while the rest queue up: one batch.
+    with StormSystem(daemon.endpoint, link_gbps=0.02, wait_timeout_s=5) as system:
+        handles = [system.offload(tensor, layer_id=0) for tensor in tensors]
+        system.flush()
+        assert system.stats().kept_tensors == 0, "every tensor went to the pool or to disk"
+        assert daemon.stats()["spilled_total_bytes"] > 0
+        for handle, tensor in reversed(list(zip(handles, tensors, strict=True))):
+            assert torch.equal(system.fetch(handle), tensor)
+            system.free(handle)
