@@ -40,7 +40,14 @@ from typing import TYPE_CHECKING, Any
 
 from storm_service.config import DaemonConfig
 from storm_service.endpoints import pid_namespace
-from storm_service.errors import ForbiddenError, NotCommittedError, PoolFullError, RemoteError, SessionLimitError
+from storm_service.errors import (
+    ForbiddenError,
+    NotCommittedError,
+    PoolFullError,
+    QuotaExceededError,
+    RemoteError,
+    SessionLimitError,
+)
 from storm_service.extents import Extent, ExtentState
 from storm_service.pool import Pool
 from storm_service.protocol import MAX_LISTED_SESSIONS, MAX_SIZE_BYTES, Op, Request
@@ -294,10 +301,13 @@ def handle_fetch(context: OpContext, request: Request, session: Session) -> dict
     if tier is not None:
         wait = bool(request.args.get("wait", 1))
         ready = tier.fetching(session, extents, wait)
-        if ready == 0 and wait and tier.stuck(session, extents[0]):
-            raise PoolFullError(
+        filled = tier.stuck(session, extents[0]) if ready == 0 and wait else 0
+        if filled:
+            what = "pool" if filled == context.pool.size_bytes else "quota"
+            error = PoolFullError if what == "pool" else QuotaExceededError
+            raise error(
                 f"fetch: no room to read handle {extents[0].handle} back from disk: this session's extents fetched "
-                f"and not freed, and reserved, fill the {format_bytes(context.pool.size_bytes)} pool; free some"
+                f"and not freed, and reserved, fill its {format_bytes(filled)} {what}; free some"
             )
         if ready == 0 and wait and not context.answer_now:
             raise Parked

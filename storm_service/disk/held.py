@@ -40,6 +40,8 @@ class Held:
     """Bytes read back (or being read) ahead of any fetch."""
     margin_bytes: int = MIN_MARGIN_BYTES
     """How far it reads ahead now."""
+    quota_room: int = 0
+    """Bytes of its own to write out before the extent it waits for fits in its quota."""
 
 
 class Busy:

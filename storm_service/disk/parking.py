@@ -12,6 +12,7 @@ past that a fetch is refused with an error instead.
 from __future__ import annotations
 
 import contextlib
+import logging
 import select
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,8 @@ from storm_service.ops import OpContext, Parked
 from storm_service.protocol import encode_error
 
 __all__ = ["MAX_PARKED", "Parking"]
+
+log = logging.getLogger("stormd.disk")
 
 MAX_PARKED = 4096
 """Fetches waiting for the disk tier at once, at most."""
@@ -64,10 +67,16 @@ class Parking:
         self._parked.append((time.monotonic() + PARK_S, envelope, body))
 
     def step(self) -> None:
-        """Take finished I/O, answer the fetches it unblocked or that waited long enough, then balance."""
-        if self.tier.poll() or (self._parked and self._parked[0][0] <= time.monotonic()):
-            self.retry()
-        self.tier.balance()
+        """Take finished I/O, answer the fetches it unblocked or that waited long enough, then balance.
+
+        A bug in the tier is logged, never let out: the loop serves everyone else.
+        """
+        try:
+            if self.tier.poll() or (self._parked and self._parked[0][0] <= time.monotonic()):
+                self.retry()
+            self.tier.balance()
+        except Exception:
+            log.exception("disk tier: internal error (the daemon goes on serving)")
 
     def retry(self) -> None:
         """Answer every parked fetch again: one whose first extent is still away parks again, until

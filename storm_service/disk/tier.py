@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
 from storm_service.disk.files import SpillFile
@@ -90,11 +89,13 @@ class DiskTier:
         self.high_water_bytes = int(high_water * pool.size_bytes)
         self._space = SpillSpace(files, pool.alignment)
         self._held: dict[int, Held] = {}
-        self._wanted: deque[Extent] = deque()
-        """Extents a parked fetch waits for that found no host space yet."""
+        self._wanted: dict[int, Extent] = {}
+        """Extents a parked fetch waits for that found no host space yet, by handle, in order."""
         self._reading: set[int] = set()
         """Sessions in backward with extents on disk: read ahead at each balance."""
         self._spilling_bytes = 0
+        self._over_quota: set[int] = set()
+        """Sessions whose wanted extent waits for their own extents to go to disk (their quota is full)."""
         self._room_wanted = 0
         """Bytes under the high water the spiller frees for refused offloads (:meth:`refused`)."""
         self._room_until = 0.0
@@ -130,9 +131,9 @@ class DiskTier:
                 # water, and waits for room if there is none. The rest come back only below it, as
                 # reading ahead does: the client asks for them again, and prefetches cannot crowd
                 # out the offloads of a forward that runs meanwhile.
-                if ready is None and wait:
+                if ready is None and wait and extent.handle not in self._wanted:
                     if not self._restore(held, extent):
-                        self._wanted.append(extent)
+                        self._wanted[extent.handle] = extent
                         self.refused(extent.length)
                 elif self.pool.used_bytes + extent.length <= self._target:
                     self._restore(held, extent)
@@ -175,6 +176,8 @@ class DiskTier:
         if extent.residence in (Residence.SPILLING, Residence.RESTORING):
             extent.freed = True
             return extent.length
+        extent.freed = True
+        self._wanted.pop(extent.handle, None)
         if extent.residence is Residence.DISK:
             self._free_disk(session, extent)
             return extent.length
@@ -211,14 +214,12 @@ class DiskTier:
 
     def balance(self) -> None:
         """Restore what parked fetches want, read ahead for sessions in backward, spill past the high water."""
-        while self._wanted:
-            extent = self._wanted[0]
+        for handle, extent in list(self._wanted.items()):
             owner = self._held.get(extent.session_id)
-            wanted = owner is not None and extent.residence is Residence.DISK and not extent.freed
-            if wanted and owner is not None and not self._restore(owner, extent):
+            if owner is not None and extent.residence is Residence.DISK and not self._restore(owner, extent):
                 self.refused(extent.length)
                 break
-            self._wanted.popleft()
+            del self._wanted[handle]
         for session_id in list(self._reading):
             reading = self._held.get(session_id)
             if reading is None or not reading.on_disk:
@@ -227,15 +228,19 @@ class DiskTier:
                 self._read_ahead(reading)
         if self._room_wanted and time.monotonic() > self._room_until:
             self._room_wanted = 0
+        if self._over_quota:
+            self._spill_over_quota()
         if self.pool.used_bytes - self._spilling_bytes > self._target:
             self._spill()
 
-    def stuck(self, session: Session, extent: Extent) -> bool:
-        """Whether ``extent`` is on disk and ``session`` itself leaves no room to read it back into: what
-        it has fetched and not freed, and reserved, fills the pool. Nothing but its own frees could help."""
+    def stuck(self, session: Session, extent: Extent) -> int:
+        """0, or the bytes (the pool's, or ``session``'s quota) that ``session`` itself fills with what it
+        has fetched and not freed, and reserved, leaving no room to read ``extent`` (on disk) back into.
+        Nothing but its own frees could help then."""
         held = self._held.get(session.id)
         own = session.reserved_bytes + (held.pinned_bytes if held is not None else 0)
-        return extent.residence is Residence.DISK and own + extent.length > self.pool.size_bytes
+        limit = min(session.quota_bytes, self.pool.size_bytes)
+        return limit if extent.residence is Residence.DISK and own + extent.length > limit else 0
 
     def refused(self, need_bytes: int) -> None:
         """An offload of ``need_bytes`` found no room: spill that much more, and more at each refusal,
@@ -266,19 +271,38 @@ class DiskTier:
                 excess -= freed
                 continue
             extent = next(iter(held.resident.values()))
-            where = self._space.allocate(extent.length)
-            if where is None:
+            if not self._spill_one(held, extent):
                 self._full(excess)
                 return
-            del held.resident[extent.handle]
-            extent.residence, extent.disk = Residence.SPILLING, where
-            held.spilling_bytes += extent.length
-            self._spilling_bytes += extent.length
             excess -= extent.length
-            self._spill_busy.start()
-            self.io.write(
-                where[0], where[1], self.pool.view(extent.slab, extent.offset, extent.length), (_SPILL, extent, held)
-            )
+
+    def _spill_one(self, held: Held, extent: Extent) -> bool:
+        """Start writing ``extent`` out; False when the spill files have no room for it."""
+        where = self._space.allocate(extent.length)
+        if where is None:
+            return False
+        del held.resident[extent.handle]
+        extent.residence, extent.disk = Residence.SPILLING, where
+        held.spilling_bytes += extent.length
+        self._spilling_bytes += extent.length
+        self._spill_busy.start()
+        self.io.write(
+            where[0], where[1], self.pool.view(extent.slab, extent.offset, extent.length), (_SPILL, extent, held)
+        )
+        return True
+
+    def _spill_over_quota(self) -> None:
+        """Write out the oldest extents of sessions whose wanted extent would take them past their quota."""
+        for session_id in list(self._over_quota):
+            held = self._held.get(session_id)
+            if held is None or held.quota_room <= 0:
+                self._over_quota.discard(session_id)
+                continue
+            while held.resident and held.spilling_bytes < held.quota_room:
+                if not self._spill_one(held, next(iter(held.resident.values()))):
+                    return
+            if not held.resident:
+                self._over_quota.discard(session_id)
 
     def _victim(self, now: float) -> tuple[Held | None, bool]:
         """The session whose oldest spillable extent is wanted last (NOTE [Time to next use]), and
@@ -337,12 +361,20 @@ class DiskTier:
                 return
 
     def _restore(self, held: Held, extent: Extent) -> bool:
-        """Start reading ``extent`` (on disk) into new host space; False when no space is free."""
+        """Start reading ``extent`` (on disk) into new host space; False when no space is free, or when
+        it would take its session past its quota (its own extents are then spilled first)."""
         session = held.session
+        over = session.held_bytes + extent.length - session.quota_bytes
+        if over > 0 and session.quota_bytes < self.pool.size_bytes:
+            held.quota_room = max(held.quota_room, over)
+            self._over_quota.add(session.id)
+            return False
         where = self.pool.allocate(session.tenant.name, extent.length)
         if where is None:
             return False
         del held.on_disk[(extent.committed_at, extent.handle)]
+        held.quota_room = 0
+        self._over_quota.discard(session.id)
         extent.slab, extent.offset, _ = where
         extent.residence = Residence.RESTORING
         if not extent.pinned:

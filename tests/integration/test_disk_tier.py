@@ -96,7 +96,7 @@ def make_daemon(tmp_path) -> Iterator[Any]:
 
     def make(pool_mib: int = 16, spill_mib: int = 64, high_water: float = 0.5, directory: str | None = None) -> Daemon:
         spill_dir = directory or str(tmp_path)
-        argv = ["--spill-dir", spill_dir, "--spill-size", f"{spill_mib}MiB"]
+        argv = ["--spill-dir", spill_dir, "--spill-size", f"{spill_mib}MiB", "--heartbeat-timeout", "1s"]
         config = load_config(build_parser().parse_args(argv), {})
         files = [SpillFile.open(spill_dir, spill_mib * MiB)]
         pool = Pool.create(pool_mib * MiB, pool_mib * MiB, alignment=max(512, files[0].alignment))
@@ -255,3 +255,67 @@ def test_on_a_filesystem_without_direct_io_the_tier_falls_back_to_buffered_and_s
         assert os.listdir(directory) == []
     finally:
         os.rmdir(directory)
+
+
+def _fill_with_reservations(daemon: Daemon) -> tuple[str, list[int]]:
+    """Another session reserves (offloads, never commits) every free byte: nothing can be read back."""
+    token, handles = daemon.register(), []
+    while True:
+        reply = daemon.send(Op.OFFLOAD, token, sizes=[MiB // 4], layer_id=0)
+        if not reply.ok:
+            return token, handles
+        handles.append(reply.result["extents"][0]["handle"])
+
+
+def test_freeing_an_extent_a_fetch_waits_for_leaves_the_daemon_serving(make_daemon):
+    daemon = make_daemon(pool_mib=16, high_water=0.1)
+    token = daemon.register()
+    handles = daemon.offload(token, _payloads(8, MiB // 4, seed=12))
+    daemon.settle()
+    extents = daemon.server.context.sessions.extents
+    on_disk = [h for h in handles if extents[h].residence.value == "disk"]
+    daemon.fetch(token, [h for h in handles if extents[h].residence.value == "host"])  # pinned: never spilled
+    filler, reserved = _fill_with_reservations(daemon)
+    assert daemon.call(Op.FETCH, token, handles=on_disk[:1])["extents"] == [], "no room: answered with nothing"
+    daemon.call(Op.FREE, token, handles=on_disk[:1])  # the extent it waited for
+    daemon.call(Op.FREE, filler, handles=reserved)
+    daemon.settle()
+    rest = [h for h in handles if h != on_disk[0]]
+    assert len(daemon.fetch(token, rest)) == len(rest)
+    daemon.call(Op.FREE, token, handles=rest)
+    daemon.settle()
+    assert (daemon.pool.used_bytes, daemon.stats()["disk_used_bytes"]) == (0, 0)
+
+
+def test_asking_again_and_again_for_an_extent_with_no_room_keeps_one_entry(make_daemon):
+    daemon = make_daemon(pool_mib=16, high_water=0.1)
+    token = daemon.register()
+    handles = daemon.offload(token, _payloads(8, MiB // 4, seed=13))
+    daemon.settle()
+    extents = daemon.server.context.sessions.extents
+    wanted = next(h for h in handles if extents[h].residence.value == "disk")
+    daemon.fetch(token, [h for h in handles if extents[h].residence.value == "host"])  # pinned: never spilled
+    filler, reserved = _fill_with_reservations(daemon)
+    for _ in range(8):  # each waits out the in-process deadline (the heartbeat timeout, 1 s)
+        assert daemon.call(Op.FETCH, token, handles=[wanted])["extents"] == []
+    assert list(daemon.tier._wanted) == [wanted]
+    daemon.call(Op.FREE, filler, handles=reserved)
+
+
+def test_fetching_back_from_disk_never_takes_a_session_past_its_quota(make_daemon):
+    daemon = make_daemon(pool_mib=16, high_water=0.1)
+    token = daemon.register(quota=4 * MiB)
+    handles: list[int] = []
+    for index in range(12):  # one at a time: what goes to disk leaves room in the quota
+        handles += daemon.offload(token, _payloads(1, MiB, seed=index))
+        daemon.settle()
+    session = daemon.stats()["sessions"][0]
+    assert session["disk_bytes"] > 4 * MiB
+    fetched = 0
+    with pytest.raises(AssertionError, match=r"QUOTA_EXCEEDED.*fill its 4\.0 MiB quota"):
+        for handle in reversed(handles):  # fetched, never freed
+            daemon.fetch(token, [handle])
+            fetched += 1
+            assert daemon.stats()["sessions"][0]["used_bytes"] <= 4 * MiB
+    assert fetched == 4
+    daemon.call(Op.FREE, token, handles=handles)

@@ -21,6 +21,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -35,10 +36,12 @@ PIECE_BYTES = 64 * KiB  # small pieces: every op of a few hundred KiB is cut in 
 
 
 @pytest.fixture
-def disk_dir(cache: pytest.Cache) -> Iterator[str]:
-    """A private directory on the repository's filesystem (a disk, unlike /tmp on some hosts);
-    the test must leave it empty (a spill file has no name)."""
-    path = tempfile.mkdtemp(prefix="spill-", dir=cache.mkdir("disk-io"))
+def disk_dir() -> Iterator[str]:
+    """A private directory on the repository's filesystem (a disk, unlike /tmp on some hosts), under
+    the ignored .pytest_cache; the test must leave it empty (a spill file has no name)."""
+    base = Path(__file__).resolve().parents[2] / ".pytest_cache" / "disk-io"
+    base.mkdir(parents=True, exist_ok=True)
+    path = tempfile.mkdtemp(prefix="spill-", dir=base)
     yield path
     assert os.listdir(path) == []
     os.rmdir(path)
