@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
             setting.flag,
             dest=setting.name,
             default=None,
-            help=f"{setting.help} [env {setting.env}; default {setting.default()}]",
+            help=f"{setting.help} [env {setting.env}; default {setting.default()}]".replace("%", "%%"),
         )
     return parser
 
