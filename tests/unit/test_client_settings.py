@@ -45,4 +45,3 @@ def test_variables_then_arguments_win():
 def test_bad_values_name_the_setting(environ, overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         ClientSettings.load(environ, **overrides)
-
