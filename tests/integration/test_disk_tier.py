@@ -257,25 +257,25 @@ def test_on_a_filesystem_without_direct_io_the_tier_falls_back_to_buffered_and_s
         os.rmdir(directory)
 
 
-def _fill_with_reservations(daemon: Daemon) -> tuple[str, list[int]]:
-    """Another session reserves (offloads, never commits) every free byte: nothing can be read back."""
-    token, handles = daemon.register(), []
-    while True:
-        reply = daemon.send(Op.OFFLOAD, token, sizes=[MiB // 4], layer_id=0)
-        if not reply.ok:
-            return token, handles
-        handles.append(reply.result["extents"][0]["handle"])
+def _no_room_for_what_is_on_disk(daemon: Daemon, seed: int) -> tuple[str, list[int], list[int], str, list[int]]:
+    """A session with extents on disk and the rest fetched (pinned: never spilled), and another session
+    that reserves (offloads, never commits) every free byte: nothing can be read back or spilled.
+    Returns the first session's token, its handles, those on disk, and the filler's token and handles."""
+    token = daemon.register()
+    handles = daemon.offload(token, _payloads(8, MiB // 4, seed=seed))
+    daemon.settle()
+    extents = daemon.server.context.sessions.extents
+    on_disk = [h for h in handles if extents[h].residence.value == "disk"]
+    daemon.fetch(token, [h for h in handles if h not in on_disk])
+    filler, reserved = daemon.register(), []
+    while (reply := daemon.send(Op.OFFLOAD, filler, sizes=[MiB // 4], layer_id=0)).ok:
+        reserved.append(reply.result["extents"][0]["handle"])
+    return token, handles, on_disk, filler, reserved
 
 
 def test_freeing_an_extent_a_fetch_waits_for_leaves_the_daemon_serving(make_daemon):
     daemon = make_daemon(pool_mib=16, high_water=0.1)
-    token = daemon.register()
-    handles = daemon.offload(token, _payloads(8, MiB // 4, seed=12))
-    daemon.settle()
-    extents = daemon.server.context.sessions.extents
-    on_disk = [h for h in handles if extents[h].residence.value == "disk"]
-    daemon.fetch(token, [h for h in handles if extents[h].residence.value == "host"])  # pinned: never spilled
-    filler, reserved = _fill_with_reservations(daemon)
+    token, handles, on_disk, filler, reserved = _no_room_for_what_is_on_disk(daemon, seed=12)
     assert daemon.call(Op.FETCH, token, handles=on_disk[:1])["extents"] == [], "no room: answered with nothing"
     daemon.call(Op.FREE, token, handles=on_disk[:1])  # the extent it waited for
     daemon.call(Op.FREE, filler, handles=reserved)
@@ -289,13 +289,8 @@ def test_freeing_an_extent_a_fetch_waits_for_leaves_the_daemon_serving(make_daem
 
 def test_asking_again_and_again_for_an_extent_with_no_room_keeps_one_entry(make_daemon):
     daemon = make_daemon(pool_mib=16, high_water=0.1)
-    token = daemon.register()
-    handles = daemon.offload(token, _payloads(8, MiB // 4, seed=13))
-    daemon.settle()
-    extents = daemon.server.context.sessions.extents
-    wanted = next(h for h in handles if extents[h].residence.value == "disk")
-    daemon.fetch(token, [h for h in handles if extents[h].residence.value == "host"])  # pinned: never spilled
-    filler, reserved = _fill_with_reservations(daemon)
+    token, _, on_disk, filler, reserved = _no_room_for_what_is_on_disk(daemon, seed=13)
+    wanted = on_disk[0]
     for _ in range(8):  # each waits out the in-process deadline (the heartbeat timeout, 1 s)
         assert daemon.call(Op.FETCH, token, handles=[wanted])["extents"] == []
     assert list(daemon.tier._wanted) == [wanted]
