@@ -106,9 +106,6 @@ class Parking:
         select.select([self.wakeup_fd], [], [], timeout_s)
         self.step()
 
-    def __len__(self) -> int:
-        return len(self._parked)
-
 
 def dispatch_until_answered(
     reply: Callable[[], bytes | None], parking: Parking | None, timeout_s: float

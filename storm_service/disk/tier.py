@@ -313,7 +313,7 @@ class DiskTier:
                 continue
             extent = next(iter(held.resident.values()))
             session = held.session
-            if session.disk_bytes + held.spilling_bytes + extent.length > self.disk_quota(session):
+            if session.disk_bytes + held.spilling_bytes + extent.length > self._disk_quota(session):
                 share_full = True
                 continue
             when = held.profile.time_to_use(extent.committed_at, now)
@@ -451,7 +451,7 @@ class DiskTier:
         self._release_disk_space(extent)
         session.disk_bytes -= extent.length
 
-    def disk_quota(self, session: Session) -> int:
+    def _disk_quota(self, session: Session) -> int:
         """The bytes ``session`` may hold on disk: the share of the disk its quota is of the pool."""
         return self.size_bytes * min(session.quota_bytes, self.pool.size_bytes) // self.pool.size_bytes
 
