@@ -26,6 +26,8 @@ from typing import Protocol
 
 import torch
 
+from storm_service.errors import ProtocolError
+from storm_service.fdpass import LentSlab
 from storm_service.shm import advise_huge_pages, memfd_huge_policy
 
 __all__ = ["LentSlabs", "MappedSegment", "PinnedMemoryBuffer", "SlabLookup"]
@@ -52,9 +54,11 @@ class MappedSegment:
     touch, as they touch them (NOTE [Lazy pinning]); the slab itself never calls CUDA.
     """
 
-    def __init__(self, slab_id: int, fd: int, size_bytes: int, *, pin: bool) -> None:
+    def __init__(self, slab_id: int, fd: int, size_bytes: int, *, pin: bool, device: str | None = None) -> None:
         self.name = f"slab {slab_id}"
         self.size_bytes = size_bytes
+        self.device = device
+        """The device (a ``fake`` one) this slab is memory of (NOTE [Device tier]); None for the host pool."""
         self.pin = pin
         """Whether this process may page-lock the mapping (``STORM_PIN``)."""
         try:
@@ -122,13 +126,21 @@ class SlabLookup(Protocol):
 class LentSlabs:
     """The slabs this process maps, by slab id, each mapped the first time an extent in it is used.
 
-    ``lend(slab_id)`` asks the daemon for the slab's fd and returns ``(fd, size_bytes)``
-    (storm_service/fdpass.py). Safe to use from any thread.
+    ``lend(slab_id)`` asks the daemon for the slab (storm_service/fdpass.py); a CUDA device
+    slab is opened by ``open_device`` (client/engine/ipc.py), which is None where this
+    process has no CUDA. Safe to use from any thread.
     """
 
-    def __init__(self, lend: Callable[[int], tuple[int, int]], *, pin: bool) -> None:
+    def __init__(
+        self,
+        lend: Callable[[int], LentSlab],
+        *,
+        pin: bool,
+        open_device: Callable[[LentSlab], MappedSegment] | None = None,
+    ) -> None:
         self._lend = lend
         self._pin = pin
+        self._open_device = open_device
         self._mapped: dict[int, MappedSegment] = {}
         self._lock = threading.Lock()
 
@@ -139,9 +151,15 @@ class LentSlabs:
         with self._lock:
             segment = self._mapped.get(slab_id)
             if segment is None:
-                fd, size_bytes = self._lend(slab_id)
-                segment = self._mapped[slab_id] = MappedSegment(slab_id, fd, size_bytes, pin=self._pin)
+                segment = self._mapped[slab_id] = self._open(self._lend(slab_id))
             return segment
+
+    def _open(self, lent: LentSlab) -> MappedSegment:
+        if lent.fd is not None:
+            return MappedSegment(lent.slab_id, lent.fd, lent.size_bytes, pin=self._pin, device=lent.device)
+        if self._open_device is None:
+            raise ProtocolError(f"slab {lent.slab_id} is memory of GPU {lent.device}, and this process has no CUDA")
+        return self._open_device(lent)
 
     def items(self) -> list[tuple[int, MappedSegment]]:
         with self._lock:

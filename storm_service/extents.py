@@ -28,6 +28,8 @@ class ExtentState(enum.Enum):
 class Residence(enum.Enum):
     """Where a committed extent's bytes are (NOTE [Disk tier] in storm_service/disk/tier.py)."""
 
+    DEVICE = "device"
+    """In the device tier (storm_service/device/tier.py): ``slab`` is a device slab."""
     HOST = "host"
     SPILLING = "spilling"
     """Being written to disk; the host copy is still the one read."""

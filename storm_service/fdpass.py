@@ -8,7 +8,13 @@ daemon closes the connection::
 
     client ──[ {"v": 2, "token": <str>, "slab": <int>} ]──────────────▶ stormd
     client ◀──[ {"v": 2, "ok": true, "slab": <int>, "size_bytes": <int>} + SCM_RIGHTS fd ]──
+            | [ {... "tier": "device", "backend": "fake", "device": <str>} + SCM_RIGHTS fd ]
+            | [ {... "tier": "device", "backend": "cuda", "device": <GPU UUID>, "ipc": <64 bytes>} ]
             | [ {"v": 2, "ok": false, "error": {"code": <ErrorCode>, "message": <str>}} ]
+
+A device slab (NOTE [Device tier] in storm_service/device/tier.py) of the ``fake``
+backend is a sealed memfd like a host slab, checked the same way; one of the ``cuda``
+backend carries no fd but a CUDA IPC handle of the allocation on the GPU named by UUID.
 
 ``slab`` 0 asks for no fd: it binds the session to the caller's process (the daemon
 takes its uid and a pidfd, NOTE [Lending by descriptor] in lending.py).
@@ -31,6 +37,7 @@ import os
 import socket
 import stat
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -41,6 +48,8 @@ from storm_service.shm import SLAB_SEALS
 
 __all__ = [
     "FD_SOCKET_SUFFIX",
+    "IPC_HANDLE_BYTES",
+    "LentSlab",
     "MAX_FD_MESSAGE_BYTES",
     "bind_session",
     "check_socket_dir",
@@ -57,7 +66,28 @@ __all__ = [
 FD_SOCKET_SUFFIX = ".fds"
 MAX_FD_MESSAGE_BYTES = 2048
 """Largest request or reply on the fd socket."""
-_LIMITS = {"max_str_len": MAX_FD_MESSAGE_BYTES, "max_bin_len": 0, "max_array_len": 0, "max_map_len": 8}
+IPC_HANDLE_BYTES = 64
+"""``sizeof(cudaIpcMemHandle_t)``."""
+_LIMITS = {"max_str_len": MAX_FD_MESSAGE_BYTES, "max_bin_len": IPC_HANDLE_BYTES, "max_array_len": 0, "max_map_len": 12}
+_BACKENDS = ("fake", "cuda")
+
+
+@dataclass(frozen=True)
+class LentSlab:
+    """A slab as the fd socket lent it: a host or fake-device slab's fd, or a CUDA slab's IPC handle."""
+
+    slab_id: int
+    size_bytes: int
+    fd: int | None
+    """The memfd (host and ``fake`` device slabs), already checked; the receiver closes it."""
+    backend: str | None = None
+    """None for a host slab, else the device backend: ``fake`` or ``cuda``."""
+    device: str | None = None
+    """The device's name: a GPU UUID for ``cuda``."""
+    ipc: bytes | None = None
+    """The CUDA IPC handle of a ``cuda`` slab."""
+
+
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -124,8 +154,11 @@ def connect_checked(path: str, timeout_s: float) -> tuple[socket.socket, int]:
     return sock, daemon_uid
 
 
-def encode_slab_reply(slab_id: int, size_bytes: int) -> bytes:
-    return msgpack.packb({"v": PROTOCOL_VERSION, "ok": True, "slab": slab_id, "size_bytes": size_bytes})
+def encode_slab_reply(slab_id: int, size_bytes: int, device: dict[str, Any] | None = None) -> bytes:
+    """A reply lending a slab; ``device`` adds a device slab's ``tier``, ``backend``, ``device`` (and ``ipc``)."""
+    return msgpack.packb(
+        {"v": PROTOCOL_VERSION, "ok": True, "slab": slab_id, "size_bytes": size_bytes} | (device or {})
+    )
 
 
 def encode_slab_error(code: str, message: str) -> bytes:
@@ -157,18 +190,18 @@ def bind_session(path: str, token: str, timeout_s: float) -> None:
     _exchange(path, token, 0, timeout_s)
 
 
-def request_slab(path: str, token: str, slab_id: int, timeout_s: float) -> tuple[int, int]:
-    """Ask the daemon at ``path`` for slab ``slab_id``'s fd: ``(fd, size_bytes)`` (NOTE [Verifying the daemon]).
+def request_slab(path: str, token: str, slab_id: int, timeout_s: float) -> LentSlab:
+    """Ask the daemon at ``path`` for slab ``slab_id`` (NOTE [Verifying the daemon]).
 
     An error reply raises the matching RemoteError; an untrusted peer or fd,
     UntrustedDaemonError; no daemon, StormUnavailableError.
     """
-    fd, size_bytes = _exchange(path, token, slab_id, timeout_s)
-    assert fd is not None
-    return fd, size_bytes
+    lent = _exchange(path, token, slab_id, timeout_s)
+    assert lent is not None
+    return lent
 
 
-def _exchange(path: str, token: str, slab_id: int, timeout_s: float) -> tuple[int | None, int]:
+def _exchange(path: str, token: str, slab_id: int, timeout_s: float) -> LentSlab | None:
     sock, daemon_uid = connect_checked(path, timeout_s)
     with sock:
         try:
@@ -182,18 +215,38 @@ def _exchange(path: str, token: str, slab_id: int, timeout_s: float) -> tuple[in
             error = reply.get("error") or {}
             raise error_for_code(str(error.get("code")), f"slab {slab_id}: {error.get('message', '')}")
         if slab_id == 0:
-            return None, 0
-        if len(fds) != 1 or reply.get("slab") != slab_id:
-            raise ProtocolError(f"slab {slab_id}: the reply carries {len(fds)} fds for slab {reply.get('slab')!r:.20}")
-        size_bytes = reply.get("size_bytes")
-        if type(size_bytes) is not int or not 0 < size_bytes <= MAX_SIZE_BYTES:
-            raise ProtocolError(f"slab {slab_id}: bad size_bytes {size_bytes!r:.20}")
-        _check_slab_fd(fds[0], slab_id, size_bytes, daemon_uid)
+            return None
+        lent = _lent_slab(reply, slab_id, len(fds))
+        if lent.ipc is None:
+            _check_slab_fd(fds[0], slab_id, lent.size_bytes, daemon_uid)
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
-    return fds[0], size_bytes
+    return LentSlab(lent.slab_id, lent.size_bytes, fds[0] if fds else None, lent.backend, lent.device, lent.ipc)
+
+
+def _lent_slab(reply: dict[str, Any], slab_id: int, fd_count: int) -> LentSlab:
+    """The reply's fields, checked: a host or fake slab comes with one fd, a CUDA slab with none and a handle."""
+    size_bytes = reply.get("size_bytes")
+    if reply.get("slab") != slab_id:
+        raise ProtocolError(f"slab {slab_id}: the reply is for slab {reply.get('slab')!r:.20}")
+    if type(size_bytes) is not int or not 0 < size_bytes <= MAX_SIZE_BYTES:
+        raise ProtocolError(f"slab {slab_id}: bad size_bytes {size_bytes!r:.20}")
+    tier = reply.get("tier", "host")
+    if tier == "host":
+        backend = device = ipc = None
+    elif tier == "device":
+        backend, device, ipc = reply.get("backend"), reply.get("device"), reply.get("ipc")
+        if backend not in _BACKENDS or type(device) is not str or not 0 < len(device) <= MAX_STR:
+            raise ProtocolError(f"slab {slab_id}: bad device slab {backend!r:.20} {device!r:.80}")
+        if (backend == "cuda") != (type(ipc) is bytes and len(ipc) == IPC_HANDLE_BYTES):
+            raise ProtocolError(f"slab {slab_id}: a {backend} slab with an IPC handle of {ipc!r:.20}")
+    else:
+        raise ProtocolError(f"slab {slab_id}: unknown tier {tier!r:.20}")
+    if fd_count != (0 if ipc is not None else 1):
+        raise ProtocolError(f"slab {slab_id}: the reply carries {fd_count} fds")
+    return LentSlab(slab_id, size_bytes, None, backend, device, ipc)
 
 
 def _decode_reply(data: bytes) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 from sortedcontainers import SortedDict
 
 from storm_service.disk.profile import StepProfile
-from storm_service.extents import Extent
 
 if TYPE_CHECKING:
     from storm_service.sessions import Session
@@ -27,8 +26,9 @@ class Held:
 
     session: Session
     profile: StepProfile
-    resident: dict[int, Extent] = field(default_factory=dict)
-    """Extents that may be spilled, in commit order."""
+    resident: SortedDict = field(default_factory=SortedDict)
+    """Extents in host memory that may be spilled (an extent the device tier moved to the host
+    memory comes in late, in its place: NOTE [Device tier] in storm_service/device/tier.py)."""
     on_disk: SortedDict = field(default_factory=SortedDict)
     """Its extents on disk only."""
     ahead: SortedDict = field(default_factory=SortedDict)

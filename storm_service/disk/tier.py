@@ -113,7 +113,12 @@ class DiskTier:
         held = self._held_by(session, now)
         held.profile.committed(now)
         extent.committed_at = now
-        held.resident[extent.handle] = extent
+        if extent.residence is Residence.HOST:
+            held.resident[(now, extent.handle)] = extent
+
+    def moved_in(self, session: Session, extent: Extent) -> None:
+        """``extent`` (committed) came into host memory from the device tier: it may be spilled now."""
+        self._held_by(session, time.monotonic()).resident[(extent.committed_at, extent.handle)] = extent
 
     def fetching(self, session: Session, extents: list[Extent], wait: bool = True) -> int:
         """How many of ``extents``, from the first, are in host memory: the fetch answers for those, and
@@ -144,12 +149,14 @@ class DiskTier:
             extents[0].waited = True
             held.margin_bytes = min(2 * held.margin_bytes, self._max_margin)
         for index, extent in enumerate(extents[:ready]):
+            if extent.residence is Residence.DEVICE:
+                continue  # the device tier's to pin
             if not extent.pinned:
                 if held.pinned_bytes + extent.length > self._pin_limit and (index or not wait):
                     ready = index  # answered ahead of backward: bounded (NOTE [Disk tier])
                     break
                 extent.pinned = True  # a client may read it in place: never a victim again
-                held.resident.pop(extent.handle, None)
+                held.resident.pop((extent.committed_at, extent.handle), None)
                 held.pinned_bytes += extent.length
                 self._not_ahead(held, extent)
                 if extent.restored:
@@ -166,7 +173,7 @@ class DiskTier:
         """Free ``extent``'s space in every tier, now or when its I/O ends; returns its length."""
         held = self._held.get(session.id)
         if held is not None:
-            held.resident.pop(extent.handle, None)
+            held.resident.pop((extent.committed_at, extent.handle), None)
             if extent.pinned:
                 held.pinned_bytes -= extent.length
             if extent.residence is Residence.HOST:
@@ -270,7 +277,7 @@ class DiskTier:
                     return
                 excess -= freed
                 continue
-            extent = next(iter(held.resident.values()))
+            extent = held.resident.peekitem(0)[1]
             if not self._spill_one(held, extent):
                 self._full(excess)
                 return
@@ -281,7 +288,7 @@ class DiskTier:
         where = self._space.allocate(extent.length)
         if where is None:
             return False
-        del held.resident[extent.handle]
+        del held.resident[(extent.committed_at, extent.handle)]
         extent.residence, extent.disk = Residence.SPILLING, where
         held.spilling_bytes += extent.length
         self._spilling_bytes += extent.length
@@ -299,7 +306,7 @@ class DiskTier:
                 self._over_quota.discard(session_id)
                 continue
             while held.resident and held.spilling_bytes < held.quota_room:
-                if not self._spill_one(held, next(iter(held.resident.values()))):
+                if not self._spill_one(held, held.resident.peekitem(0)[1]):
                     return
             if not held.resident:
                 self._over_quota.discard(session_id)
@@ -311,7 +318,7 @@ class DiskTier:
         for held in self._held.values():
             if not held.resident:
                 continue
-            extent = next(iter(held.resident.values()))
+            extent = held.resident.peekitem(0)[1]
             session = held.session
             if session.disk_bytes + held.spilling_bytes + extent.length > self._disk_quota(session):
                 share_full = True

@@ -85,7 +85,8 @@ def test_fetch_returns_bytes_offloaded(shared_daemon: DaemonProcess) -> None:
     sizes = [1000, 70_000, 3]
     extents = channel.call(Op.OFFLOAD, token, sizes=sizes, layer_id=0)["extents"]
     payloads = [os.urandom(size) for size in sizes]
-    fd, size_bytes = request_slab(session["fd_socket"], token, extents[0]["slab"], 5)
+    lent = request_slab(session["fd_socket"], token, extents[0]["slab"], 5)
+    fd, size_bytes = lent.fd, lent.size_bytes
     with open(fd, "r+b") as f, mmap.mmap(f.fileno(), size_bytes) as pool:
         for extent, payload in zip(extents, payloads, strict=True):
             assert extent["slab"] == extents[0]["slab"] and extent["size_bytes"] == len(payload)

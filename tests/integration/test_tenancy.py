@@ -71,7 +71,8 @@ def _read_fresh_extent(endpoint: str, size_bytes: int) -> Any:
     channel, context, session = _register(endpoint)
     try:
         [extent] = channel.call(Op.OFFLOAD, session["token"], sizes=[size_bytes])["extents"]
-        fd, slab_bytes = request_slab(session["fd_socket"], session["token"], extent["slab"], 5)
+        lent = request_slab(session["fd_socket"], session["token"], extent["slab"], 5)
+        fd, slab_bytes = lent.fd, lent.size_bytes
         with mmap.mmap(fd, slab_bytes) as pool:
             data = pool[extent["offset"] : extent["offset"] + size_bytes]
         os.close(fd)
@@ -126,7 +127,8 @@ def test_a_fresh_extent_of_another_tenant_reads_zeros(daemon_factory: StartDaemo
 def test_a_lent_slab_cannot_be_resized(shared_daemon) -> None:
     channel, context, session = _register(shared_daemon.endpoint)
     [extent] = channel.call(Op.OFFLOAD, session["token"], sizes=[4096])["extents"]
-    fd, size_bytes = request_slab(session["fd_socket"], session["token"], extent["slab"], 5)
+    lent = request_slab(session["fd_socket"], session["token"], extent["slab"], 5)
+    fd, size_bytes = lent.fd, lent.size_bytes
     try:
         for size in (0, size_bytes * 2):
             with pytest.raises(PermissionError):

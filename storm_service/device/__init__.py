@@ -1,0 +1,1 @@
+"""The device tier: spare GPU memory lent to training jobs (NOTE [Device tier] in tier.py)."""
