@@ -74,6 +74,9 @@ def register(channel: Channel, timeout_s: float, name: str, quota_bytes: int | N
         def daemon_alive() -> bool:
             return pid_alive(daemon_pid)
 
+    refused = reply.get("device_tier_refused")
+    if isinstance(refused, str) and refused:
+        log.warning("stormd's device tier is not offered to this process: %.300s", refused)
     fd_socket = str(reply["fd_socket"])
     check_socket_dir(fd_socket)
     bind_session(fd_socket, reply["token"], timeout_s)

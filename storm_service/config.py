@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from storm_service.device.spec import DeviceSpec, parse_device_pool
 from storm_service.endpoints import SERVER_SECRET_FILE, default_endpoint, ipc_path
 from storm_service.protocol import MAX_SLABS
 from storm_service.units import format_bytes, parse_duration, parse_size
@@ -70,6 +71,8 @@ class DaemonConfig:
     """Bytes reserved in each spill file."""
     spill_high_water: float = 0.8
     """Fraction of the host pool in use past which the disk tier starts spilling."""
+    device_pool: tuple[DeviceSpec, ...] = ()
+    """Devices of the device tier and the bytes each lends (NOTE [Device tier] in storm_service/device/tier.py)."""
 
 
 def _choice(options: Sequence[str]) -> Callable[[str], str]:
@@ -221,6 +224,12 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("spill_dir", _spill_dirs, lambda: "", "disk tier: PATH[,PATH...], one spill file in each (off if empty)"),
     _Setting("spill_size", _non_negative(parse_size), lambda: "0", "bytes of each spill file (with --spill-dir)"),
     _Setting("spill_high_water", _fraction, lambda: "80%", "host pool use past which the disk tier spills"),
+    _Setting(
+        "device_pool",
+        parse_device_pool,
+        lambda: "",
+        "device tier: cuda:GPU-UUID=SIZE or fake:NAME=SIZE[@GBPS], comma-separated (off if empty)",
+    ),
 )
 
 

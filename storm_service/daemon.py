@@ -28,6 +28,9 @@ from types import FrameType
 import zmq
 
 from storm_service.config import ConfigError, DaemonConfig, build_parser, load_config
+from storm_service.device.backend import DeviceError
+from storm_service.device.setup import open_devices
+from storm_service.device.tier import DeviceTier
 from storm_service.disk.files import SpillFileError
 from storm_service.disk.io import DiskIO
 from storm_service.disk.setup import open_spill_files, pool_alignment
@@ -164,6 +167,7 @@ def run(config: DaemonConfig) -> int:
         return EXIT_STARTUP
     pool: Pool | None = None
     tier: DiskTier | None = None
+    devices: DeviceTier | None = None
     server: Server | None = None
     try:
         ours, refused = owned_segments(lock.previous.get("segments"))
@@ -186,8 +190,10 @@ def run(config: DaemonConfig) -> int:
             len(pool.slabs),
             time.perf_counter() - start,
         )
+        if config.device_pool:
+            devices = DeviceTier(open_devices(config.device_pool), config.segment_size, pool)
         after_bind = (lambda: _secure_socket(socket_path, access)) if socket_path is not None else (lambda: None)
-        server = Server(config, pool, stop=stop, after_bind=after_bind, tier=tier)
+        server = Server(config, pool, stop=stop, after_bind=after_bind, tier=tier, device=devices)
         server.bind()
         if config.metrics_port:
             server.metrics = Metrics(server)
@@ -197,7 +203,7 @@ def run(config: DaemonConfig) -> int:
         server.serve()  # returns at once if a signal came during start-up
         log.info("shutting down")
         return 0
-    except (PoolError, SpillFileError) as e:
+    except (PoolError, SpillFileError, DeviceError) as e:
         log.error("%s", e)
         return EXIT_STARTUP
     except zmq.ZMQError as e:
@@ -211,8 +217,11 @@ def run(config: DaemonConfig) -> int:
             if server.metrics is not None:
                 server.metrics.close()
             server.close()
-        elif tier is not None:
-            tier.close()
+        else:
+            if tier is not None:
+                tier.close()
+            if devices is not None:
+                devices.close()
         if pool is not None:
             pool.close()
         if socket_path is not None and server is not None:

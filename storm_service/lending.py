@@ -143,12 +143,22 @@ class Lender:
         self._bind(session, pid, uid)
         if slab_id == 0:
             return encode_slab_reply(0, 0), []
-        slab = self._pool.lent_to(slab_id)
-        if slab is None or slab.tenant != session.tenant.name:
-            raise ForbiddenError(f"slab {slab_id} is not lent to {session.tenant.name}")
+        device = self._sessions.device
+        if device is not None and device.holds(slab_id):
+            lent = device.lent_to(slab_id)
+            if lent is None or lent.tenant != session.tenant.name:
+                raise ForbiddenError(f"slab {slab_id} is not lent to {session.tenant.name}")
+            fields, fds = lent.memory.lend()
+            lent.importers.add(session.id)  # its memory is freed only once this session is gone (NOTE [Device slabs])
+            reply = encode_slab_reply(lent.id, lent.size_bytes, fields)
+        else:
+            slab = self._pool.lent_to(slab_id)
+            if slab is None or slab.tenant != session.tenant.name:
+                raise ForbiddenError(f"slab {slab_id} is not lent to {session.tenant.name}")
+            reply, fds = encode_slab_reply(slab.id, slab.size_bytes), [slab.fd]
         session.last_seen = time.monotonic()
         self.lent += 1
-        return encode_slab_reply(slab.id, slab.size_bytes), [slab.fd]
+        return reply, fds
 
     def _bind(self, session: Session, pid: int, uid: int) -> None:
         """Tie ``session`` to the uid and process of its first request (NOTE [Lending by descriptor])."""

@@ -39,8 +39,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from storm_service.config import DaemonConfig
+from storm_service.device.backend import CPU
 from storm_service.endpoints import pid_namespace
 from storm_service.errors import (
+    ActivationLostError,
     ForbiddenError,
     NotCommittedError,
     PoolFullError,
@@ -161,12 +163,20 @@ def _registration(context: OpContext, session: Session) -> dict[str, Any]:
         "fd_socket": context.fd_socket,
         "alignment": context.pool.alignment,
         "disk_tier": context.sessions.tier is not None,
+        "device_tier": _device_refusal(context, session) == "",
+        "device_tier_refused": _device_refusal(context, session),
         "quota_bytes": session.quota_bytes,
         "heartbeat_interval_s": context.config.heartbeat_timeout / 3,
         "heartbeat_timeout_s": context.config.heartbeat_timeout,
         "daemon_pid": os.getpid(),
         "pid_ns": pid_namespace(),
     }
+
+
+def _device_refusal(context: OpContext, session: Session) -> str:
+    """Why ``session`` gets no device memory ('' when it may: NOTE [Device tier] in storm_service/device/tier.py)."""
+    device = context.sessions.device
+    return device.refusal(session, context.sessions.own_pid_ns) if device is not None else ""
 
 
 def handle_stats(context: OpContext, request: Request, peer: Peer) -> dict[str, Any]:
@@ -178,30 +188,35 @@ def _stats(context: OpContext, tenant: str | None) -> dict[str, Any]:
     """What stats answers; ``tenant`` limits the sessions listed to that tenant's (None: all)."""
     pool, sessions = context.pool, context.sessions
     visible = [s for s in sessions.sessions.values() if tenant is None or s.tenant.name == tenant]
-    return {
-        "daemon_pid": os.getpid(),
-        "uptime_s": round(time.time() - context.started, 3),
-        "pool_bytes": pool.size_bytes,
-        "used_bytes": sessions.used_bytes,
-        "reserved_bytes": sessions.reserved_bytes,
-        "reclaiming_bytes": sessions.reclaiming_bytes,
-        "free_bytes": pool.free_bytes,
-        "largest_free_bytes": pool.largest_free_bytes,
-        "slabs": len(pool.slabs),
-        "free_slabs": pool.free_slabs,
-        "fenced_bytes": sessions.fenced_bytes,
-        "disk_tier": sessions.tier is not None,
-        "extents": len(sessions.extents),
-        "sessions": [s.summary() for s in _listed(visible)],
-        "tenants": _tenant_totals(sessions),
-        "live_sessions": len(sessions.sessions),
-        "expired_sessions": sessions.expired_total,
-        "requests": dict(context.requests),
-        "errors": dict(context.errors),
-        "dropped_replies": context.dropped_replies,
-        "connection_resets": context.connection_resets,
-        "refused_registers": context.refused_registers,
-    } | (sessions.tier.stats() if sessions.tier is not None else {})
+    return (
+        {
+            "daemon_pid": os.getpid(),
+            "uptime_s": round(time.time() - context.started, 3),
+            "pool_bytes": pool.size_bytes,
+            "used_bytes": sessions.used_bytes,
+            "reserved_bytes": sessions.reserved_bytes,
+            "reclaiming_bytes": sessions.reclaiming_bytes,
+            "free_bytes": pool.free_bytes,
+            "largest_free_bytes": pool.largest_free_bytes,
+            "slabs": len(pool.slabs),
+            "free_slabs": pool.free_slabs,
+            "fenced_bytes": sessions.fenced_bytes,
+            "disk_tier": sessions.tier is not None,
+            "device_tier": sessions.device is not None,
+            "extents": len(sessions.extents),
+            "sessions": [s.summary() for s in _listed(visible)],
+            "tenants": _tenant_totals(sessions),
+            "live_sessions": len(sessions.sessions),
+            "expired_sessions": sessions.expired_total,
+            "requests": dict(context.requests),
+            "errors": dict(context.errors),
+            "dropped_replies": context.dropped_replies,
+            "connection_resets": context.connection_resets,
+            "refused_registers": context.refused_registers,
+        }
+        | (sessions.tier.stats() if sessions.tier is not None else {})
+        | (sessions.device.stats() if sessions.device is not None else {})
+    )
 
 
 def _tenant_totals(table: SessionTable) -> list[dict[str, Any]]:
@@ -251,14 +266,14 @@ def handle_heartbeat(context: OpContext, request: Request, session: Session) -> 
 def handle_offload(context: OpContext, request: Request, session: Session) -> dict[str, Any]:
     """Reserve PAUSE_EVERY sizes at a time, pausing between; all or nothing: when a part is refused
     (its message gives that part's numbers), the parts already reserved go back."""
-    sizes, layer_id = request.args["sizes"], request.args.get("layer_id")
+    sizes, layer_id, device = request.args["sizes"], request.args.get("layer_id"), request.args.get("device", CPU)
     extents: list[Extent] = []
     locations: list[dict[str, int]] = []
     try:
         for start in range(0, len(sizes), PAUSE_EVERY):
             if start:
                 context.pause(session)
-            part = context.sessions.reserve(session, sizes[start : start + PAUSE_EVERY], layer_id)
+            part = context.sessions.reserve(session, sizes[start : start + PAUSE_EVERY], layer_id, device)
             extents += part
             locations += [e.location() for e in part]
     except RemoteError:
@@ -297,6 +312,8 @@ def handle_fetch(context: OpContext, request: Request, session: Session) -> dict
     for extent in extents:
         if extent.state is not ExtentState.COMMITTED:
             raise NotCommittedError(f"fetch: handle {extent.handle} was never committed")
+        if extent.lost:
+            raise ActivationLostError(f"fetch: handle {extent.handle} is lost: {extent.lost}")
     tier = context.sessions.tier
     if tier is not None:
         wait = bool(request.args.get("wait", 1))
@@ -312,6 +329,8 @@ def handle_fetch(context: OpContext, request: Request, session: Session) -> dict
         if ready == 0 and wait and not context.answer_now:
             raise Parked
         extents = extents[:ready]
+    if context.sessions.device is not None:
+        context.sessions.device.fetching(extents)
     fetched = sum(e.size_bytes for e in extents)
     session.fetched_bytes += fetched
     if context.metrics is not None:

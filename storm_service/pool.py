@@ -24,12 +24,14 @@ import itertools
 import logging
 import os
 from collections.abc import Iterable
+from typing import Generic, Protocol, TypeVar
 
+from storm_service.allocator import ExtentAllocator
 from storm_service.shm import SEGMENT_PREFIX, SHM_DIR
 from storm_service.slabs import ALIGNMENT, Slab, SlabError
 from storm_service.units import format_bytes
 
-__all__ = ["ALIGNMENT", "Pool", "PoolError", "sweep_segments"]
+__all__ = ["ALIGNMENT", "LendableSlab", "Pool", "PoolError", "slab_sizes", "sweep_segments"]
 
 log = logging.getLogger("stormd.pool")
 
@@ -41,33 +43,60 @@ class PoolError(RuntimeError):
     """The pool cannot be created (not enough memory, a bad size)."""
 
 
-class Pool:
+class LendableSlab(Protocol):
+    """What a pool lends: a host slab (slabs.py), or a device tier's (storm_service/device/slabs.py)."""
+
+    id: int
+    size_bytes: int
+    allocator: ExtentAllocator
+    tenant: str | None
+    last_tenant: str | None
+
+    def renew(self, slab_id: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=LendableSlab)
+
+
+def slab_sizes(pool_size: int, max_slab_size: int, alignment: int) -> list[int]:
+    """The sizes a pool of ``pool_size`` is cut into: at most ``max_slab_size`` (``--segment-size``) and at
+    most an eighth of the pool (but at least MIN_SLAB_BYTES), so that several tenants can hold memory at once."""
+    slab_size = min(max_slab_size, max(pool_size // 8, MIN_SLAB_BYTES))
+    sizes = []
+    remaining = pool_size
+    while remaining > 0:
+        size = min(remaining, slab_size)
+        sizes.append(size - size % alignment or alignment)
+        remaining -= size
+    return sizes
+
+
+class Pool(Generic[S]):
     """Every slab, which tenant holds which, and the free list (NOTE [Lending slabs]).
 
     An extent is ``(slab id, offset, length)``.
     """
 
-    def __init__(self, slabs: Iterable[Slab]) -> None:
-        self.slabs: dict[int, Slab] = {slab.id: slab for slab in slabs}
+    def __init__(self, slabs: Iterable[S]) -> None:
+        self.slabs: dict[int, S] = {slab.id: slab for slab in slabs}
         self.alignment = next(iter(self.slabs.values())).allocator.alignment if self.slabs else ALIGNMENT
         """Every extent's offset and length are multiples of it (at least a spill file's: storm_service/disk/)."""
         self.used_bytes = 0
         """Bytes of every live extent, in every slab."""
         self._ids = itertools.count(max(self.slabs, default=0) + 1)
-        self._free: dict[int, Slab] = dict(self.slabs)
+        self._free: dict[int, S] = dict(self.slabs)
         """Free slabs by id, in the order they became free."""
-        self._held: dict[str, list[Slab]] = {}
+        self._held: dict[str, list[S]] = {}
         self.renewed = 0
         """Slabs renewed to move between tenants (NOTE [Slabs])."""
 
     @classmethod
-    def create(cls, pool_size: int, max_slab_size: int, *, backed: bool = True, alignment: int = ALIGNMENT) -> Pool:
-        """Make and reserve every slab (NOTE [Pool reservation]); PoolError without the memory.
-
-        Slabs are at most ``max_slab_size`` (``--segment-size``) and at most an eighth of
-        the pool (but at least MIN_SLAB_BYTES), so that several tenants can hold memory at once.
-        """
-        slab_size = min(max_slab_size, max(pool_size // 8, MIN_SLAB_BYTES))
+    def create(
+        cls, pool_size: int, max_slab_size: int, *, backed: bool = True, alignment: int = ALIGNMENT
+    ) -> Pool[Slab]:
+        """Make and reserve every slab (NOTE [Pool reservation]); PoolError without the memory."""
         if pool_size < alignment:
             raise PoolError(f"--pool-size {pool_size} is smaller than {alignment} bytes")
         available = _mem_available()
@@ -76,21 +105,15 @@ class Pool:
                 f"cannot reserve {format_bytes(pool_size)}: {format_bytes(available)} of memory available "
                 "(MemAvailable); lower --pool-size"
             )
-        sizes = []
-        remaining = pool_size
-        while remaining > 0:
-            size = min(remaining, slab_size)
-            sizes.append(size - size % alignment or alignment)
-            remaining -= size
         slabs: list[Slab] = []
         try:
-            for slab_id, size in enumerate(sizes, start=1):
+            for slab_id, size in enumerate(slab_sizes(pool_size, max_slab_size, alignment), start=1):
                 slabs.append(Slab(slab_id, size, backed=backed, alignment=alignment))
         except (SlabError, OSError) as e:
             for slab in slabs:
                 slab.close()
             raise PoolError(f"cannot reserve {format_bytes(pool_size)}: {e}") from e
-        return cls(slabs)
+        return Pool(slabs)
 
     @property
     def size_bytes(self) -> int:
@@ -125,12 +148,12 @@ class Pool:
         assert offset is not None, "an empty slab as large as the request"
         return self._allocated(lent, offset)
 
-    def _allocated(self, slab: Slab, offset: int) -> tuple[int, int, int]:
+    def _allocated(self, slab: S, offset: int) -> tuple[int, int, int]:
         length = slab.allocator.length_of(offset)
         self.used_bytes += length
         return slab.id, offset, length
 
-    def _lend(self, tenant: str, size_bytes: int) -> Slab | None:
+    def _lend(self, tenant: str, size_bytes: int) -> S | None:
         """A free slab of at least ``size_bytes`` for ``tenant`` (NOTE [Lending slabs])."""
         fits = [slab for slab in self._free.values() if slab.size_bytes >= size_bytes]
         if not fits:
@@ -169,11 +192,11 @@ class Pool:
             self._free[slab.id] = slab
         return length
 
-    def view(self, slab_id: int, offset: int, length: int) -> memoryview:
-        """The daemon's view of an extent's bytes (for the disk tier's I/O)."""
+    def view(self: Pool[Slab], slab_id: int, offset: int, length: int) -> memoryview:
+        """The daemon's view of a host extent's bytes (for disk I/O, and eviction from the device tier)."""
         return self.slabs[slab_id].view(offset, length)
 
-    def lent_to(self, slab_id: int) -> Slab | None:
+    def lent_to(self, slab_id: int) -> S | None:
         """The slab ``slab_id`` while some tenant holds it, else None."""
         slab = self.slabs.get(slab_id)
         return slab if slab is not None and slab.tenant is not None else None

@@ -35,6 +35,7 @@ from storm_service.errors import ErrorCode, ProtocolError
 
 __all__ = [
     "MAX_BATCH",
+    "MAX_DEVICE_LEN",
     "MAX_ERROR_MESSAGE",
     "MAX_LISTED_SESSIONS",
     "MAX_MESSAGE_BYTES",
@@ -100,6 +101,9 @@ class Op(StrEnum):
     SHUTDOWN = "shutdown"
 
 
+MAX_DEVICE_LEN = 64
+"""Longest ``device`` of an offload: ``cpu``, or a GPU's UUID (``GPU-`` and 36 characters)."""
+
 MUTATING_OPS = frozenset({Op.OFFLOAD, Op.COMMIT, Op.FREE})
 """Ops whose replies the daemon remembers, so that a replayed request is not applied twice."""
 SESSIONLESS_OPS = frozenset({Op.PING, Op.REGISTER, Op.STATS, Op.SHUTDOWN})
@@ -145,7 +149,11 @@ FIELDS: dict[Op, dict[str, _Spec]] = {
     },
     Op.UNREGISTER: {},
     Op.HEARTBEAT: {},
-    Op.OFFLOAD: {"sizes": _IntList(1, MAX_SIZE_BYTES), "layer_id": _LAYER},
+    Op.OFFLOAD: {
+        "sizes": _IntList(1, MAX_SIZE_BYTES),
+        "layer_id": _LAYER,
+        "device": _Str(MAX_DEVICE_LEN, required=False, min_len=1),
+    },
     Op.COMMIT: {
         "handles": _HANDLES,
         "dedup_saved_bytes": _Int(0, MAX_SIZE_BYTES, required=False),

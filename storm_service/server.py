@@ -58,6 +58,7 @@ import zmq
 
 from storm_service.config import DaemonConfig
 from storm_service.connections import ConnectionCaps, total_connections
+from storm_service.device.tier import DeviceTier
 from storm_service.disk.parking import Parking, dispatch_until_answered
 from storm_service.disk.tier import DiskTier
 from storm_service.dispatch import Dispatcher
@@ -108,10 +109,13 @@ class Server:
         stop: threading.Event | None = None,
         after_bind: Callable[[], None] = lambda: None,
         tier: DiskTier | None = None,
+        device: DeviceTier | None = None,
     ) -> None:
         self.config = config
         limits = Limits(config.max_sessions, config.max_tenant_sessions, config.max_extents, config.tenant_quota)
-        self.context = OpContext(config, pool, SessionTable(pool, limits, tier), stop or threading.Event())
+        self.context = OpContext(config, pool, SessionTable(pool, limits, tier, device), stop or threading.Event())
+        if device is not None:
+            device.disk = tier
         """What every handler gets; :attr:`context.stop <OpContext.stop>` ends :meth:`serve`."""
         self._zmq = zmq_context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
@@ -214,6 +218,8 @@ class Server:
                     connections.serve()
             if sessions.reclaiming:
                 sessions.reclaim()
+            if sessions.device is not None:
+                sessions.device.balance(sessions.sessions, sessions.holds)
             if parking is not None:
                 parking.step()
             now = time.monotonic()
@@ -286,6 +292,8 @@ class Server:
         sessions.reclaim(None)
         if sessions.tier is not None:
             sessions.tier.close()
+        if sessions.device is not None:
+            sessions.device.close()
 
     def _serve_burst(self) -> None:
         """Answer what is already queued, without blocking (at shutdown: up to MAX_BURST)."""

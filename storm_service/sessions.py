@@ -42,6 +42,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from storm_service.device.backend import CPU
 from storm_service.endpoints import pid_alive, pid_namespace
 from storm_service.errors import (
     ForbiddenError,
@@ -58,6 +59,7 @@ from storm_service.replay import ReplayMemory
 from storm_service.tenants import Limits, TenantUsage
 
 if TYPE_CHECKING:
+    from storm_service.device.tier import DeviceTier
     from storm_service.disk.tier import DiskTier
 
 __all__ = ["RECLAIM_SLICE", "Session", "SessionTable"]
@@ -88,6 +90,9 @@ class Session:
     """Bytes of extents allocated and not yet committed."""
     disk_bytes: int = 0
     """Bytes of its extents held in the disk tier only (NOTE [Disk tier] in storm_service/disk/tier.py)."""
+    device_bytes: int = 0
+    """Bytes of its extents (committed or not) in the device tier: part of ``used_bytes`` and ``reserved_bytes``
+    (NOTE [Device tier] in storm_service/device/tier.py)."""
     peak_bytes: int = 0
     """Most bytes held (used + reserved) at once."""
     offloaded_bytes: int = 0
@@ -121,6 +126,7 @@ class Session:
             "used_bytes": self.used_bytes,
             "reserved_bytes": self.reserved_bytes,
             "disk_bytes": self.disk_bytes,
+            "device_bytes": self.device_bytes,
             "peak_bytes": self.peak_bytes,
             "quota_bytes": self.quota_bytes,
             "handles": len(self.handles),
@@ -135,11 +141,15 @@ class Session:
 class SessionTable:
     """Every live session and every extent, with ownership checks on each access."""
 
-    def __init__(self, pool: Pool, limits: Limits | None = None, tier: DiskTier | None = None) -> None:
+    def __init__(
+        self, pool: Pool, limits: Limits | None = None, tier: DiskTier | None = None, device: DeviceTier | None = None
+    ) -> None:
         self.pool = pool
         self.limits = limits or Limits()
         self.tier = tier
         """The disk tier, with ``--spill-dir`` (storm_service/disk/tier.py)."""
+        self.device = device
+        """The device tier, with ``--device-pool`` (storm_service/device/tier.py)."""
         self.sessions: dict[int, Session] = {}
         self.tenants: dict[str, TenantUsage] = {}
         """Every tenant with an open session or bytes still in the pool."""
@@ -155,7 +165,8 @@ class SessionTable:
         self._handles = itertools.count(1)
         self.expired_total = 0
         self.reserved_bytes = 0
-        """Bytes of extents allocated but not yet committed (NOTE [Extent lifetime])."""
+        """Bytes of host extents allocated but not yet committed (NOTE [Extent lifetime])."""
+        self.own_pid_ns = pid_namespace()
 
     def open(
         self,
@@ -215,8 +226,9 @@ class SessionTable:
             raise ForbiddenError(f"{op}: handle {handle} belongs to another session")
         return extent
 
-    def reserve(self, session: Session, sizes: list[int], layer_id: int | None) -> list[Extent]:
-        """One new WRITING extent per size, in order, all or nothing.
+    def reserve(self, session: Session, sizes: list[int], layer_id: int | None, device: str = CPU) -> list[Extent]:
+        """One new WRITING extent per size, in order, all or nothing; each in the device tier where
+        ``device`` (the tensors' device) gains by it and it has room, else in the host pool.
 
         The quotas are checked first, against the sizes as the allocator rounds them: past
         the session's, its cap on extents or its tenant's, QuotaExceededError (a quota as
@@ -236,10 +248,10 @@ class SessionTable:
         self.limits.check_offload(len(session.handles), len(sizes), need, session.tenant)
         placed: list[tuple[int, int, int]] = []
         for size in sizes:
-            where = self.pool.allocate(session.tenant.name, size)
+            where = self._place(session, device, size)
             if where is None:
                 for slab, offset, _ in placed:
-                    self.pool.free(slab, offset)
+                    self._unplace(slab, offset)
                 if self.tier is not None:
                     self.tier.refused(need)
                 raise PoolFullError(
@@ -252,6 +264,19 @@ class SessionTable:
             for (slab, offset, length), size in zip(placed, sizes, strict=True)
         ]
 
+    def _place(self, session: Session, device: str, size: int) -> tuple[int, int, int] | None:
+        if self.device is not None:
+            where = self.device.place(session, device, size, self.own_pid_ns)
+            if where is not None:
+                return where
+        return self.pool.allocate(session.tenant.name, size)
+
+    def _unplace(self, slab: int, offset: int) -> None:
+        if self.device is not None and self.device.holds(slab):
+            self.device.unplace(slab, offset)
+        else:
+            self.pool.free(slab, offset)
+
     def _add_extent(
         self, session: Session, slab: int, offset: int, length: int, size_bytes: int, layer_id: int | None
     ) -> Extent:
@@ -260,8 +285,12 @@ class SessionTable:
             if kept_apart >= MAX_SESSION_LAYERS:
                 layer_id = OVERFLOW_LAYER_ID
         extent = Extent(next(self._handles), session.id, slab, offset, size_bytes, length, layer_id)
+        if self.device is not None and self.device.holds(slab):
+            extent.residence = Residence.DEVICE
+            session.device_bytes += length
+        else:
+            self.reserved_bytes += length
         self.extents[extent.handle] = extent
-        self.reserved_bytes += length
         session.handles.add(extent.handle)
         session.reserved_bytes += length
         session.tenant.held_bytes += length
@@ -275,20 +304,28 @@ class SessionTable:
         if extent.state is not ExtentState.WRITING:
             return 0
         extent.state = ExtentState.COMMITTED
-        self.reserved_bytes -= extent.length
+        extent.committed_at = time.monotonic()
         session.reserved_bytes -= extent.length
         session.used_bytes += extent.length
         session.offloaded_bytes += extent.size_bytes
         if self.tier is not None:
-            self.tier.committed(session, extent)
+            self.tier.committed(session, extent)  # it may set committed_at: before the device tier keys by it
+        if extent.residence is Residence.DEVICE:
+            assert self.device is not None
+            self.device.committed(extent)
+        else:
+            self.reserved_bytes -= extent.length
         return extent.size_bytes
 
     def release(self, session: Session, extent: Extent) -> int:
         """Free one extent back to the pool; returns its length."""
         del self.extents[extent.handle]
         in_host = extent.residence is not Residence.DISK
+        if extent.residence is Residence.DEVICE:
+            session.device_bytes -= extent.length
         if extent.state is ExtentState.WRITING:
-            self.reserved_bytes -= extent.length
+            if extent.residence is not Residence.DEVICE:
+                self.reserved_bytes -= extent.length
             session.reserved_bytes -= extent.length
         elif in_host:
             session.used_bytes -= extent.length
@@ -301,6 +338,9 @@ class SessionTable:
                 session.layer_bytes[extent.layer_id] = left
             else:
                 session.layer_bytes.pop(extent.layer_id, None)
+        if extent.residence is Residence.DEVICE:
+            assert self.device is not None
+            return self.device.release(extent)
         if self.tier is not None:
             return self.tier.release(session, extent)
         return self.pool.free(extent.slab, extent.offset)
@@ -332,6 +372,10 @@ class SessionTable:
             self._fenced.remove(session)
             self._closed.append(session)
         return gone
+
+    def holds(self, session_id: int) -> bool:
+        """Whether session ``session_id`` is open or fenced: its process may still map what it was lent."""
+        return session_id in self.sessions or any(s.id == session_id for s in self._fenced)
 
     @property
     def fenced_bytes(self) -> int:

@@ -30,7 +30,7 @@ from storm_service.allocator import ExtentAllocator
 from storm_service.shm import SLAB_SEALS, advise_huge_pages, memfd_huge_policy
 from storm_service.units import format_bytes
 
-__all__ = ["ALIGNMENT", "Slab", "SlabError"]
+__all__ = ["ALIGNMENT", "Slab", "SlabError", "sealed_memfd"]
 
 ALIGNMENT = 512
 _MADV_POPULATE_WRITE = 23  # Linux 5.14; Python's mmap module does not export it
@@ -51,7 +51,7 @@ class Slab:
         self.id = slab_id
         self.size_bytes = size_bytes
         self.backed = backed
-        self.fd = _sealed_memfd(f"storm-slab-{slab_id}", size_bytes) if backed else -1
+        self.fd = sealed_memfd(f"storm-slab-{slab_id}", size_bytes) if backed else -1
         self.allocator = ExtentAllocator(size_bytes, alignment)
         self._mapping: mmap.mmap | None = None
         self.tenant: str | None = None
@@ -69,7 +69,7 @@ class Slab:
     def renew(self, slab_id: int) -> None:
         """Swap the file for a fresh, zeroed one under a new id (NOTE [Slabs]); only while free."""
         assert self.allocator.live_count == 0, "renew a slab with live extents"
-        fd = _sealed_memfd(f"storm-slab-{slab_id}", self.size_bytes) if self.backed else -1
+        fd = sealed_memfd(f"storm-slab-{slab_id}", self.size_bytes) if self.backed else -1
         self.close()
         self.id, self.fd, self.last_tenant = slab_id, fd, None
 
@@ -82,7 +82,7 @@ class Slab:
             self.fd = -1
 
 
-def _sealed_memfd(label: str, size_bytes: int) -> int:
+def sealed_memfd(label: str, size_bytes: int) -> int:
     """A memfd of ``size_bytes``, every page allocated, sealed against resizing (NOTE [Slabs])."""
     fd = os.memfd_create(label, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:

@@ -14,9 +14,12 @@ register reply says so), ``keep`` elsewhere.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
+
+import torch
 
 from client.engine.jobs import EngineStats, Offload
 from client.engine.requests import Requests
@@ -125,7 +128,9 @@ class Placement:
         refused: list[int] = []
         for start in range(0, len(sizes), MAX_BATCH):
             try:
-                reply = self.requests.call(Op.OFFLOAD, sizes=sizes[start : start + MAX_BATCH], layer_id=layer_id)
+                reply = self.requests.call(
+                    Op.OFFLOAD, sizes=sizes[start : start + MAX_BATCH], layer_id=layer_id, **_source(jobs)
+                )
             except _Full:
                 refused = sizes[start:]
                 break
@@ -152,7 +157,7 @@ class Placement:
     def ask(self, jobs: list[Offload]) -> None:
         """Ask for exactly these jobs' extents in one request and place them; raises if refused."""
         sizes = [job.slot.handle.size_bytes for job in jobs]
-        reply = self.requests.call(Op.OFFLOAD, sizes=sizes, layer_id=jobs[0].slot.handle.layer_id)
+        reply = self.requests.call(Op.OFFLOAD, sizes=sizes, layer_id=jobs[0].slot.handle.layer_id, **_source(jobs))
         for job, extent in zip(jobs, reply["extents"], strict=True):
             self._place(job, extent)
 
@@ -180,3 +185,18 @@ class Placement:
         slot.id, slot.segment, slot.offset = extent["handle"], extent["slab"], extent["offset"]
         self.stats.offloaded_tensors += 1
         self.stats.offloaded_bytes += slot.handle.size_bytes
+
+
+def _source(jobs: list[Offload]) -> dict[str, str]:
+    """The offload request's ``device``: the GPU the tensors are on, by UUID, so that the daemon's device
+    tier can place them where that GPU reaches fastest (NOTE [Device tier]); nothing for host tensors."""
+    device = jobs[0].tensor.device
+    if device.type != "cuda":
+        return {}
+    return {"device": gpu_uuid(device.index if device.index is not None else torch.cuda.current_device())}
+
+
+@functools.cache
+def gpu_uuid(index: int) -> str:
+    """``GPU-<uuid>`` of CUDA device ``index``, as NVML and ``nvidia-smi -L`` write it."""
+    return f"GPU-{torch.cuda.get_device_properties(index).uuid}"

@@ -73,6 +73,8 @@ class DeviceBackend(Protocol):
     """``cuda`` or ``fake``: the spec's prefix."""
     name: str
     """The GPU's UUID (``GPU-...``, as NVML names it), or the fake's name."""
+    size_bytes: int
+    """Bytes it lends to the tier (``--device-pool``'s SIZE)."""
     needs_pid_namespace: bool
     """Whether importers must share the daemon's pid namespace (legacy CUDA IPC handles do)."""
 

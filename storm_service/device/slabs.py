@@ -1,0 +1,86 @@
+"""Device slabs: one device allocation each, lent to one tenant at a time, freed only when no importer is left.
+
+NOTE [Device slabs]
+  A device slab is a host slab's twin (NOTE [Slabs] in storm_service/slabs.py): one
+  allocation of one backend, its own extent allocator, lent to one tenant, and renewed
+  (a fresh zeroed allocation under a new id) when it moves to another tenant. What
+  differs is freeing. A process that opened a CUDA IPC handle keeps a mapping the daemon
+  cannot revoke, and memory freed under it could be handed to anyone. So the sessions a
+  slab was lent to are its importers, and memory a slab gives up (at renewal) is retired,
+  not freed: :meth:`Retired.release` frees it only once every importer's session is gone
+  (its client closes its mappings before it unregisters) or its process has exited.
+  Fenced sessions (NOTE [Fencing] in storm_service/pidfds.py) still count: their process runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from storm_service.allocator import ExtentAllocator
+from storm_service.device.backend import DeviceBackend, DeviceMemory
+
+__all__ = ["DeviceSlab", "Retired"]
+
+log = logging.getLogger("stormd.device")
+
+
+class Retired:
+    """Device memory given up by slabs, each with the sessions that may still map it."""
+
+    def __init__(self) -> None:
+        self._memory: list[tuple[DeviceMemory, set[int]]] = []
+
+    def add(self, memory: DeviceMemory, importers: set[int]) -> None:
+        if importers:
+            self._memory.append((memory, importers))
+        else:
+            memory.free()
+
+    def release(self, alive: Callable[[int], bool]) -> int:
+        """Free what no live session may map any more; returns the bytes freed."""
+        freed, kept = 0, []
+        for memory, importers in self._memory:
+            importers.intersection_update([session_id for session_id in importers if alive(session_id)])
+            if importers:
+                kept.append((memory, importers))
+            else:
+                memory.free()
+                freed += memory.size_bytes
+        self._memory = kept
+        return freed
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(memory.size_bytes for memory, _ in self._memory)
+
+    def close(self) -> None:
+        for memory, _ in self._memory:
+            memory.free()
+        self._memory = []
+
+
+class DeviceSlab:
+    """One allocation of ``backend`` and the allocator of its extents (NOTE [Device slabs])."""
+
+    def __init__(self, slab_id: int, backend: DeviceBackend, size_bytes: int, alignment: int, retired: Retired) -> None:
+        self.id = slab_id
+        self.backend = backend
+        self.size_bytes = size_bytes
+        self.memory = backend.allocate(size_bytes)
+        self.allocator = ExtentAllocator(size_bytes, alignment)
+        self.tenant: str | None = None
+        self.last_tenant: str | None = None
+        self.importers: set[int] = set()
+        """Ids of the sessions this slab's memory was lent to."""
+        self._retired = retired
+
+    def renew(self, slab_id: int) -> None:
+        """A fresh zeroed allocation under a new id; the old one is retired until its importers are gone."""
+        assert self.allocator.live_count == 0, "renew a slab with live extents"
+        memory = self.backend.allocate(self.size_bytes)
+        self._retired.add(self.memory, self.importers)
+        self.id, self.memory, self.importers, self.last_tenant = slab_id, memory, set(), None
+
+    def close(self) -> None:
+        self.memory.free()

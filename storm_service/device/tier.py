@@ -1,0 +1,284 @@
+"""The device tier: spare GPU memory in front of the host pool, for the activations wanted first.
+
+NOTE [Device tier]
+  With ``--device-pool``, the daemon owns memory on devices (one Pool of device slabs per
+  device, NOTE [Device slabs] in slabs.py) and lends it as it lends host slabs: per
+  tenant, by the fd socket, sub-allocated by offset. Clients copy into it device to
+  device; the bytes never cross the host link.
+
+  Placement. An offload names the device its tensors are on (``device``: ``cpu`` or a
+  GPU's UUID). Its extents go to the fastest tier with room: the devices whose link from
+  that device beats the host path (``Link.faster``: measured at start for CUDA, because
+  P2P over some PCIe switches is slower than the host path; modelled for the fake),
+  fastest first, then the host pool (and from there the disk tier spills as always). A
+  device whose backend needs a shared pid namespace (legacy CUDA IPC handles) is not
+  offered to a session in another one: the register reply says why.
+
+  Eviction. The newest activations are the ones backward wants first, so they are the
+  ones worth keeping on the device. Past HIGH_WATER of a device, committed extents are
+  moved to the host pool, the one committed earliest first (wanted last, as in the disk
+  tier), at most EVICT_BYTES_PER_BALANCE per call, in the loop: the daemon's copy out of
+  the device is the only one it makes, and it is bounded like every other piece of work
+  in the loop. Extents a fetch answered for (pinned: a client may read them in place),
+  and extents not committed yet, never move. A moved extent's new place is in the next
+  fetch's reply, as after a restore from disk, and it joins the disk tier's spillable
+  extents in commit order. Nothing moves back up: an extent evicted to the host is
+  fetched from the host.
+
+  Accounting. Device bytes are the session's like host bytes: one quota (session and
+  tenant) bounds what it holds in memory, device and host together; ``device_bytes``
+  reports the device's part. Memory a slab gives up is freed only once no importer may
+  map it (NOTE [Device slabs]).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sortedcontainers import SortedDict
+
+from storm_service.device.backend import DeviceBackend, DeviceError, Link
+from storm_service.device.slabs import DeviceSlab, Retired
+from storm_service.extents import Extent, ExtentState, Residence
+from storm_service.pool import Pool, slab_sizes
+from storm_service.slabs import Slab
+from storm_service.units import format_bytes
+
+if TYPE_CHECKING:
+    from storm_service.disk.tier import DiskTier
+    from storm_service.sessions import Session
+
+__all__ = ["EVICT_BYTES_PER_BALANCE", "HIGH_WATER", "Device", "DeviceTier"]
+
+log = logging.getLogger("stormd.device")
+
+HIGH_WATER = 0.9
+"""Fraction of a device in use past which its oldest activations move to the host pool."""
+EVICT_BYTES_PER_BALANCE = 64 << 20
+"""Bytes moved to the host per call, at most: about 5 ms of a memcpy, so the loop answers in between."""
+_ID_SPACE = 1 << 40
+"""Device ``k``'s slab ids start at ``(k + 1) * _ID_SPACE``, apart from the host pool's and each other's."""
+
+
+@dataclass
+class Device:
+    """One device of the tier: its backend, its pool of slabs, and its links."""
+
+    backend: DeviceBackend
+    pool: Pool[DeviceSlab]
+    links: dict[str, Link]
+    resident: SortedDict = field(default_factory=SortedDict)
+    """Committed extents that may move to the host, by ``(committed_at, handle)``."""
+
+    @property
+    def high_water_bytes(self) -> int:
+        return int(HIGH_WATER * self.pool.size_bytes)
+
+
+class DeviceTier:
+    """Every device of ``--device-pool`` and the extents on them (NOTE [Device tier])."""
+
+    def __init__(self, backends: list[DeviceBackend], max_slab_size: int, host: Pool[Slab]) -> None:
+        """Cut each backend's memory into slabs; DeviceError when a device cannot hold its share."""
+        self.host = host
+        self.disk: DiskTier | None = None
+        """The disk tier, told of the extents that move into host memory."""
+        self.retired = Retired()
+        self.devices: list[Device] = []
+        self.reserved_bytes = 0
+        """Bytes of device extents allocated and not committed yet."""
+        self.evicted_bytes = self.evictions = 0
+        try:
+            for index, backend in enumerate(backends):
+                self.devices.append(self._device(index, backend, max_slab_size))
+        except BaseException:
+            self.close()
+            raise
+        self._by_slab_space = {(index + 1): device for index, device in enumerate(self.devices)}
+
+    def _device(self, index: int, backend: DeviceBackend, max_slab_size: int) -> Device:
+        ids = itertools.count((index + 1) * _ID_SPACE)
+        slabs: list[DeviceSlab] = []
+        try:
+            for size in slab_sizes(backend.size_bytes, max_slab_size, self.host.alignment):
+                slabs.append(DeviceSlab(next(ids), backend, size, self.host.alignment, self.retired))
+        except DeviceError:
+            for slab in slabs:
+                slab.close()
+            raise
+        links = backend.links()
+        for client, link in links.items():
+            log.info(
+                "device %s (%s, %s): from %s %.1f GB/s against %.1f GB/s to the host pool (%s): %s",
+                backend.name,
+                backend.kind,
+                format_bytes(backend.size_bytes),
+                client,
+                link.peer_gbps,
+                link.host_gbps,
+                "measured" if link.measured else "a model",
+                "the tier is on" if link.faster else "the tier is off for it",
+            )
+        return Device(backend, Pool(slabs), links)
+
+    # -- placement ------------------------------------------------------------------------
+
+    def refusal(self, session: Session, own_pid_ns: int | None) -> str:
+        """Why ``session`` may use no device of the tier ('' when it may use some)."""
+        if all(d.backend.needs_pid_namespace for d in self.devices) and (
+            session.pid_ns is None or session.pid_ns != own_pid_ns
+        ):
+            return (
+                "the client runs in another pid namespace than the daemon, and CUDA IPC handles need a shared one "
+                "(docker: run both with `pid: host`, or the worker with `pid: service:stormd`)"
+            )
+        return ""
+
+    def place(
+        self, session: Session, client_device: str, size_bytes: int, own_pid_ns: int | None
+    ) -> tuple[int, int, int] | None:
+        """``(slab, offset, length)`` of new space on the fastest device that pays for ``client_device``
+        and has room, or None: the host pool's turn."""
+        for device in self._candidates(session, client_device, own_pid_ns):
+            where = device.pool.allocate(session.tenant.name, size_bytes)
+            if where is not None:
+                self.reserved_bytes += where[2]
+                return where
+        return None
+
+    def _candidates(self, session: Session, client_device: str, own_pid_ns: int | None) -> list[Device]:
+        shared_ns = session.pid_ns is not None and session.pid_ns == own_pid_ns
+        fits = [
+            d
+            for d in self.devices
+            if (link := d.links.get(client_device)) is not None
+            and link.faster
+            and (shared_ns or not d.backend.needs_pid_namespace)
+        ]
+        return sorted(fits, key=lambda d: -d.links[client_device].peer_gbps)
+
+    def unplace(self, slab_id: int, offset: int) -> None:
+        """Give back space :meth:`place` found that was never handed out."""
+        self.reserved_bytes -= self._device_of(slab_id).pool.free(slab_id, offset)
+
+    def holds(self, slab_id: int) -> bool:
+        """Whether ``slab_id`` names a device slab (else a host one)."""
+        return slab_id >= _ID_SPACE
+
+    # -- sessions' events -----------------------------------------------------------------
+
+    def committed(self, extent: Extent) -> None:
+        self.reserved_bytes -= extent.length
+        self._device_of(extent.slab).resident[(extent.committed_at, extent.handle)] = extent
+
+    def fetching(self, extents: list[Extent]) -> None:
+        """A fetch answers for ``extents``: those on a device stay there until freed (read in place)."""
+        for extent in extents:
+            if extent.residence is Residence.DEVICE and not extent.pinned:
+                extent.pinned = True
+                self._device_of(extent.slab).resident.pop((extent.committed_at, extent.handle), None)
+
+    def release(self, extent: Extent) -> int:
+        """Free a device extent; returns its length."""
+        device = self._device_of(extent.slab)
+        if extent.state is ExtentState.WRITING:
+            self.reserved_bytes -= extent.length
+        else:
+            device.resident.pop((extent.committed_at, extent.handle), None)
+        return device.pool.free(extent.slab, extent.offset)
+
+    def lent_to(self, slab_id: int) -> DeviceSlab | None:
+        device = self._by_slab_space.get(slab_id // _ID_SPACE)
+        return device.pool.lent_to(slab_id) if device is not None else None
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def balance(self, sessions: dict[int, Session], alive: Callable[[int], bool]) -> None:
+        """Move the oldest activations of devices past the high water to the host; free retired memory."""
+        budget = EVICT_BYTES_PER_BALANCE
+        for device in self.devices:
+            while budget > 0 and device.resident and device.pool.used_bytes > device.high_water_bytes:
+                key, extent = device.resident.peekitem(0)
+                session = sessions.get(extent.session_id)
+                if session is None:  # closed: freed soon, or fenced (NOTE [Fencing]): it stays where it is
+                    del device.resident[key]
+                    continue
+                if not self._evict(device, session, extent):
+                    break
+                budget -= extent.length
+        self.retired.release(alive)
+
+    def _evict(self, device: Device, session: Session, extent: Extent) -> bool:
+        """Copy ``extent`` into new host space and free its device space; False when the host has no room."""
+        where = self.host.allocate(session.tenant.name, extent.length)
+        if where is None:
+            return False
+        slab_id, offset, _ = where
+        source = device.pool.slabs[extent.slab]
+        start = time.perf_counter()
+        try:
+            source.memory.read(extent.offset, self.host.view(slab_id, offset, extent.length))
+        except DeviceError as e:
+            self.host.free(slab_id, offset)
+            extent.lost = f"moving it off device {device.backend.name} failed: {e}"
+            log.warning("eviction of handle %d failed: %s", extent.handle, e)
+            device.resident.pop((extent.committed_at, extent.handle))
+            return True
+        log.debug("moved %s to the host in %.2f ms", format_bytes(extent.length), 1e3 * (time.perf_counter() - start))
+        del device.resident[(extent.committed_at, extent.handle)]
+        device.pool.free(extent.slab, extent.offset)
+        extent.slab, extent.offset, extent.residence = slab_id, offset, Residence.HOST
+        session.device_bytes -= extent.length
+        self.evicted_bytes += extent.length
+        self.evictions += 1
+        if self.disk is not None:
+            self.disk.moved_in(session, extent)
+        return True
+
+    def _device_of(self, slab_id: int) -> Device:
+        return self._by_slab_space[slab_id // _ID_SPACE]
+
+    # -- stats ----------------------------------------------------------------------------
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(d.pool.size_bytes for d in self.devices)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of committed activations on the devices."""
+        return sum(d.pool.used_bytes for d in self.devices) - self.reserved_bytes
+
+    def stats(self) -> dict[str, Any]:
+        """What ``stats`` reports of the device tier (docs/operations.md lists the fields)."""
+        return {
+            "device_bytes": self.size_bytes,
+            "device_used_bytes": self.used_bytes,
+            "device_reserved_bytes": self.reserved_bytes,
+            "device_evicted_bytes": self.evicted_bytes,
+            "device_evictions": self.evictions,
+            "device_retired_bytes": self.retired.size_bytes,
+            "devices": [
+                {
+                    "name": d.backend.name,
+                    "backend": d.backend.kind,
+                    "size_bytes": d.pool.size_bytes,
+                    "used_bytes": d.pool.used_bytes,
+                    "high_water_bytes": d.high_water_bytes,
+                    "links": {client: link.summary() for client, link in sorted(d.links.items())},
+                }
+                for d in self.devices
+            ],
+        }
+
+    def close(self) -> None:
+        for device in self.devices:
+            for slab in device.pool.slabs.values():
+                slab.close()
+            device.backend.close()
+        self.retired.close()
