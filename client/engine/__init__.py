@@ -1,6 +1,8 @@
 """The transfer engine, in parts (each small enough to read in one sitting).
 
-``loop``       the thread: queue, batching, ordering, flush; the training threads' API
+``transfer``   the training threads' API, and the thread's lifetime (NOTE [Transfer engine])
+``loop``       the thread: queue, batching, ordering, flush
+``fetches``    the thread's fetches: confirmed by the daemon, copied back, asked again
 ``placement``  reservations and the pressure policy (keep / wait / error)
 ``prefetch``   pass counting and the bytes in flight
 ``copies``     a CPU copier and a CUDA copier behind one interface (the seam for other tiers)
@@ -10,6 +12,6 @@
 """
 
 from client.engine.jobs import EngineStats
-from client.engine.loop import TransferEngine
+from client.engine.transfer import TransferEngine
 
 __all__ = ["EngineStats", "TransferEngine"]

@@ -1,296 +1,100 @@
-"""The transfer engine: one thread that moves activations between tensors and the pool.
+"""The transfer thread's loop: the jobs the training threads queue, served in batches.
 
-NOTE [Transfer engine]
-  The training thread never waits on the daemon to offload. ``submit_offload`` queues a
-  job and returns; the engine thread takes every job queued so far as one batch, places
-  each layer's run of offloads (client/engine/placement.py), has the copier copy them
-  into their extents (client/engine/copies.py), and posts one ``commit`` whose reply
-  nobody waits for. Fetches are batched the same way (one ``fetch`` request to check
-  ownership and commit, then the copies back), and so are frees. Within a batch,
-  offloads run before fetches and fetches before frees, so a handle's jobs keep their
-  order, except that fetches of handles already stored go first: backward must not wait
-  behind forward's copies. Between layers of a long batch of offloads the thread also
-  serves fetches queued meanwhile. ``take`` prefetches the handles offloaded before the
-  one it wants (client/engine/prefetch.py); a new layer's first offload waits for older
-  layers' copies (NOTE [Bounded copies in flight] in client/engine/window.py).
-
-  On CUDA, fetch destinations are allocated by the thread that asks (backward's), on
-  the consumer's stream, and the engine runs the H2D copies. On the CPU the engine only
-  has the daemon confirm the extents; ``take`` then reads the bytes in place or copies
-  them on the asking thread (NOTE [Aliased fetch]), so nothing is allocated in a second
-  thread's malloc arena, which would hold its own freed blocks.
+The thread takes every job queued so far as one batch and serves it in order (NOTE
+[Transfer engine] in client/engine/transfer.py): fetches of handles already stored first,
+since backward waits on them; then the offloads, one layer's run at a time, each placed
+(client/engine/placement.py), copied into the pool and committed; then the other fetches
+(client/engine/fetches.py), the frees, and a flush's wait for the daemon's answers.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
-import logging
 import queue
-import threading
 import time
 from collections import deque
-from collections.abc import Callable
 
-import torch
-
-from client.engine.copies import PoolViews, copier_for
+from client.engine.copies import Copier
 from client.engine.failures import Failures
+from client.engine.fetches import Fetches
 from client.engine.jobs import EngineStats, Fetch, Flush, Free, Offload, runs_by_layer
-from client.engine.link import Link
-from client.engine.placement import Placement, pressure_policy
+from client.engine.placement import Placement, PressurePolicy
 from client.engine.prefetch import Prefetcher
 from client.engine.requests import Requests
 from client.engine.state import Slot, SlotTable
-from client.engine.window import InflightWindow
-from client.handle import Handle
 from client.reservations import Reservations
-from client.segments import SlabLookup
-from client.settings import ClientSettings
-from client.transport import Channel
-from storm_service.errors import StormError, StormTimeoutError, StormUnavailableError
+from storm_service.errors import StormError
 from storm_service.protocol import MAX_BATCH, Op
 
-__all__ = ["TransferEngine"]
+__all__ = ["STOP", "TransferLoop"]
 
-log = logging.getLogger("storm.client")
+STOP = object()
+"""Queued by ``TransferEngine.close``: the loop ends after the batch that holds it."""
 
-_STOP = object()
 
-
-class TransferEngine:
-    """Owns the transfer thread, its DEALER channel, and the copier."""
+class TransferLoop:
+    """Serves the queued jobs; made and run by the transfer thread, on that thread's channel."""
 
     def __init__(
         self,
+        requests: Requests,
         *,
-        new_channel: Callable[[], Channel],
-        token: str,
-        segments: SlabLookup,
-        settings: ClientSettings,
-        cuda: bool,
-        on_lost: Callable[[BaseException], None],
-        disk_tier: bool = False,
+        jobs: queue.SimpleQueue[object],
+        table: SlotTable,
+        prefetch: Prefetcher,
+        copier: Copier,
+        stats: EngineStats,
+        failures: Failures,
+        policy: PressurePolicy,
+        reservations: Reservations,
     ) -> None:
-        self.token = token
-        self.timeout_s = timeout_s = settings.timeout_s
-        self.stats = EngineStats()
-        self.failure: BaseException | None = None
-        self._policy = pressure_policy(settings.policy, settings.wait_timeout_s, disk_tier)
-        self._reservations = Reservations(settings.reserve_idle_s)
-        self._failures = Failures(on_lost)
-        self._new_channel = new_channel
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._requests = requests
+        self._queue = jobs
         self._backlog: deque[object] = deque()
-        self.table = SlotTable()
-        self._views = PoolViews(segments)
-        link = Link(settings.link_gbps) if settings.link_gbps > 0 else None
-        self.copier = copier_for(self._views, cuda, link)
-        self._prefetch = Prefetcher(settings.prefetch_bytes, self.table, self._request_fetch)
-        self._window = InflightWindow(settings.max_inflight_layers, self._wait_stored, self.stats)
-        self._stored_timeout_s = settings.wait_timeout_s + timeout_s
-        """A placement may retry (policy wait) and then post its commit: the most a store takes."""
-        self._thread = threading.Thread(target=self._run, name="storm-transfer", daemon=True)
-        self._thread.start()
-
-    # -- called from training threads ------------------------------------------
-
-    def raise_pending(self) -> None:
-        """Raise the oldest error of a posted request or a failed offload, if any (client/engine/failures.py)."""
-        self._failures.raise_pending()
-
-    def keep(self, handle: Handle, tensor: torch.Tensor) -> None:
-        """Record a handle whose tensor stays where it is (nothing to move)."""
-        slot = self.table.add(handle)
-        slot.kept = tensor
-        slot.stored.set()
-
-    def submit_offload(self, handle: Handle, tensor: torch.Tensor, guard: torch.Tensor) -> None:
-        slot = Slot(handle)
-        producer = None
-        if tensor.is_cuda:  # NOTE [Device hygiene] in client/engine/cuda.py
-            slot.stream = torch.cuda.current_stream(tensor.device)
-            producer = torch.cuda.Event()
-            producer.record(slot.stream)
-        self._window.admit(slot)
-        job = Offload(slot, tensor, producer, guard, guard._version, tensor.data_ptr(), self._failures.epoch)
-        # Prefetches pick slots from the table under its lock: one must never find a slot
-        # whose offload is not queued yet, or its fetch would wait on a store never coming.
-        with self.table.lock:
-            self.table.insert(slot)
-            self._queue.put(job)
-
-    def inflight_bytes(self) -> int:
-        """Bytes of offloads not stored yet: their sources are still held where they were."""
-        with self.table.lock:
-            return sum(slot.handle.size_bytes for slot in self.table.newest_first() if not slot.stored.is_set())
-
-    def locate(self, handle: Handle, timeout_s: float) -> tuple[int, int, int] | None:
-        """``(daemon handle, segment, offset)`` once the offload is placed; None if it holds no extent."""
-        slot = self.table.get(handle)
-        if slot is None:
-            return None
-        slot.stored.wait(timeout_s)
-        return (slot.id, slot.segment, slot.offset) if slot.id is not None else None
-
-    def take(
-        self, handle: Handle, timeout_s: float, alias: bool = False, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Return the tensor for ``handle``, fetching it now if nothing did (NOTE [Transfer engine]).
-
-        On the CPU the bytes are read from the pool once the daemon has confirmed the
-        extent: copied out (into ``out`` if given), or with ``alias`` handed out in place
-        (NOTE [Aliased fetch]).
-        """
-        slot = self.table.get(handle)
-        if slot is None:
-            raise StormError(f"fetch: {handle!r} was already freed")
-        if slot.kept is not None and slot.id is None and slot.stored.is_set():
-            return slot.take_kept(out)
-        started = time.perf_counter()
-        with self.table.lock:
-            self._prefetch.taken(slot)
-            if not slot.fetch_requested:
-                self.stats.fetch_misses += 1
-                self._request_fetch(slot, False)
-            elif slot.fetch_done.is_set():
-                self.stats.prefetch_hits += 1
-            else:
-                self.stats.prefetch_waits += 1
-            self._prefetch.before(slot)
-            slot.awaited = True
-        try:
-            self._wait(slot.fetch_done, timeout_s, f"fetch of {slot.describe()}")
-        finally:
-            slot.awaited = False
-        with self.table.lock:
-            error, tensor = slot.error, slot.fetched
-            slot.fetched = None
-            slot.fetch_requested = False
-            slot.fetch_done.clear()
-            self._prefetch.settled(slot)
-        if error is not None:
-            # Reported now: the queued errors of its burst would only fail the next step. A fresh
-            # copy, since a traceback on the stored instance would keep the step's tensors alive.
-            self._failures.reported()
-            raise copy.copy(error)
-        if tensor is None:
-            if alias:
-                with self.table.lock:
-                    self.table.viewed(slot, +1)
-                tensor = self._views.alias(slot, self._view_released)
-            elif out is not None:
-                tensor = out.copy_(self._views.view(slot))
-            else:
-                tensor = self._views.view(slot).clone()
-        else:
-            if slot.copy_event is not None:
-                slot.copy_event.hand_over(tensor)  # NOTE [Device hygiene] in client/engine/cuda.py
-            if out is not None:
-                tensor = out.copy_(tensor)
-        self.stats.fetch_wait_s += time.perf_counter() - started
-        self.stats.fetched_tensors += 1
-        self.stats.fetched_bytes += handle.size_bytes
-        return tensor
-
-    def prefetch_newest(self) -> None:
-        """Start fetching the latest offloads: backward will ask for them first."""
-        with self.table.lock:
-            self._prefetch.newest()
-
-    def _view_released(self, slot: Slot) -> None:  # NOTE [Aliased fetch]
-        with self.table.lock:
-            if self.table.viewed(slot, -1) or not slot.free_pending:
-                return
-            slot.free_pending = False
-        self._queue.put(Free(slot))
-
-    def submit_free(self, handle: Handle) -> None:
-        with self.table.lock:
-            slot = self.table.get(handle)
-            if slot is None:
-                return
-            slot.freed = True
-            self.table.remove(slot)
-            self._prefetch.settled(slot)
-            if slot.views:
-                slot.free_pending = True  # freed by the last aliased view (NOTE [Aliased fetch])
-                return
-        self._queue.put(Free(slot))
-
-    def flush(self, timeout_s: float) -> None:
-        """Wait until every job queued so far is done and the daemon has answered it."""
-        done = threading.Event()
-        self._queue.put(Flush(done))
-        self._wait(done, timeout_s, "flush")
-
-    def close(self, timeout_s: float) -> None:
-        self._queue.put(_STOP)
-        self._thread.join(timeout_s)
-
-    def _request_fetch(self, slot: Slot, prefetch: bool) -> None:
-        # Allocate first: if this raises, nothing is marked requested.
-        try:
-            out, allocated = self.copier.prepare_fetch(slot)
-        except torch.OutOfMemoryError:
-            if not prefetch:
-                raise
-            self.stats.prefetch_oom += 1  # fetched on demand when backward asks
-            return
-        self._prefetch.requested(slot, prefetch)
-        self._queue.put(Fetch(slot, out, allocated))
-
-    def _wait_stored(self, slot: Slot) -> None:
-        self._wait(slot.stored, self._stored_timeout_s, f"offload of {slot.describe()}")
-
-    def _wait(self, event: threading.Event, timeout_s: float, what: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not event.wait(0.05):
-            if not self._thread.is_alive():
-                raise StormUnavailableError(f"{what}: the transfer thread has stopped ({self.failure!r})")
-            if time.monotonic() > deadline:
-                raise StormTimeoutError(f"{what}: not done within {timeout_s:g} s")
-
-    # -- the engine thread ----------------------------------------------------------
-
-    def _run(self) -> None:
-        channel = self._new_channel()
-        channel.on_async_error = self._failures.posted
-        requests = Requests(channel, self.token, self.timeout_s, self.stats, self._failures)
-        placement = Placement(
-            policy=self._policy,
-            reservations=self._reservations,
-            stats=self.stats,
+        self._table = table
+        self._copier = copier
+        self._stats = stats
+        self._failures = failures
+        self._reservations = reservations
+        self._placement = Placement(
+            policy=policy,
+            reservations=reservations,
+            stats=stats,
             requests=requests,
-            serve_while_waiting=lambda: self._serve_while_waiting(requests),
+            serve_while_waiting=self._serve_while_waiting,
         )
-        try:
-            while True:
-                batch = [self._backlog.popleft() if self._backlog else self._next_job(placement)]
-                with self.table.lock:
-                    pass  # a fetch and its prefetches are queued under the lock: take them together
-                while len(batch) < MAX_BATCH:
-                    try:
-                        batch.append(self._backlog.popleft() if self._backlog else self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                if self._serve(requests, placement, batch):
-                    return
-        except BaseException as e:  # keep the reason; waiters see the thread gone
-            self.failure = e
-            log.exception("the transfer thread failed")
-        finally:
-            channel.close()
+        self._fetches = Fetches(
+            requests=requests,
+            copier=copier,
+            table=table,
+            prefetch=prefetch,
+            stats=stats,
+            serve_frees=lambda: self._serve_while_waiting(fetches=False),
+        )
 
-    def _next_job(self, placement: Placement) -> object:
+    def run(self) -> None:
+        """Serve batches until one holds STOP."""
+        while True:
+            batch = [self._backlog.popleft() if self._backlog else self._next_job()]
+            with self._table.lock:
+                pass  # a fetch and its prefetches are queued under the lock: take them together
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._backlog.popleft() if self._backlog else self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if self._serve(batch):
+                return
+
+    def _next_job(self) -> object:
         """The next queued job; while waiting, give back spares that expire (NOTE [Reservations])."""
         while True:
             try:
                 return self._queue.get(timeout=self._reservations.seconds_to_expiry(time.monotonic()))
             except queue.Empty:
-                placement.return_spares(self._reservations.expired(time.monotonic()))
+                self._placement.return_spares(self._reservations.expired(time.monotonic()))
 
-    def _serve(self, requests: Requests, placement: Placement, batch: list[object]) -> bool:
+    def _serve(self, batch: list[object]) -> bool:
         offloads = [job for job in batch if isinstance(job, Offload)]
         fetches = [job for job in batch if isinstance(job, Fetch)]
         frees = [job.slot for job in batch if isinstance(job, Free)]
@@ -298,60 +102,61 @@ class TransferEngine:
         ready = [job for job in fetches if job.slot.stored.is_set()]
         later = [job for job in fetches if not job.slot.stored.is_set()]
         if ready:  # backward waits on these; nothing in this batch comes before them
-            self._failures.guard(ready, lambda: self._fetch(requests, ready))
+            self._failures.guard(ready, lambda: self._fetches.serve(ready))
         if offloads:
-            self._failures.guard(offloads, lambda: self._offload(requests, placement, offloads))
+            self._failures.guard(offloads, lambda: self._offload(offloads))
         if fetches or flushes:
-            placement.return_spares(self._reservations.end_run())
+            self._placement.return_spares(self._reservations.end_run())
         if later:
-            self._failures.guard(later, lambda: self._fetch(requests, later))
+            self._failures.guard(later, lambda: self._fetches.serve(later))
         if frees:
-            self._free(requests, frees)
-        placement.return_spares(self._reservations.expired(time.monotonic()))
+            self._free(frees)
+        self._placement.return_spares(self._reservations.expired(time.monotonic()))
         if flushes:
             try:
-                requests.channel.settle(self.timeout_s)
+                self._requests.channel.settle(self._requests.timeout_s)
             except StormError as e:
                 self._failures.add(e)
             for job in flushes:
                 job.done.set()
-        requests.channel.drain()
-        return _STOP in batch
+        self._requests.channel.drain()
+        return STOP in batch
 
-    def _offload(self, requests: Requests, placement: Placement, jobs: list[Offload]) -> None:
+    def _offload(self, jobs: list[Offload]) -> None:
         for index, layer_jobs in enumerate(runs_by_layer(jobs)):
             if index and not self._queue.empty():
-                self._serve_while_waiting(requests)  # fetches queued meanwhile go first
+                self._serve_while_waiting()  # fetches queued meanwhile go first
             waiting = list(layer_jobs)
             # Before a policy waits for room, what is placed is stored, so that the daemon may spill
             # it: an uncommitted extent never moves, and a layer larger than the room would wait forever.
-            placement.before_wait = functools.partial(self._store_placed, requests, waiting)
-            placement.place_layer(layer_jobs)
-            placement.before_wait = None
-            self._store(requests, waiting)
+            self._placement.before_wait = functools.partial(self._store_placed, waiting)
+            self._placement.place_layer(layer_jobs)
+            self._placement.before_wait = None
+            self._store(waiting)
 
-    def _store_placed(self, requests: Requests, waiting: list[Offload]) -> None:
+    def _store_placed(self, waiting: list[Offload]) -> None:
         """Store the placed jobs of ``waiting``, leaving the others in it."""
         placed = [job for job in waiting if job.slot.placed]
         waiting[:] = [job for job in waiting if not job.slot.placed]
-        self._store(requests, placed)
+        self._store(placed)
 
-    def _store(self, requests: Requests, jobs: list[Offload]) -> None:
+    def _store(self, jobs: list[Offload]) -> None:
         """Copy the placed ones of ``jobs`` into the pool and commit them; each is then stored."""
         copies = [job for job in jobs if job.slot.placed and not job.moved()]
         started = time.perf_counter()
-        self.copier.copy_out(copies)
-        self.stats.copy_out_s += time.perf_counter() - started
-        self.stats.copy_out_bytes += sum(job.slot.handle.size_bytes for job in copies)
+        self._copier.copy_out(copies)
+        self._stats.copy_out_s += time.perf_counter() - started
+        self._stats.copy_out_bytes += sum(job.slot.handle.size_bytes for job in copies)
         for job in copies:
             job.slot.error = job.modified()
         if copies:
+            requests = self._requests
             requests.post(Op.COMMIT, handles=[job.slot.id for job in copies], **requests.unreported_savings())
         for job in jobs:
             job.tensor = job.guard = None  # type: ignore[assignment]
             job.slot.stored.set()
 
-    def _serve_while_waiting(self, requests: Requests, fetches: bool = True) -> None:
+    def _serve_while_waiting(self, fetches: bool = True) -> None:
         """While an offload waits for room (or a fetch for the disk tier: ``fetches`` False), run the
         frees and fetches queued behind it.
 
@@ -373,63 +178,16 @@ class TransferEngine:
             else:
                 self._backlog.append(job)
         if ready:
-            self._failures.guard(ready, lambda: self._fetch(requests, ready))
+            self._failures.guard(ready, lambda: self._fetches.serve(ready))
         if frees:
-            self._free(requests, frees)
+            self._free(frees)
 
-    def _fetch(self, requests: Requests, jobs: list[Fetch]) -> None:
-        wanted = []
-        for job in jobs:
-            slot = job.slot
-            slot.stored.wait()  # its offload ran earlier in this thread: already set
-            if slot.freed or slot.fetch_done.is_set():
-                continue
-            if slot.kept is not None or slot.error is not None:
-                slot.fetched = slot.kept
-                slot.fetch_done.set()
-            else:
-                wanted.append(job)
-        if not wanted:
-            return
-        # The daemon confirms each extent is ours and committed before a byte is read. With a disk
-        # tier it answers for those in host memory, from the first (NOTE [Disk tier]): ask again for
-        # the rest, sending the frees queued meanwhile, which may be what makes room for them.
-        started = time.perf_counter()
-        while wanted:
-            wanted.sort(key=lambda job: not job.slot.awaited)  # what backward waits for first
-            wait = int(wanted[0].slot.awaited)  # a prefetch must not pull bytes back from disk early
-            extents = requests.call(Op.FETCH, handles=[job.slot.id for job in wanted], wait=wait)["extents"]
-            for job, extent in zip(wanted, extents, strict=False):  # each is ready when its own copy is
-                job.slot.segment, job.slot.offset = extent["slab"], extent["offset"]  # read back: a new place
-                self.copier.copy_in([job])
-                job.slot.fetch_done.set()
-            wanted = wanted[len(extents) :]
-            if wanted and not extents:
-                if not self._awaited_or_dropped(wanted):
-                    break
-                self._serve_while_waiting(requests, fetches=False)
-        self.stats.copy_in_s += time.perf_counter() - started
-        self.stats.copy_in_bytes += sum(job.slot.handle.size_bytes for job in wanted)
-
-    def _awaited_or_dropped(self, jobs: list[Fetch]) -> bool:
-        """Whether backward waits for one of ``jobs``; if not, drop them all: prefetches the disk tier
-        could not answer yet must not hold the transfer thread (backward may wait for an offload
-        queued behind them). Backward fetches them on demand."""
-        with self.table.lock:
-            if any(job.slot.awaited for job in jobs):
-                return True
-            for job in jobs:
-                job.slot.fetch_requested = False
-                self._prefetch.settled(job.slot)
-            self.stats.prefetch_deferred += len(jobs)
-        return False
-
-    def _free(self, requests: Requests, slots: list[Slot]) -> None:
+    def _free(self, slots: list[Slot]) -> None:
         ids = []
         for slot in slots:
-            self.copier.before_free(slot)
+            self._copier.before_free(slot)
             slot.fetched = slot.kept = None
             if slot.id is not None:
                 ids.append(slot.id)
-        self.stats.freed_tensors += len(slots)
-        requests.post_free(ids)
+        self._stats.freed_tensors += len(slots)
+        self._requests.post_free(ids)

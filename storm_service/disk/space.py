@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from storm_service.allocator import ExtentAllocator
 from storm_service.disk.files import SpillFile
+from storm_service.extents import Extent
+
+if TYPE_CHECKING:
+    from storm_service.sessions import Session
 
 __all__ = ["SpillSpace"]
 
@@ -26,8 +32,16 @@ class SpillSpace:
                 return index, offset
         return None
 
-    def free(self, where: tuple[int, int]) -> None:
-        self._files[where[0]].free(where[1])
+    def release(self, extent: Extent) -> None:
+        """Free ``extent``'s place on disk, if it has one."""
+        if extent.disk is not None:
+            self._files[extent.disk[0]].free(extent.disk[1])
+            extent.disk = None
+
+    def drop(self, session: Session, extent: Extent) -> None:
+        """Free the disk copy of an extent that was on disk (counted in the session's disk bytes)."""
+        self.release(extent)
+        session.disk_bytes -= extent.length
 
     @property
     def size_bytes(self) -> int:

@@ -49,38 +49,34 @@ NOTE [Disk tier]
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import TYPE_CHECKING, Any, cast
 
 from storm_service.disk.files import SpillFile
-from storm_service.disk.held import MIN_MARGIN_BYTES, Busy, Held
+from storm_service.disk.held import MIN_MARGIN_BYTES, Held
 from storm_service.disk.io import DiskIO
 from storm_service.disk.profile import StepProfile
+from storm_service.disk.restore import Restorer
 from storm_service.disk.space import SpillSpace
+from storm_service.disk.spill import SPILL, Spiller
 from storm_service.errors import ActivationLostError
 from storm_service.extents import Extent, Residence
 from storm_service.pool import Pool
-from storm_service.units import format_bytes
 
 if TYPE_CHECKING:
     from storm_service.sessions import Session
 
 __all__ = ["DiskTier"]
 
-log = logging.getLogger("stormd.disk")
-
-SPILL_IN_FLIGHT_BYTES = 256 << 20
-"""Bytes being written at once, at most: enough to keep every file's queue full."""
-SPILLS_PER_BALANCE = 64
-"""Victims chosen per call, at most, so one call never holds the loop for long."""
 ROOM_S = 1.0
 """How long the room asked for by a refused offload is kept free after the last refusal."""
-_SPILL, _RESTORE = "spill", "restore"
 
 
 class DiskTier:
-    """Spill files, their allocators and I/O, and every session's place in them (NOTE [Disk tier])."""
+    """Spill files, their allocators and I/O, and every session's place in them (NOTE [Disk tier]).
+
+    The sessions' events and the loop's calls come here; writing out is the spiller's
+    (spill.py), reading back the restorer's (restore.py)."""
 
     def __init__(self, pool: Pool, files: list[SpillFile], io: DiskIO, high_water: float) -> None:
         self.pool = pool
@@ -89,22 +85,18 @@ class DiskTier:
         self.high_water_bytes = int(high_water * pool.size_bytes)
         self._space = SpillSpace(files, pool.alignment)
         self._held: dict[int, Held] = {}
+        self._spiller = Spiller(pool, io, self._space, self._held)
+        self._restorer = Restorer(pool, io, self._space, self._spiller)
         self._wanted: dict[int, Extent] = {}
         """Extents a parked fetch waits for that found no host space yet, by handle, in order."""
         self._reading: set[int] = set()
         """Sessions in backward with extents on disk: read ahead at each balance."""
-        self._spilling_bytes = 0
-        self._over_quota: set[int] = set()
-        """Sessions whose wanted extent waits for their own extents to go to disk (their quota is full)."""
         self._room_wanted = 0
         """Bytes under the high water the spiller frees for refused offloads (:meth:`refused`)."""
         self._room_until = 0.0
         self._max_margin = max(MIN_MARGIN_BYTES, pool.size_bytes // 4)
         self._pin_limit = max(pool.size_bytes - self.high_water_bytes, MIN_MARGIN_BYTES) // 2
-        self._spill_busy, self._restore_busy = Busy(), Busy()
-        self.spilled_total = self.restored_total = 0
         self.restore_hits = self.restore_waits = 0
-        self.spill_errors = self.restore_errors = self.disk_full = self.evicted = 0
 
     # -- sessions' events -------------------------------------------------------------
 
@@ -137,11 +129,11 @@ class DiskTier:
                 # reading ahead does: the client asks for them again, and prefetches cannot crowd
                 # out the offloads of a forward that runs meanwhile.
                 if ready is None and wait and extent.handle not in self._wanted:
-                    if not self._restore(held, extent):
+                    if not self._restorer.restore(held, extent):
                         self._wanted[extent.handle] = extent
                         self.refused(extent.length)
                 elif self.pool.used_bytes + extent.length <= self._target:
-                    self._restore(held, extent)
+                    self._restorer.restore(held, extent)
             if ready is None and extent.residence in (Residence.DISK, Residence.RESTORING):
                 ready = index
         ready = len(extents) if ready is None else ready
@@ -158,7 +150,7 @@ class DiskTier:
                 extent.pinned = True  # a client may read it in place: never a victim again
                 held.resident.pop((extent.committed_at, extent.handle), None)
                 held.pinned_bytes += extent.length
-                self._not_ahead(held, extent)
+                self._restorer.not_ahead(held, extent)
                 if extent.restored:
                     if extent.waited:
                         self.restore_waits += 1
@@ -166,7 +158,7 @@ class DiskTier:
                         self.restore_hits += 1
         if held.on_disk:
             self._reading.add(session.id)
-            self._read_ahead(held)
+            self._restorer.read_ahead(held, self._target)
         return ready
 
     def release(self, session: Session, extent: Extent) -> int:
@@ -177,7 +169,7 @@ class DiskTier:
             if extent.pinned:
                 held.pinned_bytes -= extent.length
             if extent.residence is Residence.HOST:
-                self._not_ahead(held, extent)
+                self._restorer.not_ahead(held, extent)
             elif extent.residence is Residence.DISK:
                 del held.on_disk[(extent.committed_at, extent.handle)]
         if extent.residence in (Residence.SPILLING, Residence.RESTORING):
@@ -186,10 +178,10 @@ class DiskTier:
         extent.freed = True
         self._wanted.pop(extent.handle, None)
         if extent.residence is Residence.DISK:
-            self._free_disk(session, extent)
+            self._space.drop(session, extent)
             return extent.length
         if extent.disk is not None:  # read ahead: its copy on disk was kept
-            self._free_disk(session, extent)
+            self._space.drop(session, extent)
         return self.pool.free(extent.slab, extent.offset)
 
     def closed(self, session: Session) -> None:
@@ -212,10 +204,10 @@ class DiskTier:
         back = False
         for tag, error in self.io.completed():
             kind, extent, held = cast(tuple[str, Extent, Held], tag)
-            if kind == _SPILL:
-                self._spilled(held, extent, error)
+            if kind == SPILL:
+                self._spiller.spilled(held, extent, error)
             else:
-                self._restored(held, extent, error)
+                self._restorer.restored(held, extent, error)
                 back = True
         return back
 
@@ -223,7 +215,7 @@ class DiskTier:
         """Restore what parked fetches want, read ahead for sessions in backward, spill past the high water."""
         for handle, extent in list(self._wanted.items()):
             owner = self._held.get(extent.session_id)
-            if owner is not None and extent.residence is Residence.DISK and not self._restore(owner, extent):
+            if owner is not None and extent.residence is Residence.DISK and not self._restorer.restore(owner, extent):
                 self.refused(extent.length)
                 break
             del self._wanted[handle]
@@ -232,13 +224,11 @@ class DiskTier:
             if reading is None or not reading.on_disk:
                 self._reading.discard(session_id)
             else:
-                self._read_ahead(reading)
+                self._restorer.read_ahead(reading, self._target)
         if self._room_wanted and time.monotonic() > self._room_until:
             self._room_wanted = 0
-        if self._over_quota:
-            self._spill_over_quota()
-        if self.pool.used_bytes - self._spilling_bytes > self._target:
-            self._spill()
+        self._spiller.spill_over_quota()
+        self._spiller.spill(self._target, evict=bool(self._room_wanted))
 
     def stuck(self, session: Session, extent: Extent) -> int:
         """0, or the bytes (the pool's, or ``session``'s quota) that ``session`` itself fills with what it
@@ -260,208 +250,6 @@ class DiskTier:
         """Host bytes in use the spiller brings the pool back to."""
         return self.high_water_bytes - self._room_wanted
 
-    # -- spill ----------------------------------------------------------------------------
-
-    def _spill(self) -> None:
-        now = time.monotonic()
-        excess = self.pool.used_bytes - self._spilling_bytes - self._target
-        for _ in range(SPILLS_PER_BALANCE):
-            if excess <= 0 or self._spilling_bytes >= SPILL_IN_FLIGHT_BYTES:
-                return
-            held, share_full = self._victim(now)
-            if held is None:  # nothing to write out: drop what was read ahead, if room is wanted now
-                freed = self._evict() if self._room_wanted else 0
-                if not freed:
-                    if share_full:
-                        self._full(excess)
-                    return
-                excess -= freed
-                continue
-            extent = held.resident.peekitem(0)[1]
-            if not self._spill_one(held, extent):
-                self._full(excess)
-                return
-            excess -= extent.length
-
-    def _spill_one(self, held: Held, extent: Extent) -> bool:
-        """Start writing ``extent`` out; False when the spill files have no room for it."""
-        where = self._space.allocate(extent.length)
-        if where is None:
-            return False
-        del held.resident[(extent.committed_at, extent.handle)]
-        extent.residence, extent.disk = Residence.SPILLING, where
-        held.spilling_bytes += extent.length
-        self._spilling_bytes += extent.length
-        self._spill_busy.start()
-        self.io.write(
-            where[0], where[1], self.pool.view(extent.slab, extent.offset, extent.length), (_SPILL, extent, held)
-        )
-        return True
-
-    def _spill_over_quota(self) -> None:
-        """Write out the oldest extents of sessions whose wanted extent would take them past their quota."""
-        for session_id in list(self._over_quota):
-            held = self._held.get(session_id)
-            if held is None or held.quota_room <= 0:
-                self._over_quota.discard(session_id)
-                continue
-            while held.resident and held.spilling_bytes < held.quota_room:
-                if not self._spill_one(held, held.resident.peekitem(0)[1]):
-                    return
-            if not held.resident:
-                self._over_quota.discard(session_id)
-
-    def _victim(self, now: float) -> tuple[Held | None, bool]:
-        """The session whose oldest spillable extent is wanted last (NOTE [Time to next use]), and
-        whether a session was passed over because its share of the disk is used up."""
-        best, best_time, share_full = None, float("-inf"), False
-        for held in self._held.values():
-            if not held.resident:
-                continue
-            extent = held.resident.peekitem(0)[1]
-            session = held.session
-            if session.disk_bytes + held.spilling_bytes + extent.length > self._disk_quota(session):
-                share_full = True
-                continue
-            when = held.profile.time_to_use(extent.committed_at, now)
-            if when > best_time:
-                best, best_time = held, when
-        return best, share_full
-
-    def _full(self, excess: int) -> None:
-        """No disk room for a victim: the spill files, or its session's share of them, are full."""
-        self.disk_full += 1
-        if self.disk_full & (self.disk_full - 1) == 0:  # 1st, 2nd, 4th...: a full disk cannot flood the log
-            log.warning("the disk tier is full: %s past the high water stay in host memory", format_bytes(excess))
-
-    def _spilled(self, held: Held, extent: Extent, error: OSError | None) -> None:
-        self._spill_busy.end()
-        held.spilling_bytes -= extent.length
-        self._spilling_bytes -= extent.length
-        session = held.session
-        if error is not None or extent.freed or extent.pinned:
-            self._release_disk_space(extent)
-            extent.residence = Residence.HOST
-            if error is not None:
-                self.spill_errors += 1
-                log.warning("spill of %s failed (it stays in host memory): %s", format_bytes(extent.length), error)
-            if extent.freed:
-                self.pool.free(extent.slab, extent.offset)
-            return
-        self.pool.free(extent.slab, extent.offset)
-        extent.residence = Residence.DISK
-        session.used_bytes -= extent.length
-        session.tenant.held_bytes -= extent.length
-        session.disk_bytes += extent.length
-        held.on_disk[(extent.committed_at, extent.handle)] = extent
-        self.spilled_total += extent.size_bytes
-
-    # -- restore --------------------------------------------------------------------------
-
-    def _read_ahead(self, held: Held) -> None:
-        session = held.session
-        while held.on_disk and held.ahead_bytes < held.margin_bytes:
-            extent = held.on_disk.peekitem(-1)[1]
-            if self.pool.used_bytes + extent.length > self._target:
-                return
-            if session.held_bytes + extent.length > session.quota_bytes or not self._restore(held, extent):
-                return
-
-    def _restore(self, held: Held, extent: Extent) -> bool:
-        """Start reading ``extent`` (on disk) into new host space; False when no space is free, or when
-        it would take its session past its quota (its own extents are then spilled first)."""
-        session = held.session
-        over = session.held_bytes + extent.length - session.quota_bytes
-        if over > 0 and session.quota_bytes < self.pool.size_bytes:
-            held.quota_room = max(held.quota_room, over)
-            self._over_quota.add(session.id)
-            return False
-        where = self.pool.allocate(session.tenant.name, extent.length)
-        if where is None:
-            return False
-        del held.on_disk[(extent.committed_at, extent.handle)]
-        held.quota_room = 0
-        self._over_quota.discard(session.id)
-        extent.slab, extent.offset, _ = where
-        extent.residence = Residence.RESTORING
-        if not extent.pinned:
-            held.ahead_bytes += extent.length
-            extent.ahead = True
-        extent.restored = True
-        session.used_bytes += extent.length
-        session.tenant.held_bytes += extent.length
-        assert extent.disk is not None
-        self._restore_busy.start()
-        self.io.read(
-            extent.disk[0],
-            extent.disk[1],
-            self.pool.view(extent.slab, extent.offset, extent.length),
-            (_RESTORE, extent, held),
-        )
-        return True
-
-    def _restored(self, held: Held, extent: Extent, error: OSError | None) -> None:
-        """A read finished. The disk copy of an extent read ahead is kept until a fetch answers for it,
-        so that room a waiting fetch needs can be had back by dropping the host copy (:meth:`_evict`)."""
-        self._restore_busy.end()
-        extent.residence = Residence.HOST
-        if error is not None:
-            self.restore_errors += 1
-            extent.lost = f"reading it back from the disk tier failed: {error}"
-            log.warning("restore of handle %d (session %d) failed: %s", extent.handle, held.session.id, error)
-        else:
-            self.restored_total += extent.size_bytes
-        if extent.freed:
-            self._free_disk(held.session, extent)
-            self.pool.free(extent.slab, extent.offset)
-        elif error is not None or not extent.ahead:
-            self._free_disk(held.session, extent)
-        else:
-            held.ahead[(extent.committed_at, extent.handle)] = extent
-
-    def _evict(self) -> int:
-        """Drop the host copy of one extent read ahead (the one wanted last), for room a waiting
-        fetch or a refused offload needs; returns its length (0: none was read ahead)."""
-        for held in self._held.values():
-            if held.ahead:
-                key, extent = held.ahead.popitem(0)
-                extent.ahead = False
-                held.ahead_bytes -= extent.length
-                self.pool.free(extent.slab, extent.offset)
-                extent.residence = Residence.DISK
-                held.session.used_bytes -= extent.length
-                held.session.tenant.held_bytes -= extent.length
-                held.on_disk[key] = extent
-                self.evicted += 1
-                return extent.length
-        return 0
-
-    def _not_ahead(self, held: Held, extent: Extent) -> None:
-        """``extent`` (in host memory) is answered for or freed: no longer read ahead, and a fetch's
-        answer makes its disk copy useless."""
-        if extent.ahead:
-            extent.ahead = False
-            held.ahead_bytes -= extent.length
-            held.ahead.pop((extent.committed_at, extent.handle), None)
-            if extent.pinned and extent.disk is not None:
-                self._free_disk(held.session, extent)
-
-    # -- disk space -----------------------------------------------------------------------
-
-    def _release_disk_space(self, extent: Extent) -> None:
-        if extent.disk is not None:
-            self._space.free(extent.disk)
-            extent.disk = None
-
-    def _free_disk(self, session: Session, extent: Extent) -> None:
-        """Free the disk copy of an extent that was on disk (counted in the session's disk bytes)."""
-        self._release_disk_space(extent)
-        session.disk_bytes -= extent.length
-
-    def _disk_quota(self, session: Session) -> int:
-        """The bytes ``session`` may hold on disk: the share of the disk its quota is of the pool."""
-        return self.size_bytes * min(session.quota_bytes, self.pool.size_bytes) // self.pool.size_bytes
-
     def _held_by(self, session: Session, now: float) -> Held:
         held = self._held.get(session.id)
         if held is None:
@@ -480,22 +268,23 @@ class DiskTier:
 
     def stats(self) -> dict[str, Any]:
         """What ``stats`` reports of the disk tier (docs/operations.md lists the fields)."""
-        spill_s, restore_s = self._spill_busy.seconds, self._restore_busy.seconds
+        spiller, restorer = self._spiller, self._restorer
+        spill_s, restore_s = spiller.busy.seconds, restorer.busy.seconds
         return {
             "disk_bytes": self.size_bytes,
             "disk_used_bytes": self.used_bytes,
             "disk_files": [{"dir": f.dir, "size_bytes": f.size_bytes, "direct": f.direct} for f in self.files],
-            "spilling_bytes": self._spilling_bytes,
-            "spilled_total_bytes": self.spilled_total,
-            "restored_total_bytes": self.restored_total,
-            "spill_bytes_per_s": round(self.spilled_total / spill_s) if spill_s else 0,
-            "restore_bytes_per_s": round(self.restored_total / restore_s) if restore_s else 0,
+            "spilling_bytes": spiller.spilling_bytes,
+            "spilled_total_bytes": spiller.spilled_total,
+            "restored_total_bytes": restorer.restored_total,
+            "spill_bytes_per_s": round(spiller.spilled_total / spill_s) if spill_s else 0,
+            "restore_bytes_per_s": round(restorer.restored_total / restore_s) if restore_s else 0,
             "restore_hits": self.restore_hits,
             "restore_waits": self.restore_waits,
-            "spill_errors": self.spill_errors,
-            "restore_errors": self.restore_errors,
-            "disk_full": self.disk_full,
-            "evicted_ahead": self.evicted,
+            "spill_errors": spiller.spill_errors,
+            "restore_errors": restorer.restore_errors,
+            "disk_full": spiller.disk_full,
+            "evicted_ahead": spiller.evicted,
             "high_water_bytes": self.high_water_bytes,
         }
 
