@@ -84,6 +84,8 @@ class _ServerCollector:
             yield GaugeMetricFamily(name, doc, value=value)
         if sessions.tier is not None:
             yield from self._disk(sessions.tier.stats(), GaugeMetricFamily, CounterMetricFamily)
+        if sessions.device is not None:
+            yield from self._device(sessions.device.stats(), GaugeMetricFamily, CounterMetricFamily)
         held = GaugeMetricFamily(
             "storm_session_used_bytes",
             "Bytes of committed activations one session holds.",
@@ -106,6 +108,25 @@ class _ServerCollector:
             "Sessions expired for silence or a dead process.",
             value=sessions.expired_total,
         )
+
+    @staticmethod
+    def _device(stats: dict[str, Any], gauge: Any, counter: Any) -> Iterator[Any]:
+        """The device tier (NOTE [Device tier] in storm_service/device/tier.py), in all and per device."""
+        for name, doc, key in (
+            ("storm_device_bytes", "Bytes the devices lend to the tier.", "device_bytes"),
+            ("storm_device_used_bytes", "Bytes of activations on the devices.", "device_used_bytes"),
+            ("storm_device_retired_bytes", "Device memory waiting for its importers to go.", "device_retired_bytes"),
+        ):
+            yield gauge(name, doc, value=stats[key])
+        for name, doc, key in (
+            ("storm_device_evicted_bytes", "Bytes moved from the devices to the host pool.", "device_evicted_bytes"),
+            ("storm_device_evict_errors", "Moves off a device that failed.", "device_evict_errors"),
+        ):
+            yield counter(name, doc, value=stats[key])
+        per_device = gauge("storm_device_used_bytes_by_device", "Bytes in use on one device.", labels=["device"])
+        for device in stats["devices"]:
+            per_device.add_metric([device["name"]], device["used_bytes"])
+        yield per_device
 
     @staticmethod
     def _disk(stats: dict[str, Any], gauge: Any, counter: Any) -> Iterator[Any]:

@@ -20,7 +20,8 @@ NOTE [Device tier]
   tier), at most EVICT_BYTES_PER_BALANCE per call, in the loop: the daemon's copy out of
   the device is the only one it makes, and it is bounded like every other piece of work
   in the loop. Extents a fetch answered for (pinned: a client may read them in place),
-  and extents not committed yet, never move. A moved extent's new place is in the next
+  and extents not committed yet, never move; nor does one whose move failed (it stays
+  where it is, and is counted in ``device_evict_errors``). A moved extent's new place is in the next
   fetch's reply, as after a restore from disk, and it joins the disk tier's spillable
   extents in commit order. Nothing moves back up: an extent evicted to the host is
   fetched from the host.
@@ -92,7 +93,7 @@ class DeviceTier:
         self.devices: list[Device] = []
         self.reserved_bytes = 0
         """Bytes of device extents allocated and not committed yet."""
-        self.evicted_bytes = self.evictions = 0
+        self.evicted_bytes = self.evictions = self.evict_errors = 0
         try:
             for index, backend in enumerate(backends):
                 self.devices.append(self._device(index, backend, max_slab_size))
@@ -223,11 +224,17 @@ class DeviceTier:
         start = time.perf_counter()
         try:
             source.memory.read(extent.offset, self.host.view(slab_id, offset, extent.length))
-        except DeviceError as e:
+        except DeviceError as e:  # it stays where it is, and is not tried again
             self.host.free(slab_id, offset)
-            extent.lost = f"moving it off device {device.backend.name} failed: {e}"
-            log.warning("eviction of handle %d failed: %s", extent.handle, e)
-            device.resident.pop((extent.committed_at, extent.handle))
+            del device.resident[(extent.committed_at, extent.handle)]
+            self.evict_errors += 1
+            if self.evict_errors & (self.evict_errors - 1) == 0:  # 1st, 2nd, 4th...
+                log.warning(
+                    "moving %s off device %s failed (it stays there): %s",
+                    format_bytes(extent.length),
+                    device.backend.name,
+                    e,
+                )
             return True
         log.debug("moved %s to the host in %.2f ms", format_bytes(extent.length), 1e3 * (time.perf_counter() - start))
         del device.resident[(extent.committed_at, extent.handle)]
@@ -262,6 +269,7 @@ class DeviceTier:
             "device_reserved_bytes": self.reserved_bytes,
             "device_evicted_bytes": self.evicted_bytes,
             "device_evictions": self.evictions,
+            "device_evict_errors": self.evict_errors,
             "device_retired_bytes": self.retired.size_bytes,
             "devices": [
                 {
