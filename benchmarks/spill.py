@@ -21,7 +21,7 @@ The throughput cases isolate the tier from training: 512 MiB of 4 MiB tensors of
 as fast as one client can, spilled past 25 % of the pool, then fetched newest first (each
 checked), against raw_throughput of the same bytes measured just before. In a 64 MiB
 pool the client waits for the room the spills make; in a pool that holds all of it
-(576 MiB) it never waits, and up to SPILL_IN_FLIGHT_BYTES (storm_service/disk/tier.py) are
+(576 MiB) it never waits, and up to SPILL_IN_FLIGHT_BYTES (storm_service/disk/spill.py) are
 queued for the disk. One
 step of the smallest pool is sampled (host and disk bytes, every few ms) for docs/spill.png.
 

@@ -67,6 +67,7 @@ class Fetches:
             for job, extent in zip(wanted, extents, strict=False):  # each is ready when its own copy is
                 job.slot.segment, job.slot.offset = extent["slab"], extent["offset"]  # read back: a new place
                 self.copier.copy_in([job])
+                self.stats.copy_in_bytes += job.slot.handle.size_bytes
                 job.slot.fetch_done.set()
             wanted = wanted[len(extents) :]
             if wanted and not extents:
@@ -74,7 +75,6 @@ class Fetches:
                     break
                 self.serve_frees()
         self.stats.copy_in_s += time.perf_counter() - started
-        self.stats.copy_in_bytes += sum(job.slot.handle.size_bytes for job in wanted)
 
     def _awaited_or_dropped(self, jobs: list[Fetch]) -> bool:
         """Whether backward waits for one of ``jobs``; if not, drop them all: prefetches the disk tier

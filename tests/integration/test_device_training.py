@@ -161,6 +161,7 @@ def test_stormctl_stats_status_and_metrics_report_the_device_tier(daemon_factory
         assert metrics["storm_device_bytes"] == 32 * MiB and metrics["storm_device_used_bytes"] == 8 * MiB
         for handle, tensor in zip(handles, tensors, strict=True):
             assert torch.equal(system.fetch(handle), tensor)
+        assert system.stats().copy_in_bytes == 8 * MiB
 
 
 def test_a_cuda_device_pool_without_cuda_fails_at_start_with_what_to_do(tmp_path):
