@@ -22,6 +22,7 @@ from torch import nn
 
 from client import StormSystem, offload_saved_tensors
 from client.status import render, snapshot
+from storm_service.errors import StormUnavailableError
 from storm_service.units import format_bytes
 
 MiB = 1 << 20
@@ -186,3 +187,23 @@ def test_a_cuda_device_pool_without_cuda_fails_at_start_with_what_to_do(tmp_path
     assert run.returncode != 0
     assert "--device-pool" in run.stderr and "fake:" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr, run.stderr
+
+
+def test_a_daemon_killed_between_forward_and_backward_fails_backward_with_the_typed_error(daemon_factory):
+    daemon = daemon_factory(pool_size="64MiB", extra_args=["--device-pool", "fake:gpu1=64MiB"])
+    model, inputs = _start("mlp", 0)
+    system = StormSystem(daemon.endpoint, prefetch_bytes=0)  # nothing confirmed ahead of backward
+    try:
+        with offload_saved_tensors(system, min_bytes=0):
+            loss = model(inputs[0]).square().mean()
+        system.flush()
+        assert daemon.stats()["device_used_bytes"] > 0
+        daemon.kill()
+        with pytest.raises(StormUnavailableError, match=re.escape(daemon.endpoint)):
+            loss.backward()
+        assert all(p.grad is None or not p.grad.isnan().any() for p in model.parameters())
+        fresh = daemon_factory(endpoint=daemon.endpoint, extra_args=["--device-pool", "fake:gpu1=64MiB"])
+        _assert_equal(_steps("mlp", 1, system), _steps("mlp", 1, None), "after the restart")
+        assert fresh.stats()["device_evicted_bytes"] == 0 and fresh.stats()["device_used_bytes"] == 0
+    finally:
+        system.close()
