@@ -57,7 +57,7 @@ class Extent:
     disk: tuple[int, int] | None = None
     """``(spill file, offset)`` of its copy on disk, while it has one."""
     committed_at: float = 0.0
-    """``time.monotonic()`` at commit: the step profile's clock (storm_service/disk/profile.py)."""
+    """``time.monotonic()`` at commit: the step profile's clock (storm_service/profile.py)."""
     restored: bool = False
     """Read back from disk at least once: it is not spilled again (it is wanted soon)."""
     ahead: bool = False

@@ -330,7 +330,7 @@ def handle_fetch(context: OpContext, request: Request, session: Session) -> dict
             raise Parked
         extents = extents[:ready]
     if context.sessions.device is not None:
-        context.sessions.device.fetching(extents)
+        context.sessions.device.fetching(session, extents)
     fetched = sum(e.size_bytes for e in extents)
     session.fetched_bytes += fetched
     if context.metrics is not None:

@@ -310,10 +310,9 @@ class SessionTable:
         session.offloaded_bytes += extent.size_bytes
         if self.tier is not None:
             self.tier.committed(session, extent)  # it may set committed_at: before the device tier keys by it
-        if extent.residence is Residence.DEVICE:
-            assert self.device is not None
-            self.device.committed(extent)
-        else:
+        if self.device is not None:
+            self.device.committed(session, extent)
+        if extent.residence is not Residence.DEVICE:
             self.reserved_bytes -= extent.length
         return extent.size_bytes
 
@@ -394,6 +393,8 @@ class SessionTable:
                 session.pidfd = None
                 if self.tier is not None:
                     self.tier.forget(session)
+                if self.device is not None:
+                    self.device.forget(session)
                 self._forget_tenant(session.tenant)
                 continue
             self.release(session, self.extents[session.handles.pop()])

@@ -16,8 +16,11 @@ NOTE [Device tier]
 
   Eviction. The newest activations are the ones backward wants first, so they are the
   ones worth keeping on the device. Past HIGH_WATER of a device, committed extents are
-  moved to the host pool, the one committed earliest first (wanted last, as in the disk
-  tier), at most EVICT_BYTES_PER_BALANCE per call, in the loop: the daemon's copy out of
+  moved to the host pool, the one wanted last first, chosen as the disk tier chooses:
+  within a session its oldest, across sessions the one whose step profile puts its next
+  use furthest away (NOTE [Time to next use] in storm_service/profile.py), so that a job
+  that stopped stepping leaves the device first. At most EVICT_BYTES_PER_BALANCE move
+  per call, in the loop: the daemon's copy out of
   the device is the only one it makes, and it is bounded like every other piece of work
   in the loop. Extents a fetch answered for (pinned: a client may read them in place),
   and extents not committed yet, never move; nor does one whose move failed (it stays
@@ -47,6 +50,7 @@ from storm_service.device.backend import DeviceBackend, DeviceError, Link
 from storm_service.device.slabs import DeviceSlab, Retired
 from storm_service.extents import Extent, ExtentState, Residence
 from storm_service.pool import Pool, slab_sizes
+from storm_service.profile import StepProfile
 from storm_service.slabs import Slab
 from storm_service.units import format_bytes
 
@@ -60,8 +64,8 @@ log = logging.getLogger("stormd.device")
 
 HIGH_WATER = 0.9
 """Fraction of a device in use past which its oldest activations move to the host pool."""
-EVICT_BYTES_PER_BALANCE = 64 << 20
-"""Bytes moved to the host per call, at most: about 5 ms of a memcpy, so the loop answers in between."""
+EVICT_BYTES_PER_BALANCE = 16 << 20
+"""Bytes moved to the host per call, at most: a millisecond or two of copying, so the loop answers in between."""
 _ID_SPACE = 1 << 40
 """Device ``k``'s slab ids start at ``(k + 1) * _ID_SPACE``, apart from the host pool's and each other's."""
 
@@ -73,8 +77,8 @@ class Device:
     backend: DeviceBackend
     pool: Pool[DeviceSlab]
     links: dict[str, Link]
-    resident: SortedDict = field(default_factory=SortedDict)
-    """Committed extents that may move to the host, by ``(committed_at, handle)``."""
+    resident: dict[int, SortedDict] = field(default_factory=dict)
+    """Per session id, its committed extents here that may move to the host, by ``(committed_at, handle)``."""
 
     @property
     def high_water_bytes(self) -> int:
@@ -94,6 +98,8 @@ class DeviceTier:
         self.reserved_bytes = 0
         """Bytes of device extents allocated and not committed yet."""
         self.evicted_bytes = self.evictions = self.evict_errors = 0
+        self._profiles: dict[int, StepProfile] = {}
+        """Each session's steps (NOTE [Time to next use]): whose activation is wanted last."""
         try:
             for index, backend in enumerate(backends):
                 self.devices.append(self._device(index, backend, max_slab_size))
@@ -173,25 +179,49 @@ class DeviceTier:
 
     # -- sessions' events -----------------------------------------------------------------
 
-    def committed(self, extent: Extent) -> None:
-        self.reserved_bytes -= extent.length
-        self._device_of(extent.slab).resident[(extent.committed_at, extent.handle)] = extent
+    def committed(self, session: Session, extent: Extent) -> None:
+        """Any extent of ``session`` committed (its step profile learns from all of them)."""
+        self._profile(session.id, extent.committed_at).committed(extent.committed_at)
+        if extent.residence is Residence.DEVICE:
+            self.reserved_bytes -= extent.length
+            resident = self._device_of(extent.slab).resident.setdefault(session.id, SortedDict())
+            resident[(extent.committed_at, extent.handle)] = extent
 
-    def fetching(self, extents: list[Extent]) -> None:
+    def fetching(self, session: Session, extents: list[Extent]) -> None:
         """A fetch answers for ``extents``: those on a device stay there until freed (read in place)."""
+        now = time.monotonic()
+        self._profile(session.id, now).fetched(now)
         for extent in extents:
             if extent.residence is Residence.DEVICE and not extent.pinned:
                 extent.pinned = True
-                self._device_of(extent.slab).resident.pop((extent.committed_at, extent.handle), None)
+                self._unlist(extent)
 
     def release(self, extent: Extent) -> int:
         """Free a device extent; returns its length."""
-        device = self._device_of(extent.slab)
         if extent.state is ExtentState.WRITING:
             self.reserved_bytes -= extent.length
         else:
-            device.resident.pop((extent.committed_at, extent.handle), None)
-        return device.pool.free(extent.slab, extent.offset)
+            self._unlist(extent)
+        return self._device_of(extent.slab).pool.free(extent.slab, extent.offset)
+
+    def forget(self, session: Session) -> None:
+        """``session`` closed and holds nothing any more."""
+        self._profiles.pop(session.id, None)
+
+    def _unlist(self, extent: Extent) -> None:
+        """``extent`` may no longer move to the host."""
+        device = self._device_of(extent.slab)
+        resident = device.resident.get(extent.session_id)
+        if resident is not None:
+            resident.pop((extent.committed_at, extent.handle), None)
+            if not resident:
+                del device.resident[extent.session_id]
+
+    def _profile(self, session_id: int, now: float) -> StepProfile:
+        profile = self._profiles.get(session_id)
+        if profile is None:
+            profile = self._profiles[session_id] = StepProfile(now)
+        return profile
 
     def lent_to(self, slab_id: int) -> DeviceSlab | None:
         device = self._by_slab_space.get(slab_id // _ID_SPACE)
@@ -200,19 +230,29 @@ class DeviceTier:
     # -- the loop -------------------------------------------------------------------------
 
     def balance(self, sessions: dict[int, Session], alive: Callable[[int], bool]) -> None:
-        """Move the oldest activations of devices past the high water to the host; free retired memory."""
+        """Move the activations wanted last off devices past the high water, to the host; free retired memory."""
         budget = EVICT_BYTES_PER_BALANCE
+        now = time.monotonic()
         for device in self.devices:
-            while budget > 0 and device.resident and device.pool.used_bytes > device.high_water_bytes:
-                key, extent = device.resident.peekitem(0)
-                session = sessions.get(extent.session_id)
-                if session is None:  # closed: freed soon, or fenced (NOTE [Fencing]): it stays where it is
-                    del device.resident[key]
-                    continue
-                if not self._evict(device, session, extent):
+            while budget > 0 and device.pool.used_bytes > device.high_water_bytes:
+                extent = self._victim(device, sessions, now)
+                if extent is None or not self._evict(device, sessions[extent.session_id], extent):
                     break
                 budget -= extent.length
         self.retired.release(alive)
+
+    def _victim(self, device: Device, sessions: dict[int, Session], now: float) -> Extent | None:
+        """The oldest extent on ``device`` of the session whose oldest is wanted last (NOTE [Time to next use])."""
+        best, best_time = None, float("-inf")
+        for session_id, resident in list(device.resident.items()):
+            if session_id not in sessions:  # closed: freed soon, or fenced (NOTE [Fencing]): it stays
+                del device.resident[session_id]
+                continue
+            extent = resident.peekitem(0)[1]
+            when = self._profile(session_id, now).time_to_use(extent.committed_at, now)
+            if when > best_time:
+                best, best_time = extent, when
+        return best
 
     def _evict(self, device: Device, session: Session, extent: Extent) -> bool:
         """Copy ``extent`` into new host space and free its device space; False when the host has no room."""
@@ -226,7 +266,7 @@ class DeviceTier:
             source.memory.read(extent.offset, self.host.view(slab_id, offset, extent.length))
         except DeviceError as e:  # it stays where it is, and is not tried again
             self.host.free(slab_id, offset)
-            del device.resident[(extent.committed_at, extent.handle)]
+            self._unlist(extent)
             self.evict_errors += 1
             if self.evict_errors & (self.evict_errors - 1) == 0:  # 1st, 2nd, 4th...
                 log.warning(
@@ -237,7 +277,7 @@ class DeviceTier:
                 )
             return True
         log.debug("moved %s to the host in %.2f ms", format_bytes(extent.length), 1e3 * (time.perf_counter() - start))
-        del device.resident[(extent.committed_at, extent.handle)]
+        self._unlist(extent)
         device.pool.free(extent.slab, extent.offset)
         extent.slab, extent.offset, extent.residence = slab_id, offset, Residence.HOST
         session.device_bytes -= extent.length

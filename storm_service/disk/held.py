@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from sortedcontainers import SortedDict
 
-from storm_service.disk.profile import StepProfile
+from storm_service.profile import StepProfile
 
 if TYPE_CHECKING:
     from storm_service.sessions import Session

@@ -1,7 +1,7 @@
 """The disk tier's spill side: making room in host memory (NOTE [Disk tier] in tier.py).
 
 Extents are written out, the one wanted last first (NOTE [Time to next use] in
-profile.py), until the pool is back under the tier's target, counting what is already
+storm_service/profile.py), until the pool is back under the tier's target, counting what is already
 being written; a session whose quota keeps out the extent it waits for has its own
 written first. When nothing is left to write out and room is wanted now, the host copy
 of an extent read ahead is dropped instead: its disk copy was kept.

@@ -9,7 +9,7 @@ NOTE [Disk tier]
   extents are written out until the pool is back under it, counting what is already on
   its way. The victim is the activation wanted last: within a session its oldest
   (backward runs in reverse), across sessions the one with the most time to its next use
-  (NOTE [Time to next use] in profile.py). Extents being written (WRITING), answered by a
+  (NOTE [Time to next use] in storm_service/profile.py). Extents being written (WRITING), answered by a
   fetch (pinned, below) or read back already are never victims. The host space is freed
   only once the write is complete; a fetch meanwhile reads the host copy and keeps it.
   An offload refused for want of room, or an extent a fetch waits for that finds none
@@ -55,13 +55,13 @@ from typing import TYPE_CHECKING, Any, cast
 from storm_service.disk.files import SpillFile
 from storm_service.disk.held import MIN_MARGIN_BYTES, Held
 from storm_service.disk.io import DiskIO
-from storm_service.disk.profile import StepProfile
 from storm_service.disk.restore import Restorer
 from storm_service.disk.space import SpillSpace
 from storm_service.disk.spill import SPILL, Spiller
 from storm_service.errors import ActivationLostError
 from storm_service.extents import Extent, Residence
 from storm_service.pool import Pool
+from storm_service.profile import StepProfile
 
 if TYPE_CHECKING:
     from storm_service.sessions import Session

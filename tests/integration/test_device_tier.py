@@ -187,6 +187,21 @@ def test_past_the_high_water_the_oldest_activations_move_to_the_host_and_the_fet
     assert stats["used_bytes"] == sum(len(payloads[i]) for i, m in enumerate(moved) if m)
 
 
+def test_a_session_that_stopped_stepping_leaves_the_device_before_one_that_steps(make_daemon):
+    daemon = make_daemon("fake:gpu1=16MiB")
+    idle, busy = daemon.register(), daemon.register()
+    idle_extents = daemon.offload(idle, _payloads(4, MiB, seed=20))  # then it stops
+    for step in range(3):  # busy steps: forward then backward, so its profile is short
+        extents = daemon.offload(busy, _payloads(2, MiB, seed=step))
+        daemon.fetch(busy, [e["handle"] for e in reversed(extents)])
+        daemon.call(Op.FREE, busy, handles=[e["handle"] for e in extents])
+    busy_extents = daemon.offload(busy, _payloads(11, MiB, seed=21))  # 15 MiB in use: past 90 % of 16
+    daemon.settle()
+    extents = daemon.sessions.extents
+    assert extents[idle_extents[0]["handle"]].residence.value == "host", "the idle job's oldest moved"
+    assert all(extents[e["handle"]].residence.value == "device" for e in busy_extents)
+
+
 def test_an_extent_a_fetch_answered_for_is_never_moved(make_daemon):
     daemon = make_daemon("fake:gpu1=16MiB")
     token = daemon.register()
