@@ -91,6 +91,8 @@ class Pool(Generic[S]):
         self._held: dict[str, list[S]] = {}
         self.renewed = 0
         """Slabs renewed to move between tenants (NOTE [Slabs])."""
+        self.renew_failures = 0
+        """Renewals that found no memory: the slab stayed free, lent to nobody."""
 
     @classmethod
     def create(
@@ -163,17 +165,19 @@ class Pool(Generic[S]):
             or next((s for s in fits if s.last_tenant is None), None)
             or fits[0]
         )
-        del self._free[slab.id]
+        old_id = slab.id
         if slab.last_tenant not in (None, tenant):
-            old_id = slab.id
-            del self.slabs[old_id]
             try:
                 slab.renew(next(self._ids))
-            except (SlabError, OSError):
-                log.exception("cannot renew slab %d for %s; it stays out of the pool", old_id, tenant)
+            except (SlabError, OSError) as e:  # the slab is as it was: free, for its last tenant
+                self.renew_failures += 1
+                if self.renew_failures & (self.renew_failures - 1) == 0:  # 1st, 2nd, 4th...
+                    log.warning("cannot renew slab %d for %s (it stays free): %s", old_id, tenant, e)
                 return None
+            del self.slabs[old_id]
             self.slabs[slab.id] = slab
             self.renewed += 1
+        del self._free[old_id]
         slab.tenant = slab.last_tenant = tenant
         self._held.setdefault(tenant, []).append(slab)
         return slab

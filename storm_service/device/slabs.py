@@ -9,6 +9,9 @@ NOTE [Device slabs]
   slab was lent to are its importers, and memory a slab gives up (at renewal) is retired,
   not freed: :meth:`Retired.release` frees it only once every importer's session is gone
   (its client closes its mappings before it unregisters) or its process has exited.
+  Retired memory is bounded by the device's share of the tier: past that a slab is not
+  renewed (it stays free for its last tenant), so tenants taking turns on a slab while
+  the former one's process lives cannot make the daemon hold ever more of the device.
   Fenced sessions (NOTE [Fencing] in storm_service/pidfds.py) still count: their process runs.
 """
 
@@ -18,7 +21,8 @@ import logging
 from collections.abc import Callable
 
 from storm_service.allocator import ExtentAllocator
-from storm_service.device.backend import DeviceBackend, DeviceMemory
+from storm_service.device.backend import DeviceBackend, DeviceError, DeviceMemory
+from storm_service.slabs import SlabError
 
 __all__ = ["DeviceSlab", "Retired"]
 
@@ -26,9 +30,10 @@ log = logging.getLogger("stormd.device")
 
 
 class Retired:
-    """Device memory given up by slabs, each with the sessions that may still map it."""
+    """Device memory given up by slabs, each with the sessions that may still map it; at most ``limit_bytes``."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
         self._memory: list[tuple[DeviceMemory, set[int]]] = []
 
     def add(self, memory: DeviceMemory, importers: set[int]) -> None:
@@ -76,9 +81,19 @@ class DeviceSlab:
         self._retired = retired
 
     def renew(self, slab_id: int) -> None:
-        """A fresh zeroed allocation under a new id; the old one is retired until its importers are gone."""
+        """A fresh zeroed allocation under a new id; the old one is retired until its importers are gone.
+
+        SlabError, and the slab is as it was, when the device has no memory for it or its retired
+        memory is at its limit: tenants taking turns on one slab cannot make the daemon hold
+        ever more of a device while an importer lives (NOTE [Device slabs]).
+        """
         assert self.allocator.live_count == 0, "renew a slab with live extents"
-        memory = self.backend.allocate(self.size_bytes)
+        if self.importers and self._retired.size_bytes + self.size_bytes > self._retired.limit_bytes:
+            raise SlabError(f"{self._retired.size_bytes} bytes of device memory wait for their importers to go")
+        try:
+            memory = self.backend.allocate(self.size_bytes)
+        except DeviceError as e:
+            raise SlabError(str(e)) from e
         self._retired.add(self.memory, self.importers)
         self.id, self.memory, self.importers, self.last_tenant = slab_id, memory, set(), None
 

@@ -77,6 +77,8 @@ class Device:
     backend: DeviceBackend
     pool: Pool[DeviceSlab]
     links: dict[str, Link]
+    retired: Retired
+    """Memory its slabs gave up, waiting for importers (NOTE [Device slabs])."""
     resident: dict[int, SortedDict] = field(default_factory=dict)
     """Per session id, its committed extents here that may move to the host, by ``(committed_at, handle)``."""
 
@@ -93,7 +95,6 @@ class DeviceTier:
         self.host = host
         self.disk: DiskTier | None = None
         """The disk tier, told of the extents that move into host memory."""
-        self.retired = Retired()
         self.devices: list[Device] = []
         self.reserved_bytes = 0
         """Bytes of device extents allocated and not committed yet."""
@@ -111,9 +112,10 @@ class DeviceTier:
     def _device(self, index: int, backend: DeviceBackend, max_slab_size: int) -> Device:
         ids = itertools.count((index + 1) * _ID_SPACE)
         slabs: list[DeviceSlab] = []
+        retired = Retired(backend.size_bytes)
         try:
             for size in slab_sizes(backend.size_bytes, max_slab_size, self.host.alignment):
-                slabs.append(DeviceSlab(next(ids), backend, size, self.host.alignment, self.retired))
+                slabs.append(DeviceSlab(next(ids), backend, size, self.host.alignment, retired))
         except DeviceError:
             for slab in slabs:
                 slab.close()
@@ -131,7 +133,7 @@ class DeviceTier:
                 "measured" if link.measured else "a model",
                 "the tier is on" if link.faster else "the tier is off for it",
             )
-        return Device(backend, Pool(slabs), links)
+        return Device(backend, Pool(slabs), links, retired)
 
     # -- placement ------------------------------------------------------------------------
 
@@ -239,7 +241,7 @@ class DeviceTier:
                 if extent is None or not self._evict(device, sessions[extent.session_id], extent):
                     break
                 budget -= extent.length
-        self.retired.release(alive)
+            device.retired.release(alive)
 
     def _victim(self, device: Device, sessions: dict[int, Session], now: float) -> Extent | None:
         """The oldest extent on ``device`` of the session whose oldest is wanted last (NOTE [Time to next use])."""
@@ -310,7 +312,7 @@ class DeviceTier:
             "device_evicted_bytes": self.evicted_bytes,
             "device_evictions": self.evictions,
             "device_evict_errors": self.evict_errors,
-            "device_retired_bytes": self.retired.size_bytes,
+            "device_retired_bytes": sum(d.retired.size_bytes for d in self.devices),
             "devices": [
                 {
                     "name": d.backend.name,
@@ -328,5 +330,5 @@ class DeviceTier:
         for device in self.devices:
             for slab in device.pool.slabs.values():
                 slab.close()
+            device.retired.close()
             device.backend.close()
-        self.retired.close()

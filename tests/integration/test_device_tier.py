@@ -275,6 +275,23 @@ def test_device_memory_moving_to_another_tenant_is_freed_only_once_its_importers
     assert backend.freed == 1 and daemon.stats()["device_retired_bytes"] == 0
 
 
+def test_tenants_taking_turns_on_a_slab_cannot_make_the_daemon_hold_ever_more_device_memory(make_daemon):
+    daemon = make_daemon("fake:gpu1=16MiB")  # one slab
+    alice, bob = Peer(uid=1001, pid=os.getpid()), Peer(uid=1002, pid=os.getpid())
+    tokens = {alice: daemon.register(peer=alice), bob: daemon.register(peer=bob)}
+    placed = {}
+    for turn, peer in enumerate([alice, bob, alice, bob]):
+        extent = daemon.offload(tokens[peer], _payloads(1, 4096, seed=turn), peer=peer)[0]
+        placed[turn] = daemon.device.holds(extent["slab"])
+        if placed[turn]:  # what the fd socket records when it lends the slab; the session stays open
+            daemon.device.lent_to(extent["slab"]).importers.add(daemon.sessions.by_token(tokens[peer]).id)  # type: ignore[union-attr]
+        daemon.call(Op.FREE, tokens[peer], peer, handles=[extent["handle"]])
+    assert placed == {0: True, 1: True, 2: False, 3: True}, "alice's second turn would retire a second slab"
+    stats = daemon.stats()
+    assert stats["device_retired_bytes"] == 16 * MiB, "at most the device's size waits for importers"
+    assert daemon.device.devices[0].pool.renew_failures == 1
+
+
 def test_a_client_in_another_pid_namespace_is_told_why_it_gets_no_cuda_like_memory(make_daemon):
     class IpcBound(FakeDevice):
         needs_pid_namespace = True
