@@ -1,6 +1,7 @@
 """``storm-worker --plot``: private memory and pool bytes over a few steps, with and without STORM.
 
-With a disk tier the daemon's bytes on disk are drawn beside its host bytes.
+With a disk tier the daemon's bytes on disk are drawn beside its host bytes, and with a
+device tier its bytes on devices.
 
 Private memory is the process's anonymous resident memory (``RssAnon``: what the
 kernel cannot share or drop); the pool is the daemon's used bytes. Both are sampled
@@ -41,6 +42,8 @@ class MemoryTrace:
     pool_bytes: list[int] = field(default_factory=list)
     disk_bytes: list[int] = field(default_factory=list)
     """The daemon's bytes on disk at each pool sample (empty without a disk tier)."""
+    device_bytes: list[int] = field(default_factory=list)
+    """The daemon's bytes on devices at each pool sample (empty without a device tier)."""
 
 
 def trace(label: str, run: Callable[[], None], endpoint: str | None) -> MemoryTrace:
@@ -64,6 +67,8 @@ def trace(label: str, run: Callable[[], None], endpoint: str | None) -> MemoryTr
                 result.pool_bytes.append(stats["used_bytes"])
                 if stats.get("disk_tier"):
                     result.disk_bytes.append(stats["disk_used_bytes"])
+                if stats.get("device_tier"):
+                    result.device_bytes.append(stats["device_used_bytes"])
                 stop.wait(SAMPLE_S * 5)
 
     threads = [threading.Thread(target=sample_private, daemon=True)]
@@ -95,10 +100,11 @@ def plot_traces(traces: list[MemoryTrace], path: str, title: str) -> None:
         top.plot(t.times_s, [(b - base) / mib for b in t.private_bytes], label=t.label)
         if t.pool_bytes:
             bottom.plot(t.pool_times_s, [b / mib for b in t.pool_bytes], label=f"{t.label}: host")
-        if t.disk_bytes:
-            bottom.plot(t.pool_times_s, [b / mib for b in t.disk_bytes], linestyle="--", label=f"{t.label}: disk")
+        for tier, values, style in (("disk", t.disk_bytes, "--"), ("device", t.device_bytes, ":")):
+            if values:
+                bottom.plot(t.pool_times_s, [b / mib for b in values], linestyle=style, label=f"{t.label}: {tier}")
     top.set_ylabel("training process\nprivate memory growth (MiB)")
-    bottom.set_ylabel("daemon bytes held (MiB)\nhost pool, and disk tier")
+    bottom.set_ylabel("daemon bytes held (MiB)\nper tier")
     bottom.set_xlabel("time (s)")
     top.set_title(title)
     top.legend()

@@ -207,3 +207,15 @@ def test_a_daemon_killed_between_forward_and_backward_fails_backward_with_the_ty
         assert fresh.stats()["device_evicted_bytes"] == 0 and fresh.stats()["device_used_bytes"] == 0
     finally:
         system.close()
+
+
+def test_the_memory_plot_draws_device_bytes(daemon_factory, tmp_path):
+    pytest.importorskip("matplotlib")
+    from worker.memplot import plot_traces, trace
+
+    daemon = daemon_factory(pool_size="64MiB", extra_args=["--device-pool", "fake:gpu1=16MiB"])
+    with StormSystem(daemon.endpoint) as system:
+        traced = trace("STORM", lambda: _steps("mlp", 0, system), daemon.endpoint)
+    assert len(traced.device_bytes) == len(traced.pool_bytes) and max(traced.device_bytes) > 0
+    plot_traces([traced], str(tmp_path / "mem.png"), "device and host")
+    assert (tmp_path / "mem.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
