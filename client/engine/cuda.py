@@ -21,6 +21,11 @@ NOTE [Device hygiene]
     that the allocator does not reuse the block before that stream is done with it.
     Allocation may raise ``torch.OutOfMemoryError``: a prefetch that meets it is dropped
     and fetched on demand (client/engine/loop.py).
+  * D2D: a slot in a device slab (client/engine/ipc.py) is copied device to device on the
+    same streams, with the same events, and nothing is pinned for it. The slab is opened
+    the first time a copy touches it, under that copy's device, so the pool GPU's memory
+    is mapped into the context of the tensor's device and no context is made on the pool
+    GPU (NOTE [Importing device slabs]).
   * The transfer thread waits on events made with ``blocking=True``
     (``cudaEventBlockingSync``): it sleeps until the device signals, instead of spinning
     a core the trainer needs.
@@ -46,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from client.engine.ipc import DeviceSegment
 from client.engine.jobs import Fetch, Offload
 from client.engine.state import Slot
 from storm_service.shm import ChunkPins, PinError
@@ -266,7 +272,12 @@ class CudaCopier:
         return pins
 
     def _pin(self, slot: Slot, device: int) -> None:
-        """Register the chunks the slot's extent covers, under ``device`` (NOTE [Lazy pinning])."""
+        """Register the chunks the slot's extent covers, under ``device`` (NOTE [Lazy pinning]).
+
+        A slab's first use opens it, here, under ``device``; a device slab has nothing to pin.
+        """
+        if isinstance(self.views.segments[slot.segment], DeviceSegment):
+            return
         pins = self._chunk_pins(slot.segment) if self._pinning else None
         if pins is None:
             return

@@ -1,7 +1,8 @@
 """The CUDA copier's logic against a fake CUDA (NOTE [Device hygiene]): no device needed.
 
 The fake keeps a log of every call with the device current when it was made; the
-tensors are CPU tensors over an anonymous mapping, so the bytes copied are real.
+tensors are CPU tensors over an anonymous mapping, so the bytes copied are real. A device
+slab's memory (NOTE [Importing device slabs]) is another anonymous mapping.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ import torch
 
 from client.engine.copies import CpuCopier, PoolViews
 from client.engine.cuda import Allocation, CudaCopier, Landing
+from client.engine.ipc import DeviceSegment, open_cuda_slab
 from client.engine.jobs import Fetch, Offload
 from client.engine.state import Slot
 from client.handle import Handle
+from client.segments import LentSlabs
+from storm_service.errors import ProtocolError, StormError
+from storm_service.fdpass import IPC_HANDLE_BYTES, LentSlab
 from storm_service.shm import PIN_CHUNK_BYTES
 
 CHUNK = PIN_CHUNK_BYTES
@@ -150,10 +155,10 @@ def _copier(cuda: FakeCuda, size_bytes: int = 2 * CHUNK, pin: bool = True) -> Cu
 _seq = itertools.count()
 
 
-def _offload(cuda: FakeCuda, tensor: torch.Tensor, device: str, offset: int) -> Offload:
+def _offload(cuda: FakeCuda, tensor: torch.Tensor, device: str, offset: int, segment: int = 0) -> Offload:
     """An offload job as the engine queues it: the slot placed at ``offset``, the producer event recorded."""
     handle = Handle(tuple(tensor.shape), tensor.dtype, torch.device(device), tensor.numel() * 4, 0, next(_seq))
-    slot = Slot(handle, id=1, segment=0, offset=offset)
+    slot = Slot(handle, id=1, segment=segment, offset=offset)
     producer = None
     if slot.handle.device.type == "cuda":
         slot.stream = FakeStream(cuda, f"forward@{handle.device.index}")
@@ -322,3 +327,144 @@ def test_close_waits_for_every_device_then_unregisters_the_registered_chunks_und
     assert [entry[3] for entry in closing[:4]] == [0, 0, 1, 1]  # each recorded under its own device
     assert all(blocking for _, _, blocking in closing[4:8])
     assert closing[8:] == [("unregister", 0, 1), ("unregister", 3 * CHUNK, 1)]  # under cuda:1, which pinned first
+
+
+# -- device slabs (NOTE [Importing device slabs] in client/engine/ipc.py) ---------------------
+
+POOL_GPU = "GPU-11111111-2222-3333-4444-555555555555"
+
+
+class FakeIpc:
+    """CudaIpc over an anonymous mapping that plays the pool GPU's memory; calls logged in the fake's log."""
+
+    def __init__(self, cuda: FakeCuda, size_bytes: int, fail_open: str | None = None) -> None:
+        self.cuda = cuda
+        self.fail_open = fail_open
+        self.memory = mmap.mmap(-1, size_bytes)
+        window = (ctypes.c_uint8 * size_bytes).from_buffer(self.memory)
+        self.address = ctypes.addressof(window)
+        self.bytes = torch.frombuffer(window, dtype=torch.uint8)
+
+    def current_device(self) -> int:
+        assert self.cuda.device_now is not None, "a device slab is opened outside a device guard"
+        return self.cuda.device_now
+
+    def open(self, handle: bytes, device: int) -> int:
+        if self.fail_open is not None:
+            raise StormError(self.fail_open)
+        self.cuda.log.append(("ipc_open", handle, device, self.cuda.device_now))
+        return self.address
+
+    def close(self, address: int, device: int) -> None:
+        self.cuda.log.append(("ipc_close", address - self.address, device))
+
+    def synchronize(self, device: int) -> None:
+        self.cuda.log.append(("ipc_sync", device))
+
+    def tensor(self, address: int, size_bytes: int, device: int) -> torch.Tensor:
+        return self.bytes[address - self.address : address - self.address + size_bytes]
+
+
+class Slabs:
+    """Slab 0 in host memory (mapped already); the others device slabs, opened on first use by ``LentSlabs``."""
+
+    def __init__(self, host: FakeSegment, ipc: FakeIpc) -> None:
+        self.host = host
+        self.ipc = ipc
+        self.device = LentSlabs(self._lend, pin=True, open_device=lambda lent: open_cuda_slab(lent, ipc))
+        self.lent: list[int] = []
+
+    def _lend(self, slab_id: int) -> LentSlab:
+        self.lent.append(slab_id)
+        return LentSlab(slab_id, self.host.size_bytes, None, "cuda", POOL_GPU, bytes(range(IPC_HANDLE_BYTES)))
+
+    def __getitem__(self, slab_id: int) -> Any:
+        return self.host if slab_id == 0 else self.device[slab_id]
+
+
+def _with_device_slab(cuda: FakeCuda, size_bytes: int = 2 * CHUNK, fail_open: str | None = None) -> CudaCopier:
+    host = FakeSegment(size_bytes)
+    cuda.base = host.address
+    views = PoolViews(Slabs(host, FakeIpc(cuda, size_bytes, fail_open)))  # type: ignore[arg-type]
+    return CudaCopier(views, CpuCopier(views), cuda)  # type: ignore[arg-type]
+
+
+def _round_trip(cuda: FakeCuda, copier: CudaCopier, segment: int) -> Offload:
+    job = _offload(cuda, torch.arange(1024.0), "cuda:1", 4096, segment)
+    copier.copy_out([job])
+    out, allocation = copier.prepare_fetch(job.slot)
+    copier.copy_in([Fetch(job.slot, out, allocation)])
+    cuda.current[1] = job.slot.stream  # backward runs on forward's stream
+    job.slot.copy_event.hand_over(out)
+    assert torch.equal(out, job.tensor)
+    return job
+
+
+def _copier_calls(log: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The streams, events and copies of a log: pinning and opening slabs left out."""
+    return [entry for entry in log if entry[0] != "register" and not entry[0].startswith("ipc_")]
+
+
+def test_a_device_slab_is_opened_once_under_the_device_of_the_first_copy_into_it(cuda):
+    copier = _with_device_slab(cuda)
+    first = _offload(cuda, torch.arange(64.0), "cuda:1", 0, segment=1)
+    copier.copy_out([first])
+    copier.copy_out([_offload(cuda, torch.arange(64.0) + 1, "cuda:0", 4096, segment=1)])
+    slab = copier.views.segments[1]
+    assert isinstance(slab, DeviceSegment) and slab.importer == 1 and slab.device == POOL_GPU and not slab.pin
+    assert cuda.calls("ipc_open") == [("ipc_open", bytes(range(IPC_HANDLE_BYTES)), 1, 1)]
+    assert copier.views.segments.lent == [1]
+    assert torch.equal(copier.views.view(first.slot), torch.arange(64.0))
+
+
+def test_a_device_slab_is_copied_device_to_device_with_the_host_pools_streams_and_events_and_no_pinning():
+    on_host, on_device = FakeCuda(), FakeCuda()
+    _round_trip(on_host, _with_device_slab(on_host), segment=0)
+    copier = _with_device_slab(on_device)
+    job = _round_trip(on_device, copier, segment=1)
+    assert on_device.calls("register") == [] and on_host.calls("register") != []
+    assert _copier_calls(on_device.log) == _copier_calls(on_host.log)  # NOTE [Device hygiene], call for call
+    assert [entry[0] for entry in _copier_calls(on_device.log)] == [
+        *("record", "new_stream", "new_stream", "use", "wait", "record", "sync"),  # out: producer, copy, done
+        *("use", "empty", "record", "use", "wait", "record"),  # back: allocated on forward's stream, copy, landed
+        "wait",  # the consumer waits on the copy
+    ]
+    assert torch.equal(copier.views.segments.ipc.bytes[4096 : 4096 + 4096].view(torch.float32), job.tensor)
+
+
+def test_device_slabs_are_never_registered_beside_pinned_host_slabs(cuda):
+    copier = _with_device_slab(cuda)
+    on_device = _offload(cuda, torch.randn(1 << 18), "cuda:1", CHUNK - 4096, segment=1)  # across a chunk boundary
+    copier.copy_out([on_device])
+    assert cuda.calls("register") == []
+    device_slab = copier.views.segments[1]
+    assert torch.equal(device_slab.view(CHUNK - 4096, 1 << 20).view(torch.float32), on_device.tensor)
+    copier.copy_out([_offload(cuda, torch.ones(1024), "cuda:1", 0, segment=0)])
+    assert cuda.calls("register") == [("register", 0, CHUNK, 1)]
+    assert copier.pinned_bytes() == CHUNK
+    copier.close()
+    assert cuda.calls("unregister") == [("unregister", 0, 1)]
+
+
+def test_closing_a_device_slab_waits_for_its_device_then_closes_the_handle(cuda):
+    copier = _with_device_slab(cuda)
+    copier.copy_out([_offload(cuda, torch.ones(1024), "cuda:1", 0, segment=1)])
+    slab = copier.views.segments[1]
+    slab.close()
+    slab.close()
+    assert [e for e in cuda.log if e[0] in ("ipc_sync", "ipc_close")] == [("ipc_sync", 1), ("ipc_close", 0, 1)]
+    with pytest.raises(ValueError, match="closed"):
+        slab.view(0, 512)
+
+
+def test_a_device_slab_that_cannot_be_opened_fails_the_copy_naming_it_and_the_device(cuda):
+    why = "cudaIpcOpenMemHandle failed: peer access is not supported between these two devices (217)"
+    copier = _with_device_slab(cuda, fail_open=why)
+    with pytest.raises(StormError, match=rf"device slab 1 \({POOL_GPU}\): opening it on cuda:1: .*peer access"):
+        copier.copy_out([_offload(cuda, torch.ones(1024), "cuda:1", 0, segment=1)])
+
+
+def test_only_a_cuda_slab_opens_as_a_device_slab(cuda):
+    fake = LentSlab(3, 1 << 20, None, "fake", "fake0", None)
+    with pytest.raises(ProtocolError, match="slab 3 is not a CUDA device slab"):
+        open_cuda_slab(fake, FakeIpc(cuda, 1 << 20))
