@@ -30,7 +30,7 @@ from storm_service.errors import ProtocolError
 from storm_service.fdpass import LentSlab
 from storm_service.shm import advise_huge_pages, memfd_huge_policy
 
-__all__ = ["LentSlabs", "MappedSegment", "PinnedMemoryBuffer", "SlabLookup"]
+__all__ = ["LentSlabs", "MappedSegment", "PinnedMemoryBuffer", "Segment", "SlabLookup"]
 
 log = logging.getLogger("storm.client")
 
@@ -117,10 +117,35 @@ class MappedSegment:
             ctypes.memmove(self.address + start, data, len(data))
 
 
+class Segment(Protocol):
+    """A lent slab as the copiers use it: :class:`MappedSegment` (host memory, or a ``fake`` device's),
+    or a CUDA device slab (client/engine/ipc.py)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def size_bytes(self) -> int: ...
+
+    @property
+    def device(self) -> str | None: ...
+
+    @property
+    def pin(self) -> bool: ...
+
+    @property
+    def address(self) -> int | None:
+        """Where its memory starts in this process (None once a device slab is closed)."""
+
+    def view(self, offset: int, size_bytes: int) -> torch.Tensor: ...
+
+    def close(self, keep: Sequence[tuple[int, int]] = ()) -> None: ...
+
+
 class SlabLookup(Protocol):
     """What the transfer engine reads mapped slabs through: :class:`LentSlabs`, or a list in tests."""
 
-    def __getitem__(self, slab_id: int, /) -> MappedSegment: ...
+    def __getitem__(self, slab_id: int, /) -> Segment: ...
 
 
 class LentSlabs:
@@ -136,15 +161,15 @@ class LentSlabs:
         lend: Callable[[int], LentSlab],
         *,
         pin: bool,
-        open_device: Callable[[LentSlab], MappedSegment] | None = None,
+        open_device: Callable[[LentSlab], Segment] | None = None,
     ) -> None:
         self._lend = lend
         self._pin = pin
         self._open_device = open_device
-        self._mapped: dict[int, MappedSegment] = {}
+        self._mapped: dict[int, Segment] = {}
         self._lock = threading.Lock()
 
-    def __getitem__(self, slab_id: int) -> MappedSegment:
+    def __getitem__(self, slab_id: int) -> Segment:
         segment = self._mapped.get(slab_id)
         if segment is not None:
             return segment
@@ -154,18 +179,18 @@ class LentSlabs:
                 segment = self._mapped[slab_id] = self._open(self._lend(slab_id))
             return segment
 
-    def _open(self, lent: LentSlab) -> MappedSegment:
+    def _open(self, lent: LentSlab) -> Segment:
         if lent.fd is not None:
             return MappedSegment(lent.slab_id, lent.fd, lent.size_bytes, pin=self._pin, device=lent.device)
         if self._open_device is None:
             raise ProtocolError(f"slab {lent.slab_id} is memory of GPU {lent.device}, and this process has no CUDA")
         return self._open_device(lent)
 
-    def items(self) -> list[tuple[int, MappedSegment]]:
+    def items(self) -> list[tuple[int, Segment]]:
         with self._lock:
             return list(self._mapped.items())
 
-    def __iter__(self) -> Iterator[MappedSegment]:
+    def __iter__(self) -> Iterator[Segment]:
         return iter([segment for _, segment in self.items()])
 
 
@@ -189,7 +214,7 @@ class PinnedMemoryBuffer:
     ``tensor`` aliases the lent slab: writes land in the daemon's pool directly.
     """
 
-    segment: MappedSegment
+    segment: Segment
     offset: int
     size_bytes: int
 

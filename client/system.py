@@ -14,6 +14,7 @@ import zmq
 
 from client.engine import EngineStats, TransferEngine
 from client.engine.cuda import CudaCopier
+from client.engine.ipc import open_cuda_slab
 from client.handle import Handle
 from client.lifetime import close_at_exit
 from client.malloc import fix_mmap_threshold
@@ -145,7 +146,9 @@ class StormSystem:
         cuda = torch.cuda.is_available()
         fd_socket, token, timeout_s = registration.fd_socket, self.token, self.timeout_s
         self.segments = LentSlabs(
-            lambda slab_id: request_slab(fd_socket, token, slab_id, timeout_s), pin=cuda and settings.pin
+            lambda slab_id: request_slab(fd_socket, token, slab_id, timeout_s),
+            pin=cuda and settings.pin,
+            open_device=open_cuda_slab if cuda else None,
         )
         try:
             self._engine = TransferEngine(

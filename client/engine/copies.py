@@ -22,7 +22,7 @@ import ctypes
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -30,7 +30,7 @@ from client.engine.cuda import CudaCopier
 from client.engine.jobs import Fetch, Offload
 from client.engine.link import D2H, H2D, Link
 from client.engine.state import Slot
-from client.segments import SlabLookup
+from client.segments import MappedSegment, SlabLookup
 
 __all__ = ["Copier", "CpuCopier", "PoolViews", "copier_for"]
 
@@ -49,7 +49,10 @@ class PoolViews:
     def alias(self, slot: Slot, released: Callable[[Slot], None]) -> torch.Tensor:
         """A tensor over the slot's extent with a storage of its own (NOTE [Aliased fetch])."""
         handle = slot.handle
-        window = (ctypes.c_uint8 * handle.size_bytes).from_buffer(self.segments[slot.segment].mmap, slot.offset)
+        # Only host tensors are fetched in place, and those never land in CUDA memory (the daemon's link
+        # from ``cpu`` to a CUDA device is off): the segment maps host memory.
+        segment = cast(MappedSegment, self.segments[slot.segment])
+        window = (ctypes.c_uint8 * handle.size_bytes).from_buffer(segment.mmap, slot.offset)
         weakref.finalize(window, released, slot)
         return torch.frombuffer(window, dtype=torch.uint8).view(handle.dtype).view(handle.shape)
 

@@ -20,7 +20,7 @@ NOTE [Device hygiene]
     event. A consumer on another stream is recorded on the tensor (``record_stream``), so
     that the allocator does not reuse the block before that stream is done with it.
     Allocation may raise ``torch.OutOfMemoryError``: a prefetch that meets it is dropped
-    and fetched on demand (client/engine/loop.py).
+    and fetched on demand (client/engine/transfer.py).
   * D2D: a slot in a device slab (client/engine/ipc.py) is copied device to device on the
     same streams, with the same events, and nothing is pinned for it. The slab is opened
     the first time a copy touches it, under that copy's device, so the pool GPU's memory
@@ -261,7 +261,7 @@ class CudaCopier:
     def _chunk_pins(self, segment_index: int) -> ChunkPins | None:
         pins = self._pins.get(segment_index)
         segment = self.views.segments[segment_index]
-        if pins is None and segment.pin:
+        if pins is None and segment.pin and segment.address is not None:
             pins = self._pins[segment_index] = ChunkPins(
                 segment.address,
                 segment.size_bytes,

@@ -441,17 +441,12 @@ class CudaDevice:
                     calls.reset_device()
             calls.set_device(self.index)
         log.info(
-            "device %s (cuda:%d in the daemon): links measured in %.2f s (%s x %d): %s",
+            "device %s (cuda:%d in the daemon): links measured in %.2f s (%s x %d)",
             self.name,
             self.index,
             time.perf_counter() - started,
             format_bytes(PROBE_BYTES),
             PROBE_REPEATS,
-            "; ".join(
-                f"from {uuid} {link.peer_gbps:.1f} GB/s, to the host {link.host_gbps:.1f} GB/s"
-                for uuid, link in links.items()
-                if uuid != CPU
-            ),
         )
         return links
 
