@@ -1,6 +1,7 @@
 """The device tier on a GPU: copies into a lent device slab vs into the pinned host pool, and step time with it.
 
     .venv/bin/python -m benchmarks.device_tier [--quick] [--steps N] [--pool-gpu INDEX]
+    .venv/bin/python -m benchmarks.device_tier --fake [--steps N]
 
 Two daemons side by side: one lends ``--device-pool cuda:<pool GPU>=SIZE`` (the last
 visible GPU; with one GPU, the training GPU itself, which measures the mechanism but
@@ -13,6 +14,13 @@ are reported beside them. Steps: the GPT-like stack of benchmarks/gpu_step.py, n
 offload vs STORM through each daemon, interleaved: median step, its ratio to no offload,
 and whether every loss equals no offload's bit for bit. Printed, and saved to
 ``benchmarks/results/device_tier.json``. Without CUDA it says so and exits 0.
+
+``--fake`` runs on any machine, through the fake backend: CPU training (the models of
+benchmarks/spill.py) with no STORM, with the host pool only, and with a fake device of
+twice and of half a step's activations (half: its oldest move to the host every step),
+interleaved. Its device is host memory, so it measures what the tier's own work costs
+(placement, the daemon's moves to the host, lending), never a link: saved to
+``benchmarks/results/device_tier_fake.json``.
 """
 
 from __future__ import annotations
@@ -26,9 +34,12 @@ from typing import Any
 
 import torch
 
+from benchmarks import spill
 from benchmarks.common import median, print_table, write_json
 from benchmarks.gpu_step import FULL, QUICK, Runner, bandwidth, saved_bytes
+from benchmarks.step_time import MODELS
 from client.engine.ipc import DeviceSegment
+from client.engine.placement import gpu_uuid
 from client.system import StormSystem
 from client.transport import connect
 from storm_service.protocol import Op
@@ -37,11 +48,6 @@ from worker.embedded import EmbeddedDaemon
 SIZES_MIB = (16, 64, 256)
 QUICK_SIZES_MIB = (16, 64)
 MiB = 1 << 20
-
-
-def gpu_uuid(index: int) -> str:
-    """CUDA device ``index``'s UUID as NVML writes it, which ``--device-pool`` takes."""
-    return f"GPU-{torch.cuda.get_device_properties(index).uuid}"
 
 
 @contextlib.contextmanager
@@ -93,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--steps", type=int, default=None, help="measured steps per variant (default 10, quick 3)")
     p.add_argument("--pool-gpu", type=int, default=None, help="CUDA index of the lending GPU (default: the last)")
+    p.add_argument("--fake", action="store_true", help="the tier's own cost on CPU, through a fake device")
     args = p.parse_args(argv)
+    if args.fake:
+        return fake(args.steps or 4)
     if not torch.cuda.is_available():
         print("benchmarks.device_tier needs a CUDA GPU (the device tier lends GPU memory); nothing measured")
         return 0
@@ -177,6 +186,54 @@ def report(results: dict[str, Any]) -> None:
     ]
     print_table(["variant", "median s", "x plain", "loss=="], rows, f"GPT-like stack {results['config']}")
     print(f"device tier: {results['device_tier_stats']}")
+
+
+def fake(steps: int) -> int:
+    """CPU training through fake devices of 2x and 0.5x a step's activations, against the host pool alone."""
+    results: dict[str, Any] = {"steps": steps, "models": {}}
+    for name in ("heavy_mlp", "transformer"):
+        cfg = dict(MODELS[name])
+        need = spill.activation_bytes(cfg)
+        host_mib = int(2 * need // MiB) + 64
+        cases = {"host pool": None, "device 2x": 2 * need, "device 0.5x": need // 2}
+        runners = [spill.Runner("none", cfg, None)]
+        daemons: list[EmbeddedDaemon] = []
+        with contextlib.ExitStack() as stack:
+            for case, device_bytes in cases.items():
+                pool = f"fake:spare={device_bytes // MiB}MiB" if device_bytes else ""
+                daemon = stack.enter_context(lending(host_mib, pool))
+                daemons.append(daemon)
+                system = stack.enter_context(StormSystem(daemon.endpoint, name=case))
+                runners.append(spill.Runner(case, cfg, system))
+            reference, *ours = runners
+            for record in [False] + [True] * steps:
+                theirs, _ = reference.step(record)
+                for runner in ours:
+                    runner.exact.append(spill.same(runner.step(record)[0], theirs))
+            evicted = [daemon_stats(d.endpoint).get("device_evicted_bytes", 0) for d in daemons]
+        none_s = median(reference.times)
+        results["models"][name] = {
+            "activation_bytes": need,
+            "none_s": none_s,
+            "cases": {
+                r.name: {
+                    "median_s": median(r.times),
+                    "ratio_to_none": median(r.times) / none_s,
+                    "exact_every_step": all(r.exact),
+                    "moved_to_host_bytes_per_step": moved / (steps + 1),
+                    "all_s": r.times,
+                }
+                for r, moved in zip(ours, evicted, strict=True)
+            },
+        }
+    rows = [
+        [model, case, c["median_s"], c["ratio_to_none"], c["moved_to_host_bytes_per_step"] / MiB, c["exact_every_step"]]
+        for model, m in results["models"].items()
+        for case, c in m["cases"].items()
+    ]
+    print_table(["model", "case", "median s", "x none", "MiB moved/step", "exact"], rows, "fake device tier, CPU")
+    write_json("device_tier_fake", results)
+    return 0
 
 
 if __name__ == "__main__":

@@ -188,7 +188,7 @@ def activation_bytes(cfg: dict[str, Any]) -> int:
         return system.stats().offloaded_bytes - before
 
 
-def _same(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> bool:
+def same(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> bool:
     return len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
 
 
@@ -239,7 +239,7 @@ def run_model(name: str, cfg: dict[str, Any], fractions: list[float], steps: int
             theirs, _ = reference.step(record)
             for runner in cases:
                 ours, _ = runner.step(record)
-                runner.exact.append(_same(ours, theirs))
+                runner.exact.append(same(ours, theirs))
 
         round_robin(record=False)  # warm-up: the client learns its layers' reservations
         before = {r.name: r.daemon.stats() for r in cases if r.daemon}
@@ -256,7 +256,7 @@ def run_model(name: str, cfg: dict[str, Any], fractions: list[float], steps: int
             ours, (step_start, forward_end, ended) = smallest.step(record=False)
         finally:
             sampler.close()
-        smallest.exact.append(_same(ours, theirs))
+        smallest.exact.append(same(ours, theirs))
         final = {r.name: r.daemon.stats() for r in cases if r.daemon}
     finally:
         for runner in runners:

@@ -201,3 +201,42 @@ def torchrun_worker(args: list[str], summaries: Any, tag: str, ranks: int) -> li
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return [json.loads((summaries / f"{tag}-{rank}.json").read_text()) for rank in range(ranks)]
+
+
+def train_steps(model: Any, inputs: list[Any], system: Any) -> list[list[Any]]:
+    """Loss and gradients of one step per input, everything saved offloaded through ``system`` (None: no STORM)."""
+    from client import offload_saved_tensors
+
+    out = []
+    for x in inputs:
+        model.zero_grad()
+        if system is None:
+            loss = model(x).square().mean()
+        else:
+            with offload_saved_tensors(system, min_bytes=0):
+                loss = model(x).square().mean()
+        loss.backward()
+        out.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    return out
+
+
+class InProcess:
+    """Plays clients of a ``Server`` in this process, through ``dispatch``: request frames in, replies out."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def call(self, op: Op, token: str | None = None, peer: Any = None, **fields: Any) -> dict[str, Any]:
+        reply = self.send(op, token, peer, **fields)
+        assert reply.ok, (reply.code, reply.message)
+        return dict(reply.result)
+
+    def send(self, op: Op, token: str | None = None, peer: Any = None, **fields: Any) -> Any:
+        from storm_service.protocol import decode_reply
+
+        request_id = next(self._ids)
+        reply = decode_reply(self.server.dispatch(encode_request(request_id, op, token, **fields), peer))
+        assert reply.id == request_id
+        return reply

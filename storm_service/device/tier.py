@@ -15,8 +15,10 @@ NOTE [Device tier]
   offered to a session in another one: the register reply says why.
 
   Eviction. The newest activations are the ones backward wants first, so they are the
-  ones worth keeping on the device. Past HIGH_WATER of a device, committed extents are
-  moved to the host pool, the one wanted last first, chosen as the disk tier chooses:
+  ones worth keeping on the device. Past HIGH_WATER of a device, or when an offload
+  found no room there (until there is room for it, for at most ROOM_S: slabs of a
+  device may be in use well below the mark when its extents are large), committed
+  extents are moved to the host pool, the one wanted last first, chosen as the disk tier chooses:
   within a session its oldest, across sessions the one whose step profile puts its next
   use furthest away (NOTE [Time to next use] in storm_service/profile.py), so that a job
   that stopped stepping leaves the device first. At most EVICT_BYTES_PER_BALANCE move
@@ -66,6 +68,8 @@ HIGH_WATER = 0.9
 """Fraction of a device in use past which its oldest activations move to the host pool."""
 EVICT_BYTES_PER_BALANCE = 16 << 20
 """Bytes moved to the host per call, at most: a millisecond or two of copying, so the loop answers in between."""
+ROOM_S = 1.0
+"""How long the room an offload found missing is made, after the last such offload."""
 _ID_SPACE = 1 << 40
 """Device ``k``'s slab ids start at ``(k + 1) * _ID_SPACE``, apart from the host pool's and each other's."""
 
@@ -79,6 +83,9 @@ class Device:
     links: dict[str, Link]
     retired: Retired
     """Memory its slabs gave up, waiting for importers (NOTE [Device slabs])."""
+    room_wanted: int = 0
+    """The largest offload it had no room for lately: moves to the host make that much room."""
+    room_until: float = 0.0
     resident: dict[int, SortedDict] = field(default_factory=dict)
     """Per session id, its committed extents here that may move to the host, by ``(committed_at, handle)``."""
 
@@ -153,11 +160,16 @@ class DeviceTier:
     ) -> tuple[int, int, int] | None:
         """``(slab, offset, length)`` of new space on the fastest device that pays for ``client_device``
         and has room, or None: the host pool's turn."""
-        for device in self._candidates(session, client_device, own_pid_ns):
+        candidates = self._candidates(session, client_device, own_pid_ns)
+        for device in candidates:
             where = device.pool.allocate(session.tenant.name, size_bytes)
             if where is not None:
                 self.reserved_bytes += where[2]
                 return where
+        if candidates:  # the newest belong on the fastest device: make room there for the next ones
+            fastest = candidates[0]
+            fastest.room_wanted = max(fastest.room_wanted, size_bytes)
+            fastest.room_until = time.monotonic() + ROOM_S
         return None
 
     def _candidates(self, session: Session, client_device: str, own_pid_ns: int | None) -> list[Device]:
@@ -236,12 +248,19 @@ class DeviceTier:
         budget = EVICT_BYTES_PER_BALANCE
         now = time.monotonic()
         for device in self.devices:
-            while budget > 0 and device.pool.used_bytes > device.high_water_bytes:
+            while budget > 0 and (device.pool.used_bytes > device.high_water_bytes or self._wants_room(device, now)):
                 extent = self._victim(device, sessions, now)
                 if extent is None or not self._evict(device, sessions[extent.session_id], extent):
                     break
                 budget -= extent.length
             device.retired.release(alive)
+
+    @staticmethod
+    def _wants_room(device: Device, now: float) -> bool:
+        """Whether an offload lately found no room on ``device`` that it still has not."""
+        if device.room_wanted and (now > device.room_until or device.pool.largest_free_bytes >= device.room_wanted):
+            device.room_wanted = 0
+        return device.room_wanted > 0
 
     def _victim(self, device: Device, sessions: dict[int, Session], now: float) -> Extent | None:
         """The oldest extent on ``device`` of the session whose oldest is wanted last (NOTE [Time to next use])."""

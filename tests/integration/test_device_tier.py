@@ -8,7 +8,6 @@ loop's call of the tier (``balance``) is made by :meth:`Daemon.settle`.
 
 from __future__ import annotations
 
-import itertools
 import mmap
 import os
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from helpers import InProcess
 from storm_service.config import build_parser, load_config
 from storm_service.device.backend import DeviceError
 from storm_service.device.fake import FakeDevice, FakeMemory
@@ -26,35 +26,23 @@ from storm_service.disk.io import DiskIO
 from storm_service.disk.tier import DiskTier
 from storm_service.errors import ErrorCode
 from storm_service.pool import Pool
-from storm_service.protocol import Op, decode_reply, encode_request
+from storm_service.protocol import Op
 from storm_service.server import Server
 from storm_service.tenants import Peer
 
 MiB = 1 << 20
-_IDS = itertools.count(1)
 
 
-class Daemon:
+class Daemon(InProcess):
     """A server with a device tier, and what a test needs to act as its clients."""
 
     def __init__(self, server: Server) -> None:
-        self.server = server
+        super().__init__(server)
         self.sessions = server.context.sessions
         assert self.sessions.device is not None
         self.device: DeviceTier = self.sessions.device
         self.pool = server.context.pool
         self._maps: dict[int, mmap.mmap] = {}
-
-    def call(self, op: Op, token: str | None = None, peer: Peer | None = None, **fields: Any) -> dict[str, Any]:
-        reply = self.send(op, token, peer, **fields)
-        assert reply.ok, (reply.code, reply.message)
-        return reply.result
-
-    def send(self, op: Op, token: str | None = None, peer: Peer | None = None, **fields: Any) -> Any:
-        request_id = next(_IDS)
-        reply = decode_reply(self.server.dispatch(encode_request(request_id, op, token, **fields), peer))
-        assert reply.id == request_id
-        return reply
 
     def register(self, quota: int | None = None, peer: Peer | None = None, pid_ns: int | None = None) -> str:
         fields: dict[str, Any] = {"quota_bytes": quota} if quota is not None else {}
@@ -185,6 +173,21 @@ def test_past_the_high_water_the_oldest_activations_move_to_the_host_and_the_fet
     assert moved[0] and not moved[-1], "the oldest (wanted last by backward) moved, the newest stayed"
     assert moved == sorted(moved, reverse=True), "evicted in commit order"
     assert stats["used_bytes"] == sum(len(payloads[i]) for i, m in enumerate(moved) if m)
+
+
+def test_a_device_full_below_its_high_water_makes_room_for_the_next_offload(make_daemon):
+    daemon = make_daemon("fake:gpu1=64MiB", pool_mib=128)  # four 16 MiB slabs: one 10 MiB extent each
+    token = daemon.register()
+    payloads = _payloads(6, 10 * MiB, seed=22)
+    first = [daemon.offload(token, [p])[0] for p in payloads[:5]]
+    assert [daemon.device.holds(e["slab"]) for e in first] == [True] * 4 + [False]
+    assert daemon.stats()["device_used_bytes"] < daemon.stats()["devices"][0]["high_water_bytes"]
+    daemon.settle()
+    assert daemon.stats()["device_evictions"] == 1, "the oldest moved to the host: room for one more"
+    newest = daemon.offload(token, payloads[5:])[0]
+    assert daemon.device.holds(newest["slab"])
+    got = daemon.fetch(token, [e["handle"] for e in [*first, newest]])
+    assert [data for _, data in got] == payloads
 
 
 def test_a_session_that_stopped_stepping_leaves_the_device_before_one_that_steps(make_daemon):

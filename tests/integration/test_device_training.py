@@ -22,6 +22,7 @@ from torch import nn
 
 from client import StormSystem, offload_saved_tensors
 from client.status import render, snapshot
+from helpers import train_steps
 from storm_service.errors import StormUnavailableError
 from storm_service.units import format_bytes
 
@@ -65,18 +66,7 @@ def _start(name: str, seed: int, steps: int = 2) -> tuple[nn.Module, list[torch.
 
 def _steps(name: str, seed: int, system: StormSystem | None, start=None) -> list[list[torch.Tensor]]:
     """Loss and gradients of each step; ``start`` (model, inputs) instead of drawing them from ``seed``."""
-    model, inputs = start or _start(name, seed)
-    out = []
-    for x in inputs:
-        model.zero_grad()
-        if system is None:
-            loss = model(x).square().mean()
-        else:
-            with offload_saved_tensors(system, min_bytes=0):
-                loss = model(x).square().mean()
-        loss.backward()
-        out.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
-    return out
+    return train_steps(*(start or _start(name, seed)), system)
 
 
 def _assert_equal(ours: list, theirs: list, what: object) -> None:

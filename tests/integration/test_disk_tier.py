@@ -9,7 +9,6 @@ the tier while a fetch is parked, as the loop does.
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import select
 from collections.abc import Iterator
@@ -17,38 +16,27 @@ from typing import Any
 
 import pytest
 
+from helpers import InProcess
 from storm_service.config import build_parser, load_config
 from storm_service.disk.files import SpillFile
 from storm_service.disk.io import DiskIO
 from storm_service.disk.tier import DiskTier
 from storm_service.errors import ErrorCode
 from storm_service.pool import Pool
-from storm_service.protocol import Op, decode_reply, encode_request
+from storm_service.protocol import Op
 from storm_service.server import Server
 from storm_service.tenants import Peer
 
 MiB = 1 << 20
-_IDS = itertools.count(1)
 
 
-class Daemon:
+class Daemon(InProcess):
     """A server with a disk tier, and what a test needs to act as its clients."""
 
     def __init__(self, server: Server, tier: DiskTier) -> None:
-        self.server = server
+        super().__init__(server)
         self.tier = tier
         self.pool = server.context.pool
-
-    def call(self, op: Op, token: str | None = None, peer: Peer | None = None, **fields: Any) -> dict[str, Any]:
-        reply = self.send(op, token, peer, **fields)
-        assert reply.ok, (reply.code, reply.message)
-        return reply.result
-
-    def send(self, op: Op, token: str | None = None, peer: Peer | None = None, **fields: Any) -> Any:
-        request_id = next(_IDS)
-        reply = decode_reply(self.server.dispatch(encode_request(request_id, op, token, **fields), peer))
-        assert reply.id == request_id
-        return reply
 
     def register(self, quota: int | None = None, peer: Peer | None = None) -> str:
         fields = {"quota_bytes": quota} if quota is not None else {}

@@ -18,9 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-from client import StormSystem, offload_saved_tensors
+from client import StormSystem
 from client.status import render, snapshot
-from helpers import wait_for
+from helpers import train_steps, wait_for
 from storm_service.errors import PoolFullError
 from storm_service.units import format_bytes
 
@@ -46,18 +46,7 @@ def _grads(
     make: Callable[[], nn.Module], shape: tuple[int, ...], seed: int, system: StormSystem | None, start=None
 ) -> list:
     """Loss and gradients of two steps; ``start`` (model, inputs) instead of drawing them from ``seed``."""
-    model, inputs = start or _start(make, shape, seed)
-    grads = []
-    for x in inputs:
-        model.zero_grad()
-        if system is None:
-            loss = model(x).square().mean()
-        else:
-            with offload_saved_tensors(system, min_bytes=0):
-                loss = model(x).square().mean()
-        loss.backward()
-        grads.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
-    return grads
+    return train_steps(*(start or _start(make, shape, seed)), system)
 
 
 def _start(make: Callable[[], nn.Module], shape: tuple[int, ...], seed: int) -> tuple[nn.Module, list]:
