@@ -120,9 +120,10 @@ def handle_register(context: OpContext, request: Request, peer: Peer) -> dict[st
         session.last_seen = time.monotonic()
         log.info("session %d registered again (a retried register: same pid and nonce)", session.id)
         return _registration(context, session)
-    pool, config = context.pool, context.config
-    limit = config.max_quota or pool.size_bytes
-    quota = min(args.get("quota_bytes", config.quota or pool.size_bytes), limit)
+    config = context.config
+    memory = context.sessions.memory_bytes
+    limit = config.max_quota or memory
+    quota = min(args.get("quota_bytes", config.quota or memory), limit)
     try:
         session = context.sessions.open(
             pid=args["pid"],

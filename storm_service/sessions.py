@@ -232,7 +232,7 @@ class SessionTable:
 
         The quotas are checked first, against the sizes as the allocator rounds them: past
         the session's, its cap on extents or its tenant's, QuotaExceededError (a quota as
-        large as the pool never binds before the pool does).
+        large as the memory tiers never binds before they do).
         Then each size is allocated; when one does not fit, the extents already placed go
         back to the pool and PoolFullError is raised. Either way a refused reservation
         leaves the pool and the session as they were.
@@ -240,7 +240,7 @@ class SessionTable:
         # Every allocator of a pool rounds to the same alignment: the first one's rounding is the pool's.
         round_up = self.pool.round_up
         need = sum(round_up(size) for size in sizes)
-        if session.held_bytes + need > session.quota_bytes < self.pool.size_bytes:
+        if session.held_bytes + need > session.quota_bytes < self.memory_bytes:
             raise QuotaExceededError(
                 f"offload: {need} bytes requested, {session.quota_bytes - session.held_bytes} "
                 f"left of a {session.quota_bytes}-byte quota"
@@ -413,6 +413,11 @@ class SessionTable:
     def _forget_tenant(self, tenant: TenantUsage) -> None:
         if tenant.sessions == 0 and tenant.held_bytes == 0 and self.tenants.get(tenant.name) is tenant:
             del self.tenants[tenant.name]
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of every memory tier: the host pool and the device tier (what a default quota is)."""
+        return self.pool.size_bytes + (self.device.size_bytes if self.device is not None else 0)
 
     @property
     def used_bytes(self) -> int:

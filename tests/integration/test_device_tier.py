@@ -254,6 +254,16 @@ def test_one_quota_bounds_what_a_session_holds_on_the_device_and_the_host_togeth
     daemon.call(Op.OFFLOAD, token, sizes=[2 * MiB])
 
 
+def test_the_default_quota_is_every_memory_tier_and_binds_across_them(make_daemon):
+    daemon = make_daemon("fake:gpu1=16MiB", pool_mib=16)
+    reply = daemon.call(Op.REGISTER, pid=os.getpid(), pid_ns=daemon.sessions.own_pid_ns)
+    assert reply["quota_bytes"] == 32 * MiB, "host pool and device tier together"
+    asked = daemon.call(Op.REGISTER, pid=os.getpid(), pid_ns=daemon.sessions.own_pid_ns, quota_bytes=16 * MiB)
+    token = str(asked["token"])
+    daemon.offload(token, _payloads(15, MiB, seed=23))
+    assert daemon.send(Op.OFFLOAD, token, sizes=[2 * MiB]).code == ErrorCode.QUOTA_EXCEEDED.value
+
+
 def test_device_memory_moving_to_another_tenant_is_freed_only_once_its_importers_are_gone(make_daemon):
     daemon = make_daemon("fake:gpu1=16MiB")  # slabs of 16 MiB / 8 = 2 MiB, at least 16 MiB: one slab
     backend = daemon.device.devices[0].backend
