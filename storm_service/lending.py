@@ -48,6 +48,8 @@ MAX_UID_CONNECTIONS = 8
 """Connections of one uid open at once (a client needs one, for a moment, per slab it maps)."""
 REQUEST_TIMEOUT_S = 2.0
 """How long a connection may take to send its request."""
+ACCEPT_PAUSE_S = 0.1
+"""How long accepting waits after an accept failed."""
 
 
 class Lender:
@@ -65,6 +67,9 @@ class Lender:
         """Slab fds sent so far."""
         self.refused = 0
         """Connections closed as they were accepted, past a cap."""
+        self.accept_errors = 0
+        self._paused_until = 0.0
+        """While set, accepting waits (the last accept failed: out of fds, say)."""
         if os.path.lexists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)  # a dead daemon's: the endpoint lock says no live one serves here
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
@@ -85,9 +90,12 @@ class Lender:
     def serve(self, ready: set[int] | None = None) -> None:
         """Accept, answer and drop what is ready (``ready``: fds the poller reported; None: try all)."""
         listener = self._listener.fileno()
-        if ready is None or listener in ready:
-            self._accept()
         now = time.monotonic()
+        if self._paused_until and now >= self._paused_until:
+            self._paused_until = 0.0
+            self._poller.register(listener, zmq.POLLIN)
+        if not self._paused_until and (ready is None or listener in ready):
+            self._accept()
         for fd, (conn, deadline, _) in list(self._connections.items()):
             if ready is None or fd in ready:
                 self._answer(fd, conn)
@@ -100,8 +108,13 @@ class Lender:
                 conn, _ = self._listener.accept()
             except BlockingIOError:
                 return
-            except OSError as e:  # EMFILE and the like: the connection stays queued, tried again next time
-                log.warning("fd socket: cannot accept: %s", e)
+            except OSError as e:  # EMFILE and the like: the connection stays queued, tried again after a pause
+                self.accept_errors += 1
+                if self.accept_errors & (self.accept_errors - 1) == 0:  # 1st, 2nd, 4th...: no flood in the log
+                    log.warning("fd socket: cannot accept [%d times so far]: %s", self.accept_errors, e)
+                # The listener stays readable: unpolled for a moment, so that the loop does not spin on it.
+                self._poller.unregister(self._listener.fileno())
+                self._paused_until = time.monotonic() + ACCEPT_PAUSE_S
                 return
             uid = peer_credentials(conn)[1]
             if len(self._connections) >= MAX_CONNECTIONS or self._per_uid[uid] >= MAX_UID_CONNECTIONS:
@@ -145,12 +158,8 @@ class Lender:
             return encode_slab_reply(0, 0), []
         device = self._sessions.device
         if device is not None and device.holds(slab_id):
-            lent = device.lent_to(slab_id)
-            if lent is None or lent.tenant != session.tenant.name:
-                raise ForbiddenError(f"slab {slab_id} is not lent to {session.tenant.name}")
-            fields, fds = lent.memory.lend()
-            lent.importers.add(session.id)  # its memory is freed only once this session is gone (NOTE [Device slabs])
-            reply = encode_slab_reply(lent.id, lent.size_bytes, fields)
+            size_bytes, fields, fds = device.lend(slab_id, session, pid)
+            reply = encode_slab_reply(slab_id, size_bytes, fields)
         else:
             slab = self._pool.lent_to(slab_id)
             if slab is None or slab.tenant != session.tenant.name:
@@ -167,7 +176,7 @@ class Lender:
             if tenant.startswith("uid ") and tenant != f"uid {uid}":
                 log.warning("fd socket: uid %d (pid %d) presented a token of %s", uid, pid, tenant)
                 raise ForbiddenError(f"the session belongs to {tenant}, not to uid {uid}")
-            session.uid, session.pidfd = uid, open_pidfd(pid)
+            session.uid, session.pidfd, session.bound_pid = uid, open_pidfd(pid), pid
         elif session.uid != uid:
             raise ForbiddenError(f"the session belongs to uid {session.uid}, not to uid {uid}")
 
@@ -182,7 +191,8 @@ class Lender:
     def close(self) -> None:
         for fd in list(self._connections):
             self._drop(fd)
-        self._poller.unregister(self._listener.fileno())
+        if not self._paused_until:
+            self._poller.unregister(self._listener.fileno())
         self._listener.close()
         try:
             os.unlink(self.path)

@@ -70,8 +70,13 @@ class MemoryGuard:
         return self.baseline + accounted + self.max_buffered
 
     def excess(self, accounted: int) -> tuple[int, int] | None:
-        """``(anonymous bytes, allowance)`` when the first is past the second, else None."""
-        current, allowed = self._read(), self.allowance(accounted)
+        """``(anonymous bytes, allowance)`` when the first is past the second, else None (also when the
+        reading fails: out of fds, say; the next tick tries again)."""
+        try:
+            current = self._read()
+        except OSError:
+            return None
+        allowed = self.allowance(accounted)
         return (current, allowed) if current > allowed else None
 
     def settle(self, process_commands: Callable[[], object], accounted: int) -> int:

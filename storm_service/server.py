@@ -115,7 +115,7 @@ class Server:
         limits = Limits(config.max_sessions, config.max_tenant_sessions, config.max_extents, config.tenant_quota)
         self.context = OpContext(config, pool, SessionTable(pool, limits, tier, device), stop or threading.Event())
         if device is not None:
-            device.disk = tier
+            device.mover.disk = tier
         """What every handler gets; :attr:`context.stop <OpContext.stop>` ends :meth:`serve`."""
         self._zmq = zmq_context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
@@ -164,7 +164,9 @@ class Server:
         socket.setsockopt(zmq.RCVHWM, SOCKET_HWM)
         if self.config.curve_dir:
             self._enable_curve(socket)
-        total = total_connections(len(self.context.pool.slabs), self.config.max_sessions)
+        device = self.context.sessions.device
+        held = len(self.context.pool.slabs) + (device.fds_bound if device is not None else 0)
+        total = total_connections(held, self.config.max_sessions)
         self._connections = ConnectionCaps(
             socket, self._zmq, self.config.endpoint, self.config.max_connections_per_uid, total
         )
@@ -219,7 +221,7 @@ class Server:
             if sessions.reclaiming:
                 sessions.reclaim()
             if sessions.device is not None:
-                sessions.device.balance(sessions.sessions, sessions.holds)
+                sessions.device.balance(sessions.sessions)
             if parking is not None:
                 parking.step()
             now = time.monotonic()
@@ -232,6 +234,8 @@ class Server:
         assert self._socket is not None
         self._next_guard = now + TICK_S
         self._guard_memory()
+        if self.context.sessions.device is not None:
+            self.context.sessions.device.housekeep()
         if self._parking is not None:
             self._parking.retry()  # fetches of extents freed or sessions closed meanwhile get their error
         if now >= self._next_expiry:

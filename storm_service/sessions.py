@@ -109,6 +109,8 @@ class Session:
     """The uid of the process that first asked for a slab's fd (NOTE [Lending by descriptor] in lending.py)."""
     pidfd: int | None = None
     """A pidfd of that process (NOTE [Fencing] in pidfds.py)."""
+    bound_pid: int | None = None
+    """That process's pid in the daemon's pid namespace: the only one lent device slabs (NOTE [Importers])."""
 
     @property
     def held_bytes(self) -> int:
@@ -186,7 +188,7 @@ class SessionTable:
         ``max_tenant_sessions``.
         """
         usage = self.tenants.get(tenant) or TenantUsage(tenant, operator)
-        self.limits.admit(len(self.sessions), usage)
+        self.limits.admit(len(self.sessions) + len(self._fenced), usage)
         self.tenants[tenant] = usage
         usage.sessions += 1
         session = Session(
@@ -347,20 +349,21 @@ class SessionTable:
     def close(self, session: Session, fence: bool = False) -> int:
         """End a session now; its extents go back to the pool through :meth:`reclaim`.
 
-        With ``fence`` (expiry) and a pidfd of a process that still runs, they stay
-        allocated until it exits (NOTE [Fencing] in pidfds.py). Returns the bytes it held (NOTE
-        [Bounded work per request]).
+        With ``fence`` (expiry), extents, and a pidfd of a process that still runs, they stay
+        allocated until it exits (NOTE [Fencing] in pidfds.py); a fenced session still counts
+        against the caps on sessions, so that expiring ones cannot pile up without bound.
+        Returns the bytes it held (NOTE [Bounded work per request]).
         """
         del self.sessions[session.id]
         del self._by_token[session.token]
         if session.nonce is not None:
             del self._by_nonce[(session.pid, session.nonce)]
-        session.tenant.sessions -= 1
         if self.tier is not None:
             self.tier.closed(session)
-        if fence and session.pidfd is not None and not exited(session.pidfd):
+        if fence and session.handles and session.pidfd is not None and not exited(session.pidfd):
             self._fenced.append(session)
         else:
+            session.tenant.sessions -= 1
             self._closed.append(session)
         return session.held_bytes
 
@@ -369,12 +372,9 @@ class SessionTable:
         gone = [s for s in self._fenced if s.pidfd is None or exited(s.pidfd)]
         for session in gone:
             self._fenced.remove(session)
+            session.tenant.sessions -= 1
             self._closed.append(session)
         return gone
-
-    def holds(self, session_id: int) -> bool:
-        """Whether session ``session_id`` is open or fenced: its process may still map what it was lent."""
-        return session_id in self.sessions or any(s.id == session_id for s in self._fenced)
 
     @property
     def fenced_bytes(self) -> int:

@@ -5,14 +5,13 @@ NOTE [Device slabs]
   allocation of one backend, its own extent allocator, lent to one tenant, and renewed
   (a fresh zeroed allocation under a new id) when it moves to another tenant. What
   differs is freeing. A process that opened a CUDA IPC handle keeps a mapping the daemon
-  cannot revoke, and memory freed under it could be handed to anyone. So the sessions a
-  slab was lent to are its importers, and memory a slab gives up (at renewal) is retired,
-  not freed: :meth:`Retired.release` frees it only once every importer's session is gone
-  (its client closes its mappings before it unregisters) or its process has exited.
+  cannot revoke, and memory freed under it could be handed to anyone. So the processes a
+  slab was lent to are its importers (NOTE [Importers] in importers.py), and memory a
+  slab gives up (at renewal) is retired, not freed: :meth:`Retired.release` frees it
+  only once every importer of it has exited.
   Retired memory is bounded by the device's share of the tier: past that a slab is not
   renewed (it stays free for its last tenant), so tenants taking turns on a slab while
   the former one's process lives cannot make the daemon hold ever more of the device.
-  Fenced sessions (NOTE [Fencing] in storm_service/pidfds.py) still count: their process runs.
 """
 
 from __future__ import annotations
@@ -24,7 +23,12 @@ from storm_service.allocator import ExtentAllocator
 from storm_service.device.backend import DeviceBackend, DeviceError, DeviceMemory
 from storm_service.slabs import SlabError
 
-__all__ = ["DeviceSlab", "Retired"]
+__all__ = ["Alive", "DeviceSlab", "Retired"]
+
+Alive = Callable[[int], bool]
+"""Whether an importer (a pid) may still map what it was lent."""
+PRUNE_PAST = 64
+"""Importers a slab remembers before it forgets those that exited."""
 
 log = logging.getLogger("stormd.device")
 
@@ -42,12 +46,11 @@ class Retired:
         else:
             memory.free()
 
-    def release(self, alive: Callable[[int], bool]) -> int:
-        """Free what no live session may map any more; returns the bytes freed."""
+    def release(self, alive: Alive) -> int:
+        """Free what no live importer may map any more; returns the bytes freed."""
         freed, kept = 0, []
         for memory, importers in self._memory:
-            importers.intersection_update([session_id for session_id in importers if alive(session_id)])
-            if importers:
+            if any(alive(pid) for pid in importers):
                 kept.append((memory, importers))
             else:
                 memory.free()
@@ -68,7 +71,9 @@ class Retired:
 class DeviceSlab:
     """One allocation of ``backend`` and the allocator of its extents (NOTE [Device slabs])."""
 
-    def __init__(self, slab_id: int, backend: DeviceBackend, size_bytes: int, alignment: int, retired: Retired) -> None:
+    def __init__(
+        self, slab_id: int, backend: DeviceBackend, size_bytes: int, alignment: int, retired: Retired, alive: Alive
+    ) -> None:
         self.id = slab_id
         self.backend = backend
         self.size_bytes = size_bytes
@@ -77,8 +82,15 @@ class DeviceSlab:
         self.tenant: str | None = None
         self.last_tenant: str | None = None
         self.importers: set[int] = set()
-        """Ids of the sessions this slab's memory was lent to."""
+        """Pids of the processes this slab's memory was lent to (NOTE [Importers])."""
         self._retired = retired
+        self._alive = alive
+
+    def lent(self, pid: int) -> None:
+        """Its memory was lent to process ``pid``; those that exited are forgotten now and then."""
+        self.importers.add(pid)
+        if len(self.importers) > PRUNE_PAST:
+            self.importers = {p for p in self.importers if self._alive(p)}
 
     def renew(self, slab_id: int) -> None:
         """A fresh zeroed allocation under a new id; the old one is retired until its importers are gone.
@@ -88,6 +100,7 @@ class DeviceSlab:
         ever more of a device while an importer lives (NOTE [Device slabs]).
         """
         assert self.allocator.live_count == 0, "renew a slab with live extents"
+        self.importers = {pid for pid in self.importers if self._alive(pid)}
         if self.importers and self._retired.size_bytes + self.size_bytes > self._retired.limit_bytes:
             raise SlabError(f"{self._retired.size_bytes} bytes of device memory wait for their importers to go")
         try:

@@ -18,23 +18,25 @@ NOTE [Device tier]
   ones worth keeping on the device. Past HIGH_WATER of a device, or when an offload
   found no room there (until there is room for it, for at most ROOM_S: slabs of a
   device may be in use well below the mark when its extents are large), committed
-  extents are moved to the host pool, the one wanted last first, chosen as the disk tier chooses:
-  within a session its oldest, across sessions the one whose step profile puts its next
-  use furthest away (NOTE [Time to next use] in storm_service/profile.py), so that a job
-  that stopped stepping leaves the device first. At most EVICT_BYTES_PER_BALANCE move
-  per call, in the loop: the daemon's copy out of
-  the device is the only one it makes, and it is bounded like every other piece of work
-  in the loop. Extents a fetch answered for (pinned: a client may read them in place),
-  and extents not committed yet, never move; nor does one whose move failed (it stays
-  where it is, and is counted in ``device_evict_errors``). A moved extent's new place is in the next
-  fetch's reply, as after a restore from disk, and it joins the disk tier's spillable
-  extents in commit order. Nothing moves back up: an extent evicted to the host is
-  fetched from the host.
+  extents are moved to the host pool, the one wanted last first, chosen as the disk
+  tier chooses: within a session its oldest, across sessions the one whose step profile
+  puts its next use furthest away (NOTE [Time to next use] in storm_service/profile.py),
+  so that a job that stopped stepping leaves the device first. The daemon makes these
+  copies itself, in the loop, bounded like all its work there: per call at most
+  EVICT_BYTES_PER_BALANCE copied, however large the extent (it moves a piece per call,
+  moves.py), and at most MOVES_PER_BALANCE moves begun (tiny extents cost per move).
+  Extents a fetch answered for (pinned: a client may read them in place), and extents
+  not committed yet, never move; a fetch or a free during a move ends it; an extent
+  whose move failed stays where it is (``device_evict_errors``). A moved extent's new
+  place is in the next fetch's reply, as after a restore from disk, and it joins the
+  disk tier's spillable extents in commit order. Nothing moves back up: an extent moved
+  to the host is fetched from the host.
 
   Accounting. Device bytes are the session's like host bytes: one quota (session and
   tenant) bounds what it holds in memory, device and host together; ``device_bytes``
-  reports the device's part. Memory a slab gives up is freed only once no importer may
-  map it (NOTE [Device slabs]).
+  reports the device's part. A device slab is lent only to the process its session is
+  bound to, and memory a slab gives up is freed only once every process it was lent to
+  has exited (NOTE [Importers], NOTE [Device slabs]).
 """
 
 from __future__ import annotations
@@ -42,14 +44,17 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sortedcontainers import SortedDict
 
 from storm_service.device.backend import DeviceBackend, DeviceError, Link
+from storm_service.device.importers import Importers
+from storm_service.device.moves import Move, Mover, victims
 from storm_service.device.slabs import DeviceSlab, Retired
+from storm_service.errors import ForbiddenError
 from storm_service.extents import Extent, ExtentState, Residence
 from storm_service.pool import Pool, slab_sizes
 from storm_service.profile import StepProfile
@@ -57,7 +62,6 @@ from storm_service.slabs import Slab
 from storm_service.units import format_bytes
 
 if TYPE_CHECKING:
-    from storm_service.disk.tier import DiskTier
     from storm_service.sessions import Session
 
 __all__ = ["EVICT_BYTES_PER_BALANCE", "HIGH_WATER", "Device", "DeviceTier"]
@@ -67,7 +71,9 @@ log = logging.getLogger("stormd.device")
 HIGH_WATER = 0.9
 """Fraction of a device in use past which its oldest activations move to the host pool."""
 EVICT_BYTES_PER_BALANCE = 16 << 20
-"""Bytes moved to the host per call, at most: a millisecond or two of copying, so the loop answers in between."""
+"""Bytes copied to the host per call, at most: a millisecond or two, so the loop answers in between."""
+MOVES_PER_BALANCE = 64
+"""Moves begun per call, at most: small extents cost per move, not per byte."""
 ROOM_S = 1.0
 """How long the room an offload found missing is made, after the last such offload."""
 _ID_SPACE = 1 << 40
@@ -83,6 +89,8 @@ class Device:
     links: dict[str, Link]
     retired: Retired
     """Memory its slabs gave up, waiting for importers (NOTE [Device slabs])."""
+    move: Move | None = None
+    """The extent being moved to the host, a piece per loop step (moves.py)."""
     room_wanted: int = 0
     """The largest offload it had no room for lately: moves to the host make that much room."""
     room_until: float = 0.0
@@ -97,15 +105,18 @@ class Device:
 class DeviceTier:
     """Every device of ``--device-pool`` and the extents on them (NOTE [Device tier])."""
 
-    def __init__(self, backends: list[DeviceBackend], max_slab_size: int, host: Pool[Slab]) -> None:
+    def __init__(
+        self, backends: list[DeviceBackend], max_slab_size: int, host: Pool[Slab], max_importers: int = 1024
+    ) -> None:
         """Cut each backend's memory into slabs; DeviceError when a device cannot hold its share."""
         self.host = host
-        self.disk: DiskTier | None = None
-        """The disk tier, told of the extents that move into host memory."""
         self.devices: list[Device] = []
         self.reserved_bytes = 0
         """Bytes of device extents allocated and not committed yet."""
-        self.evicted_bytes = self.evictions = self.evict_errors = 0
+        self.mover = Mover(host)
+        """Moves to the host pool, and their counts (moves.py)."""
+        self.importers = Importers(max_importers)
+        """The processes device slabs were lent to (NOTE [Importers])."""
         self._profiles: dict[int, StepProfile] = {}
         """Each session's steps (NOTE [Time to next use]): whose activation is wanted last."""
         try:
@@ -122,7 +133,7 @@ class DeviceTier:
         retired = Retired(backend.size_bytes)
         try:
             for size in slab_sizes(backend.size_bytes, max_slab_size, self.host.alignment):
-                slabs.append(DeviceSlab(next(ids), backend, size, self.host.alignment, retired))
+                slabs.append(DeviceSlab(next(ids), backend, size, self.host.alignment, retired, self.importers.alive))
         except DeviceError:
             for slab in slabs:
                 slab.close()
@@ -209,6 +220,7 @@ class DeviceTier:
             if extent.residence is Residence.DEVICE and not extent.pinned:
                 extent.pinned = True
                 self._unlist(extent)
+                self._stop_moving(extent)
 
     def release(self, extent: Extent) -> int:
         """Free a device extent; returns its length."""
@@ -216,6 +228,7 @@ class DeviceTier:
             self.reserved_bytes -= extent.length
         else:
             self._unlist(extent)
+            self._stop_moving(extent)
         return self._device_of(extent.slab).pool.free(extent.slab, extent.offset)
 
     def forget(self, session: Session) -> None:
@@ -241,72 +254,59 @@ class DeviceTier:
         device = self._by_slab_space.get(slab_id // _ID_SPACE)
         return device.pool.lent_to(slab_id) if device is not None else None
 
+    def lend(self, slab_id: int, session: Session, pid: int) -> tuple[int, dict[str, Any], list[int]]:
+        """Its size, and what the fd socket sends process ``pid`` of ``session``, for device slab ``slab_id``
+        (NOTE [Importers]); ForbiddenError unless the session's tenant holds it and ``pid`` is
+        the process the session is bound to."""
+        slab = self.lent_to(slab_id)
+        if slab is None or slab.tenant != session.tenant.name:
+            raise ForbiddenError(f"slab {slab_id} is not lent to {session.tenant.name}")
+        if session.pidfd is None or pid != session.bound_pid:
+            raise ForbiddenError(f"device slab {slab_id} is lent only to the process session {session.id} is bound to")
+        if not self.importers.add(pid, session.pidfd):
+            raise ForbiddenError(f"device slab {slab_id}: {len(self.importers)} processes map device memory already")
+        slab.lent(pid)
+        return (slab.size_bytes, *slab.memory.lend())
+
     # -- the loop -------------------------------------------------------------------------
 
-    def balance(self, sessions: dict[int, Session], alive: Callable[[int], bool]) -> None:
-        """Move the activations wanted last off devices past the high water, to the host; free retired memory."""
-        budget = EVICT_BYTES_PER_BALANCE
+    def balance(self, sessions: dict[int, Session]) -> None:
+        """Move the activations wanted last off devices past the high water (or short of room) to the host:
+        at most EVICT_BYTES_PER_BALANCE copied, and MOVES_PER_BALANCE moves begun, per call."""
+        budget, moves = EVICT_BYTES_PER_BALANCE, MOVES_PER_BALANCE
         now = time.monotonic()
         for device in self.devices:
-            while budget > 0 and (device.pool.used_bytes > device.high_water_bytes or self._wants_room(device, now)):
-                extent = self._victim(device, sessions, now)
-                if extent is None or not self._evict(device, sessions[extent.session_id], extent):
-                    break
-                budget -= extent.length
-            device.retired.release(alive)
+            order: Iterator[Extent] | None = None
+            while budget > 0:
+                if device.move is None:
+                    if moves == 0 or not self._pressed(device, now):
+                        break
+                    order = order or victims(device.resident, sessions, self._profiles, now)
+                    extent = next(order, None)
+                    if extent is None or not self.mover.begin(device, sessions[extent.session_id], extent):
+                        break
+                    self._unlist(extent)  # no victim twice
+                    moves -= 1
+                budget -= self.mover.copy(device, budget)
+
+    def housekeep(self) -> None:
+        """Free retired memory whose importers have all exited, and forget exited importers (every tick)."""
+        for device in self.devices:
+            device.retired.release(self.importers.alive)
+        self.importers.prune()
 
     @staticmethod
-    def _wants_room(device: Device, now: float) -> bool:
-        """Whether an offload lately found no room on ``device`` that it still has not."""
+    def _pressed(device: Device, now: float) -> bool:
+        """Whether ``device`` is past its high water, or lately had no room for an offload that it still has not."""
         if device.room_wanted and (now > device.room_until or device.pool.largest_free_bytes >= device.room_wanted):
             device.room_wanted = 0
-        return device.room_wanted > 0
+        return device.pool.used_bytes > device.high_water_bytes or device.room_wanted > 0
 
-    def _victim(self, device: Device, sessions: dict[int, Session], now: float) -> Extent | None:
-        """The oldest extent on ``device`` of the session whose oldest is wanted last (NOTE [Time to next use])."""
-        best, best_time = None, float("-inf")
-        for session_id, resident in list(device.resident.items()):
-            if session_id not in sessions:  # closed: freed soon, or fenced (NOTE [Fencing]): it stays
-                del device.resident[session_id]
-                continue
-            extent = resident.peekitem(0)[1]
-            when = self._profile(session_id, now).time_to_use(extent.committed_at, now)
-            if when > best_time:
-                best, best_time = extent, when
-        return best
-
-    def _evict(self, device: Device, session: Session, extent: Extent) -> bool:
-        """Copy ``extent`` into new host space and free its device space; False when the host has no room."""
-        where = self.host.allocate(session.tenant.name, extent.length)
-        if where is None:
-            return False
-        slab_id, offset, _ = where
-        source = device.pool.slabs[extent.slab]
-        start = time.perf_counter()
-        try:
-            source.memory.read(extent.offset, self.host.view(slab_id, offset, extent.length))
-        except DeviceError as e:  # it stays where it is, and is not tried again
-            self.host.free(slab_id, offset)
-            self._unlist(extent)
-            self.evict_errors += 1
-            if self.evict_errors & (self.evict_errors - 1) == 0:  # 1st, 2nd, 4th...
-                log.warning(
-                    "moving %s off device %s failed (it stays there): %s",
-                    format_bytes(extent.length),
-                    device.backend.name,
-                    e,
-                )
-            return True
-        log.debug("moved %s to the host in %.2f ms", format_bytes(extent.length), 1e3 * (time.perf_counter() - start))
-        self._unlist(extent)
-        device.pool.free(extent.slab, extent.offset)
-        extent.slab, extent.offset, extent.residence = slab_id, offset, Residence.HOST
-        session.device_bytes -= extent.length
-        self.evicted_bytes += extent.length
-        self.evictions += 1
-        if self.disk is not None:
-            self.disk.moved_in(session, extent)
-        return True
+    def _stop_moving(self, extent: Extent) -> None:
+        """``extent`` is fetched or freed: a move of it ends here."""
+        device = self._device_of(extent.slab)
+        if device.move is not None and device.move.extent is extent:
+            self.mover.drop(device)
 
     def _device_of(self, slab_id: int) -> Device:
         return self._by_slab_space[slab_id // _ID_SPACE]
@@ -316,6 +316,11 @@ class DeviceTier:
     @property
     def size_bytes(self) -> int:
         return sum(d.pool.size_bytes for d in self.devices)
+
+    @property
+    def fds_bound(self) -> int:
+        """The most fds the tier holds: a fake slab's memfd and as many retired, and the importers' pidfds."""
+        return 2 * sum(len(d.pool.slabs) for d in self.devices) + self.importers.limit
 
     @property
     def used_bytes(self) -> int:
@@ -328,9 +333,9 @@ class DeviceTier:
             "device_bytes": self.size_bytes,
             "device_used_bytes": self.used_bytes,
             "device_reserved_bytes": self.reserved_bytes,
-            "device_evicted_bytes": self.evicted_bytes,
-            "device_evictions": self.evictions,
-            "device_evict_errors": self.evict_errors,
+            "device_evicted_bytes": self.mover.evicted_bytes,
+            "device_evictions": self.mover.evictions,
+            "device_evict_errors": self.mover.errors,
             "device_retired_bytes": sum(d.retired.size_bytes for d in self.devices),
             "devices": [
                 {
@@ -351,3 +356,4 @@ class DeviceTier:
                 slab.close()
             device.retired.close()
             device.backend.close()
+        self.importers.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 
 from helpers import InProcess
 from storm_service.config import build_parser, load_config
+from storm_service.device import tier as tier_module
 from storm_service.device.backend import DeviceError
 from storm_service.device.fake import FakeDevice, FakeMemory
 from storm_service.device.setup import open_devices
@@ -74,11 +76,13 @@ class Daemon(InProcess):
         return [(e, bytes(self.view(e["slab"], e["offset"], e["size_bytes"]))) for e in extents]
 
     def settle(self) -> None:
-        """What the loop does between messages: the device tier balances (and the disk tier, if any)."""
+        """What the loop does between messages and at each tick: the device tier balances and keeps house
+        (and the disk tier, if any, balances)."""
         for _ in range(64):
-            self.device.balance(self.sessions.sessions, self.sessions.holds)
+            self.device.balance(self.sessions.sessions)
+            self.device.housekeep()
             if self.sessions.tier is None:
-                return
+                continue
             self.sessions.tier.balance()
             while self.sessions.tier.io.pending():
                 self.sessions.tier.poll()
@@ -91,6 +95,18 @@ class Daemon(InProcess):
         for mapping in self._maps.values():
             mapping.close()
         self.server.close()
+
+
+def _importer(daemon: Daemon, slab: Any) -> subprocess.Popen:
+    """A process the fd socket lent ``slab`` to, as it records one (NOTE [Importers]); the caller kills it."""
+    process = subprocess.Popen(["sleep", "600"])
+    pidfd = os.pidfd_open(process.pid)
+    try:
+        assert daemon.device.importers.add(process.pid, pidfd)
+    finally:
+        os.close(pidfd)
+    slab.lent(process.pid)
+    return process
 
 
 def _payloads(count: int, size: int, seed: int) -> list[bytes]:
@@ -273,7 +289,7 @@ def test_device_memory_moving_to_another_tenant_is_freed_only_once_its_importers
     extents = daemon.offload(token_a, _payloads(1, 4096, seed=10), peer=alice)
     slab = daemon.device.lent_to(extents[0]["slab"])
     assert slab is not None and slab.tenant == "uid 1001"
-    slab.importers.add(daemon.sessions.by_token(token_a).id)  # what the fd socket records when it lends it
+    importer = _importer(daemon, slab)  # alice's process, as the fd socket records it when it lends the slab
     daemon.call(Op.FREE, token_a, alice, handles=[extents[0]["handle"]])
     token_b = daemon.register(peer=bob)
     moved = daemon.offload(token_b, _payloads(1, 4096, seed=11), peer=bob)
@@ -285,6 +301,10 @@ def test_device_memory_moving_to_another_tenant_is_freed_only_once_its_importers
     daemon.call(Op.UNREGISTER, token_a, alice)
     daemon.sessions.reclaim(None)
     daemon.settle()
+    assert backend.freed == 0, "alice's session is gone, but her process may still map the memory"
+    importer.kill()
+    importer.wait()
+    daemon.settle()
     assert backend.freed == 1 and daemon.stats()["device_retired_bytes"] == 0
 
 
@@ -292,17 +312,22 @@ def test_tenants_taking_turns_on_a_slab_cannot_make_the_daemon_hold_ever_more_de
     daemon = make_daemon("fake:gpu1=16MiB")  # one slab
     alice, bob = Peer(uid=1001, pid=os.getpid()), Peer(uid=1002, pid=os.getpid())
     tokens = {alice: daemon.register(peer=alice), bob: daemon.register(peer=bob)}
-    placed = {}
+    placed, importers = {}, []
     for turn, peer in enumerate([alice, bob, alice, bob]):
         extent = daemon.offload(tokens[peer], _payloads(1, 4096, seed=turn), peer=peer)[0]
         placed[turn] = daemon.device.holds(extent["slab"])
-        if placed[turn]:  # what the fd socket records when it lends the slab; the session stays open
-            daemon.device.lent_to(extent["slab"]).importers.add(daemon.sessions.by_token(tokens[peer]).id)  # type: ignore[union-attr]
+        if placed[turn]:  # what the fd socket records when it lends the slab; the process lives on
+            importers.append(_importer(daemon, daemon.device.lent_to(extent["slab"])))
         daemon.call(Op.FREE, tokens[peer], peer, handles=[extent["handle"]])
     assert placed == {0: True, 1: True, 2: False, 3: True}, "alice's second turn would retire a second slab"
     stats = daemon.stats()
     assert stats["device_retired_bytes"] == 16 * MiB, "at most the device's size waits for importers"
     assert daemon.device.devices[0].pool.renew_failures == 1
+    for importer in importers:
+        importer.kill()
+        importer.wait()
+    daemon.settle()
+    assert daemon.stats()["device_retired_bytes"] == 0
 
 
 def test_a_client_in_another_pid_namespace_is_told_why_it_gets_no_cuda_like_memory(make_daemon):
@@ -378,3 +403,39 @@ def test_a_closed_session_gives_its_device_space_back(make_daemon):
     stats = daemon.stats()
     assert (stats["device_used_bytes"], stats["device_reserved_bytes"]) == (0, 0)
     assert daemon.device.devices[0].pool.used_bytes == 0
+
+
+def test_a_move_copies_a_piece_per_loop_step_and_a_fetch_meanwhile_keeps_the_extent_where_it_is(
+    make_daemon, monkeypatch
+):
+    piece = 256 << 10
+    monkeypatch.setattr(tier_module, "EVICT_BYTES_PER_BALANCE", piece)
+    daemon = make_daemon("fake:gpu1=16MiB")
+    token = daemon.register()
+    payloads = _payloads(16, MiB, seed=24)  # the whole device: past the high water
+    extents = [daemon.offload(token, [p])[0] for p in payloads]
+    device = daemon.device.devices[0]
+    for pieces in range(1, 4):
+        daemon.device.balance(daemon.sessions.sessions)
+        assert device.move is not None and device.move.done == pieces * piece, "one piece per loop step"
+    assert daemon.stats()["device_evictions"] == 0
+    daemon.device.balance(daemon.sessions.sessions)  # the last piece
+    assert daemon.stats()["device_evictions"] == 1 and device.move is None
+    daemon.device.balance(daemon.sessions.sessions)  # 15 of 16 MiB: still past 90 %, the next oldest starts
+    moving = device.move
+    assert moving is not None and moving.extent.handle == extents[1]["handle"] and moving.done == piece
+    place, data = daemon.fetch(token, [extents[1]["handle"]])[0]
+    assert device.move is None, "fetched: it stays, and the move's host space goes back"
+    assert (place["slab"], place["offset"], data) == (extents[1]["slab"], extents[1]["offset"], payloads[1])
+    assert daemon.stats()["used_bytes"] == MiB, "the host holds the one moved, nothing of the dropped move"
+    assert daemon.fetch(token, [extents[0]["handle"]])[0][1] == payloads[0]
+
+
+def test_a_device_full_of_tiny_extents_begins_a_bounded_number_of_moves_per_loop_step(make_daemon):
+    daemon = make_daemon("fake:gpu1=16MiB")
+    tokens = [daemon.register() for _ in range(8)]
+    for index in range(15 * 256):  # 15 MiB in 4 KiB extents, spread over 8 sessions
+        token = tokens[index % len(tokens)]
+        daemon.call(Op.COMMIT, token, handles=[daemon.call(Op.OFFLOAD, token, sizes=[4096])["extents"][0]["handle"]])
+    daemon.device.balance(daemon.sessions.sessions)
+    assert daemon.stats()["device_evictions"] == tier_module.MOVES_PER_BALANCE

@@ -209,3 +209,30 @@ def test_the_memory_plot_draws_device_bytes(daemon_factory, tmp_path):
     assert len(traced.device_bytes) == len(traced.pool_bytes) and max(traced.device_bytes) > 0
     plot_traces([traced], str(tmp_path / "mem.png"), "device and host")
     assert (tmp_path / "mem.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_device_slab_is_lent_only_to_the_process_its_session_is_bound_to(daemon_factory):
+    daemon = daemon_factory(pool_size="64MiB", extra_args=["--device-pool", "fake:gpu1=16MiB"])
+    with StormSystem(daemon.endpoint) as system:
+        handle = system.offload(torch.ones(1 << 18))
+        system.flush()
+        where = system.locate(handle)
+        assert where is not None and where[1] >= 1 << 40, "it went to the device"
+        probe = (
+            "import sys\n"
+            "from storm_service.errors import ForbiddenError\n"
+            "from storm_service.fdpass import request_slab\n"
+            "try:\n"
+            "    request_slab(sys.argv[1], sys.argv[2], int(sys.argv[3]), 5)\n"
+            "except ForbiddenError as e:\n"
+            "    print('refused:', e)\n"
+        )
+        fd_socket = daemon.socket_path + ".fds"
+        run = subprocess.run(
+            [sys.executable, "-c", probe, fd_socket, system.token, str(where[1])],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "refused:" in run.stdout and "bound to" in run.stdout, (run.stdout, run.stderr)
+        assert torch.equal(system.fetch(handle), torch.ones(1 << 18)), "the session's own process still reads it"
