@@ -20,13 +20,12 @@ import pytest
 import torch
 
 from storm_service.device.backend import CPU, DeviceError
-from storm_service.device.cuda import (
+from storm_service.device.cuda import PROBE_BYTES, CudaDevice
+from storm_service.device.cuda_calls import (
     ERROR_MEMORY_ALLOCATION,
     ERROR_PEER_ACCESS_ALREADY_ENABLED,
     IPC_HANDLE_BYTES,
-    PROBE_BYTES,
     CudaCallError,
-    CudaDevice,
 )
 
 GiB = 1 << 30
