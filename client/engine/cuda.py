@@ -193,22 +193,24 @@ class CudaCopier:
     def copy_out(self, jobs: list[Offload]) -> None:
         self._host.copy_out([job for job in jobs if job.slot.handle.device.type != "cuda"])
         used: dict[int, DeviceStreams] = {}
-        for job in jobs:
-            if job.slot.handle.device.type != "cuda":
-                continue
-            device = _index(job.slot)
-            streams = used[device] = self.streams(device)
-            with self._cuda.device(device):
-                self._pin(job.slot, device)
-                with self._cuda.use(streams.d2h):
-                    streams.d2h.wait_event(job.producer)
-                    self._copy(self.views.view(job.slot), job.tensor, job.slot)
-        done = []
-        for device, streams in used.items():
-            with self._cuda.device(device):
-                done.append(self._record(streams.d2h))
-        for event in done:
-            event.synchronize()  # sources may be dropped only once their copies are done
+        try:
+            for job in jobs:
+                if job.slot.handle.device.type != "cuda":
+                    continue
+                device = _index(job.slot)
+                streams = used[device] = self.streams(device)
+                with self._cuda.device(device):
+                    self._pin(job.slot, device)
+                    with self._cuda.use(streams.d2h):
+                        streams.d2h.wait_event(job.producer)
+                        self._copy(self.views.view(job.slot), job.tensor, job.slot)
+        finally:  # a failed job leaves the copies queued before it: they too are waited for
+            done = []
+            for device, streams in used.items():
+                with self._cuda.device(device):
+                    done.append(self._record(streams.d2h))
+            for event in done:
+                event.synchronize()  # sources may be dropped only once their copies are done
 
     def copy_in(self, jobs: list[Fetch]) -> None:
         for job in jobs:

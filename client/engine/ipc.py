@@ -88,14 +88,23 @@ class CudaIpc:
 
     def close(self, address: int, device: int) -> None:
         with torch.cuda.device(device):
+            _check("cudaSetDevice", _cudart().cudaSetDevice(device))  # as in open: our runtime may not follow torch
             _check("cudaIpcCloseMemHandle", _cudart().cudaIpcCloseMemHandle(address))
 
     def synchronize(self, device: int) -> None:
         torch.cuda.synchronize(device)
 
     def tensor(self, address: int, size_bytes: int, device: int) -> torch.Tensor:
-        view = torch.as_tensor(_DeviceBytes(address, size_bytes), device=torch.device("cuda", device))
-        if view.data_ptr() != address or view.device != torch.device("cuda", device):
+        """A uint8 view of the mapping, on the importing device, named outright: from a bare pointer
+        PyTorch takes the device where the memory lives (the pool GPU, for a peer's slab) and, asked
+        for another, copies the whole slab there."""
+        where = torch.device("cuda", device)
+        make = getattr(torch._C, "_construct_storage_from_data_pointer", None)  # a storage that owns nothing
+        if make is not None:
+            view = torch.empty(0, dtype=torch.uint8, device=where).set_(make(address, where, size_bytes))
+        else:
+            view = torch.as_tensor(_DeviceBytes(address, size_bytes), device=where)
+        if view.data_ptr() != address or view.device != where:
             raise StormError(
                 f"this PyTorch ({torch.__version__}) copies device memory handed to it through "
                 "__cuda_array_interface__ instead of viewing it; the device tier needs one that views it"

@@ -191,9 +191,13 @@ class CudaDevice:
             calls.free(target)
             calls.free_host(host)
             for index in touched:
-                if index not in CudaDevice._held:
+                if index in CudaDevice._held:
+                    continue
+                try:  # a GPU busy elsewhere (exclusive mode, no memory) may refuse even this
                     calls.set_device(index)
                     calls.reset_device()
+                except CudaCallError as e:
+                    log.warning("%s: releasing the context measuring made on cuda:%d failed: %s", self.name, index, e)
             calls.set_device(self.index)
         log.info(
             "device %s (cuda:%d in the daemon): links measured in %.2f s (%s x %d)",

@@ -20,6 +20,7 @@ import torch
 
 from client import StormSystem
 from client.engine.ipc import DeviceSegment
+from client.engine.placement import gpu_uuid as _uuid
 from client.handle import Handle
 from helpers import DaemonProcess, StartDaemon, wait_for
 from storm_service.errors import ActivationLostError, StormUnavailableError
@@ -30,11 +31,6 @@ pytestmark = [
 ]
 
 DEVICE_POOL = "256MiB"
-
-
-def _uuid(index: int) -> str:
-    """CUDA device ``index``'s UUID as NVML writes it (``GPU-...``)."""
-    return f"GPU-{torch.cuda.get_device_properties(index).uuid}"
 
 
 def _lending(daemon_factory: StartDaemon, index: int) -> DaemonProcess:
@@ -75,6 +71,20 @@ def test_a_cuda_tensor_round_trips_bit_exact_through_a_device_slab(system, cycle
     assert torch.equal(back, source)
     system.free(handle)
     assert system.stats().used_bytes == 0
+
+
+def test_activations_moved_off_a_full_device_to_the_host_come_back_bit_exact(daemon_factory):
+    """The daemon's own copy (``cudaMemcpy`` into its host mapping) runs only when the device fills."""
+    daemon = _lending(daemon_factory, 0)
+    sources = [torch.randn(4 << 20, device="cuda") for _ in range(15)]  # 15 x 16 MiB into a 256 MiB device
+    with StormSystem(daemon.endpoint) as system:
+        handles = [system.offload(source) for source in sources]
+        system.flush()
+        stats = wait_for(lambda: (s := daemon.stats())["device_evictions"] > 0 and s, what="a move to the host")
+        assert stats["device_evict_errors"] == 0
+        for handle, source in zip(reversed(handles), reversed(sources), strict=True):
+            assert torch.equal(system.fetch(handle), source)
+            system.free(handle)
 
 
 def test_a_delayed_copy_into_a_device_slab_keeps_its_source_though_freed_and_reused(system, cycles_per_ms):
@@ -162,7 +172,7 @@ def test_the_link_between_two_gpus_is_measured_reported_and_used(daemon_factory,
     assert link["measured"] and link["peer_gbps"] > 0 and link["host_gbps"] > 0, link
     assert client.lower() in daemon.log().lower()  # the figures are in the daemon's log
     if not link["enabled"]:
-        return  # slower than the host path here: the tier keeps cuda:0's activations in host memory
+        pytest.skip("peer copies are slower than the host path here: the tier keeps cuda:0's activations off it")
     script = context_probe + textwrap.dedent(
         """
         import json, sys

@@ -468,3 +468,15 @@ def test_only_a_cuda_slab_opens_as_a_device_slab(cuda):
     fake = LentSlab(3, 1 << 20, None, "fake", "fake0", None)
     with pytest.raises(ProtocolError, match="slab 3 is not a CUDA device slab"):
         open_cuda_slab(fake, FakeIpc(cuda, 1 << 20))
+
+
+def test_a_job_that_fails_mid_batch_still_waits_for_the_copies_queued_before_it(cuda):
+    """A source may be dropped only once its copy is done, even when a later job of the batch raised."""
+    copier = _copier(cuda)
+    good = _offload(cuda, torch.arange(64.0), "cuda:1", 0)
+    bad = _offload(cuda, torch.arange(64.0), "cuda:1", 2 * CHUNK)  # past the segment's end: its view raises
+    with pytest.raises(ValueError):
+        copier.copy_out([good, bad])
+    d2h = copier.streams(1).d2h.name
+    recorded = [entry for entry in cuda.log if entry[0] == "record" and entry[2] == d2h]
+    assert len(recorded) == 1 and cuda.log[-1] == ("sync", recorded[0][1], True)

@@ -373,3 +373,17 @@ def test_close_frees_every_allocation_then_releases_the_context(opened):
     assert calls.log[-2:] == [("set_device", 1, 1), ("reset_device", 1, [])]  # nothing left when it goes
     memories[0].free()  # the tier may free after close: nothing happens
     assert len(calls.calls("free")) == 3 + 3  # and the three probe buffers at start
+
+
+def test_a_gpu_busy_elsewhere_is_left_out_of_the_links_and_the_device_still_opens(opened, caplog):
+    class Busy(FakeCalls):
+        def set_device(self, index: int) -> None:
+            super().set_device(index)
+            if index == 1:  # in EXCLUSIVE_PROCESS mode, held by a training job: CUDA 12 makes the context here
+                raise CudaCallError("cudaSetDevice", 46, "all CUDA-capable devices are busy or unavailable")
+
+    calls = Busy([Gpu(A, "00000000:3B:00.0", 0), Gpu(B, "00000000:86:00.0", 1)])
+    with caplog.at_level(logging.WARNING, logger="stormd.device"):
+        device = opened(A, GiB, calls)
+    assert set(device.links()) == {CPU, A}
+    assert "cannot be measured" in caplog.text
