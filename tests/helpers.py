@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,11 +20,13 @@ from typing import Any
 
 import msgpack
 import pytest
+import torch
 import zmq
 
+from client import offload_saved_tensors
 from client.settings import ClientSettings
 from client.transport import Channel
-from storm_service.protocol import MAX_MESSAGE_BYTES, MAX_SIZE_BYTES, Op, encode_request
+from storm_service.protocol import MAX_MESSAGE_BYTES, MAX_SIZE_BYTES, Op, decode_reply, encode_request
 from storm_service.shm import SEGMENT_PREFIX, SHM_DIR
 
 __all__ = [
@@ -205,8 +208,6 @@ def torchrun_worker(args: list[str], summaries: Any, tag: str, ranks: int) -> li
 
 def train_steps(model: Any, inputs: list[Any], system: Any) -> list[list[Any]]:
     """Loss and gradients of one step per input, everything saved offloaded through ``system`` (None: no STORM)."""
-    from client import offload_saved_tensors
-
     out = []
     for x in inputs:
         model.zero_grad()
@@ -234,9 +235,32 @@ class InProcess:
         return dict(reply.result)
 
     def send(self, op: Op, token: str | None = None, peer: Any = None, **fields: Any) -> Any:
-        from storm_service.protocol import decode_reply
-
         request_id = next(self._ids)
         reply = decode_reply(self.server.dispatch(encode_request(request_id, op, token, **fields), peer))
         assert reply.id == request_id
         return reply
+
+
+def assert_steps_equal(ours: list[list[Any]], theirs: list[list[Any]], what: object) -> None:
+    """Every loss and gradient of every step ``torch.equal``; the message names the step and tensor."""
+    for step, (a_step, b_step) in enumerate(zip(ours, theirs, strict=True)):
+        for index, (a, b) in enumerate(zip(a_step, b_step, strict=True)):
+            assert torch.equal(a, b), f"{what}: step {step} tensor {index} off by {(a - b).abs().max()}"
+
+
+def in_threads(work: Callable[[Any], None], keys: list[Any]) -> None:
+    """Run ``work(key)`` for every key at once, one thread each; re-raise what any of them raised."""
+    failures: list[BaseException] = []
+
+    def run(key: Any) -> None:
+        try:
+            work(key)
+        except BaseException as e:  # re-raised on the caller's thread
+            failures.append(e)
+
+    threads = [threading.Thread(target=run, args=(key,)) for key in keys]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures

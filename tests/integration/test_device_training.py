@@ -13,7 +13,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import urllib.request
 
 import pytest
@@ -22,7 +21,7 @@ from torch import nn
 
 from client import StormSystem, offload_saved_tensors
 from client.status import render, snapshot
-from helpers import train_steps
+from helpers import assert_steps_equal, in_threads, train_steps
 from storm_service.errors import StormUnavailableError
 from storm_service.units import format_bytes
 
@@ -69,18 +68,12 @@ def _steps(name: str, seed: int, system: StormSystem | None, start=None) -> list
     return train_steps(*(start or _start(name, seed)), system)
 
 
-def _assert_equal(ours: list, theirs: list, what: object) -> None:
-    for step, (a_step, b_step) in enumerate(zip(ours, theirs, strict=True)):
-        for index, (a, b) in enumerate(zip(a_step, b_step, strict=True)):
-            assert torch.equal(a, b), f"{what}: step {step} tensor {index} off by {(a - b).abs().max()}"
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_a_model_larger_than_the_device_trains_bit_exact_through_the_device_tier(daemon_factory, name):
     daemon = daemon_factory(pool_size="512MiB", extra_args=["--device-pool", "fake:gpu1=16MiB"])
     with StormSystem(daemon.endpoint) as system:
         for seed in range(3):
-            _assert_equal(_steps(name, seed, system), _steps(name, seed, None), (name, seed))
+            assert_steps_equal(_steps(name, seed, system), _steps(name, seed, None), (name, seed))
         assert system.stats().kept_tensors == 0
     stats = daemon.stats()
     assert stats["device_evicted_bytes"] > 0, "the device filled and its oldest activations moved to the host"
@@ -104,21 +97,12 @@ def test_device_host_and_disk_in_a_row_keep_three_jobs_exact(daemon_factory, tmp
     # Torch's seed is global: draw every job's model and inputs here, train them at once, compare after.
     starts = {seed: _start("mlp", seed) for seed in range(3)}
     expected = {seed: _steps("mlp", seed, None) for seed in range(3)}
-    failures: list[BaseException] = []
 
     def train(seed: int) -> None:
-        try:
-            with StormSystem(daemon.endpoint, name=f"job-{seed}") as system:
-                _assert_equal(_steps("mlp", seed, system, starts[seed]), expected[seed], seed)
-        except BaseException as e:  # re-raised on the test's thread
-            failures.append(e)
+        with StormSystem(daemon.endpoint, name=f"job-{seed}") as system:
+            assert_steps_equal(_steps("mlp", seed, system, starts[seed]), expected[seed], seed)
 
-    threads = [threading.Thread(target=train, args=(seed,)) for seed in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not failures, failures
+    in_threads(train, list(range(3)))
     stats = daemon.stats()
     assert stats["device_evicted_bytes"] > 0 and stats["spilled_total_bytes"] > 0
     assert (stats["device_used_bytes"], stats["used_bytes"], stats["disk_used_bytes"]) == (0, 0, 0)
@@ -193,7 +177,7 @@ def test_a_daemon_killed_between_forward_and_backward_fails_backward_with_the_ty
             loss.backward()
         assert all(p.grad is None or not p.grad.isnan().any() for p in model.parameters())
         fresh = daemon_factory(endpoint=daemon.endpoint, extra_args=["--device-pool", "fake:gpu1=64MiB"])
-        _assert_equal(_steps("mlp", 1, system), _steps("mlp", 1, None), "after the restart")
+        assert_steps_equal(_steps("mlp", 1, system), _steps("mlp", 1, None), "after the restart")
         assert fresh.stats()["device_evicted_bytes"] == 0 and fresh.stats()["device_used_bytes"] == 0
     finally:
         system.close()

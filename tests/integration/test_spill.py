@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import threading
 import urllib.request
 from collections.abc import Callable
 
@@ -20,7 +19,7 @@ from torch import nn
 
 from client import StormSystem
 from client.status import render, snapshot
-from helpers import train_steps, wait_for
+from helpers import assert_steps_equal, in_threads, train_steps, wait_for
 from storm_service.errors import PoolFullError
 from storm_service.units import format_bytes
 
@@ -82,27 +81,16 @@ def test_a_model_several_times_larger_than_the_pool_trains_bit_exact_through_the
 def test_several_sessions_spill_under_one_budget_and_each_stays_exact(daemon_factory, tmp_path):
     daemon = _spill_daemon(daemon_factory, tmp_path)
     make, shape, _ = MODELS["mlp"]
-    failures: list[BaseException] = []
     # Torch's seed is global: draw every job's model and inputs here, train them at once, compare after.
     starts = {seed: _start(make, shape, seed) for seed in range(3)}
     expected = {seed: _grads(make, shape, seed, None) for seed in range(3)}
 
     def train(seed: int) -> None:
-        try:
-            with StormSystem(daemon.endpoint, name=f"job-{seed}") as system:
-                ours = _grads(make, shape, seed, system, starts[seed])
-            for step, (step_ours, step_theirs) in enumerate(zip(ours, expected[seed], strict=True)):
-                for index, (a, b) in enumerate(zip(step_ours, step_theirs, strict=True)):
-                    assert torch.equal(a, b), f"job {seed} step {step} tensor {index}: {(a - b).abs().max()}"
-        except BaseException as e:  # re-raised on the test's thread
-            failures.append(e)
+        with StormSystem(daemon.endpoint, name=f"job-{seed}") as system:
+            ours = _grads(make, shape, seed, system, starts[seed])
+        assert_steps_equal(ours, expected[seed], f"job {seed}")
 
-    threads = [threading.Thread(target=train, args=(seed,)) for seed in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not failures, failures
+    in_threads(train, list(range(3)))
     stats = daemon.stats()
     assert stats["spilled_total_bytes"] > 0
     assert (stats["used_bytes"], stats["disk_used_bytes"], stats["live_sessions"]) == (0, 0, 0)
