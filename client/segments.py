@@ -20,7 +20,7 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -192,6 +192,15 @@ class LentSlabs:
 
     def __iter__(self) -> Iterator[Segment]:
         return iter([segment for _, segment in self.items()])
+
+    def close(self, viewed: Iterable[tuple[int, int, int]]) -> None:
+        """Close every slab; ``viewed`` lists ``(slab id, offset, size_bytes)`` of the extents live tensors
+        still read, whose bytes a host slab keeps (NOTE [Detached views])."""
+        keep: dict[int, list[tuple[int, int]]] = {}
+        for slab_id, offset, size_bytes in viewed:
+            keep.setdefault(slab_id, []).append((offset, size_bytes))
+        for slab_id, segment in self.items():
+            segment.close(keep=keep.get(slab_id, []))
 
 
 def _page_ranges(extents: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -142,8 +142,7 @@ class StormSystem:
         self._heartbeat = Heartbeat(
             self._new_channel, self.token, registration.heartbeat_interval_s, self.timeout_s, self._mark_lost
         )
-        settings = self.settings
-        cuda = torch.cuda.is_available()
+        settings, cuda = self.settings, torch.cuda.is_available()
         fd_socket, token, timeout_s = registration.fd_socket, self.token, self.timeout_s
         self.segments = LentSlabs(
             lambda slab_id: request_slab(fd_socket, token, slab_id, timeout_s),
@@ -183,11 +182,7 @@ class StormSystem:
         self._engine.close(self.timeout_s)
         if isinstance(self._engine.copier, CudaCopier):
             self._engine.copier.close()
-        viewed: dict[int, list[tuple[int, int]]] = {}
-        for segment_index, offset, size_bytes in self._engine.table.viewed_extents():
-            viewed.setdefault(segment_index, []).append((offset, size_bytes))
-        for slab_id, segment in self.segments.items():
-            segment.close(keep=viewed.get(slab_id, []))
+        self.segments.close(self._engine.table.viewed_extents())
         if unregister:
             try:
                 self._call(Op.UNREGISTER)

@@ -20,7 +20,7 @@ from storm_service import ops
 from storm_service.errors import ErrorCode, RemoteError, ShuttingDownError
 from storm_service.ops import OpContext
 from storm_service.protocol import MUTATING_OPS, SESSIONLESS_OPS, Invalid, Op, decode_request, encode_error, encode_ok
-from storm_service.sessions import Session
+from storm_service.session import Session
 from storm_service.tenants import Peer
 
 __all__ = ["Dispatcher"]

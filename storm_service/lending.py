@@ -36,7 +36,8 @@ from storm_service.fdpass import (
 )
 from storm_service.pidfds import open_pidfd
 from storm_service.pool import Pool
-from storm_service.sessions import Session, SessionTable
+from storm_service.session import Session
+from storm_service.sessions import SessionTable
 
 __all__ = ["MAX_CONNECTIONS", "MAX_UID_CONNECTIONS", "REQUEST_TIMEOUT_S", "Lender"]
 

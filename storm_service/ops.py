@@ -53,7 +53,8 @@ from storm_service.errors import (
 from storm_service.extents import Extent, ExtentState
 from storm_service.pool import Pool
 from storm_service.protocol import MAX_LISTED_SESSIONS, MAX_SIZE_BYTES, Op, Request
-from storm_service.sessions import Session, SessionTable
+from storm_service.session import Session
+from storm_service.sessions import SessionTable
 from storm_service.tenants import Peer
 from storm_service.units import format_bytes
 

@@ -74,7 +74,8 @@ from storm_service.protocol import (
     MAX_MESSAGE_BYTES,
     encode_error,
 )
-from storm_service.sessions import Session, SessionTable
+from storm_service.session import Session
+from storm_service.sessions import SessionTable
 from storm_service.tenants import Limits, Peer
 from storm_service.units import format_bytes
 
@@ -164,9 +165,7 @@ class Server:
         socket.setsockopt(zmq.RCVHWM, SOCKET_HWM)
         if self.config.curve_dir:
             self._enable_curve(socket)
-        device = self.context.sessions.device
-        held = len(self.context.pool.slabs) + (device.fds_bound if device is not None else 0)
-        total = total_connections(held, self.config.max_sessions)
+        total = total_connections(self.context.sessions.fds_bound, self.config.max_sessions)
         self._connections = ConnectionCaps(
             socket, self._zmq, self.config.endpoint, self.config.max_connections_per_uid, total
         )
@@ -290,14 +289,7 @@ class Server:
             self._poller.unregister(self._socket)
             self._socket.close(linger=0)
             self._socket = None
-        sessions = self.context.sessions
-        for session in list(sessions.sessions.values()):
-            sessions.close(session)
-        sessions.reclaim(None)
-        if sessions.tier is not None:
-            sessions.tier.close()
-        if sessions.device is not None:
-            sessions.device.close()
+        self.context.sessions.shutdown()
 
     def _serve_burst(self) -> None:
         """Answer what is already queued, without blocking (at shutdown: up to MAX_BURST)."""

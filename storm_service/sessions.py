@@ -39,7 +39,6 @@ import itertools
 import secrets
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from storm_service.device.backend import CPU
@@ -55,89 +54,17 @@ from storm_service.extents import Extent, ExtentState, Residence
 from storm_service.pidfds import close_pidfd, exited
 from storm_service.pool import Pool
 from storm_service.protocol import MAX_SESSION_LAYERS, OVERFLOW_LAYER_ID
-from storm_service.replay import ReplayMemory
+from storm_service.session import Session
 from storm_service.tenants import Limits, TenantUsage
 
 if TYPE_CHECKING:
     from storm_service.device.tier import DeviceTier
     from storm_service.disk.tier import DiskTier
 
-__all__ = ["RECLAIM_SLICE", "Session", "SessionTable"]
+__all__ = ["RECLAIM_SLICE", "SessionTable"]
 
 RECLAIM_SLICE = 256
 """Extents of closed sessions freed between two requests (NOTE [Bounded work per request])."""
-
-
-@dataclass
-class Session:
-    id: int
-    token: str
-    pid: int
-    name: str
-    rank: int | None
-    world_size: int | None
-    quota_bytes: int
-    pid_ns: int | None
-    last_seen: float
-    tenant: TenantUsage
-    """The tenant (uid) this session belongs to (NOTE [Peer credentials] in tenants.py)."""
-    nonce: str | None = None
-    """The register nonce this session was opened with (NOTE [Register nonce])."""
-    handles: set[int] = field(default_factory=set)
-    used_bytes: int = 0
-    """Bytes of committed extents: activations held."""
-    reserved_bytes: int = 0
-    """Bytes of extents allocated and not yet committed."""
-    disk_bytes: int = 0
-    """Bytes of its extents held in the disk tier only (NOTE [Disk tier] in storm_service/disk/tier.py)."""
-    device_bytes: int = 0
-    """Bytes of its extents (committed or not) in the device tier: part of ``used_bytes`` and ``reserved_bytes``
-    (NOTE [Device tier] in storm_service/device/tier.py)."""
-    peak_bytes: int = 0
-    """Most bytes held (used + reserved) at once."""
-    offloaded_bytes: int = 0
-    fetched_bytes: int = 0
-    dedup_saved_bytes: int = 0
-    """Bytes the client reports it did not copy: saved tensors that read an earlier copy."""
-    span_saved_bytes: int = 0
-    """Bytes the client reports it did not copy: storage outside the spans its saved tensors cover."""
-    layer_bytes: dict[int, int] = field(default_factory=dict)
-    """Bytes held per layer id: at most MAX_SESSION_LAYERS ids, plus the overflow key (NOTE [Layer stats cap])."""
-    replies: ReplayMemory = field(default_factory=ReplayMemory)
-    """Replies to its latest mutating requests (NOTE [Replay memory] in replay.py)."""
-    uid: int | None = None
-    """The uid of the process that first asked for a slab's fd (NOTE [Lending by descriptor] in lending.py)."""
-    pidfd: int | None = None
-    """A pidfd of that process (NOTE [Fencing] in pidfds.py)."""
-    bound_pid: int | None = None
-    """That process's pid in the daemon's pid namespace: the only one lent device slabs (NOTE [Importers])."""
-
-    @property
-    def held_bytes(self) -> int:
-        """Bytes this session holds in the pool, committed or not (what its quota bounds)."""
-        return self.used_bytes + self.reserved_bytes
-
-    def summary(self) -> dict[str, object]:
-        return {
-            "id": self.id,
-            "tenant": self.tenant.name,
-            "pid": self.pid,
-            "name": self.name,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "used_bytes": self.used_bytes,
-            "reserved_bytes": self.reserved_bytes,
-            "disk_bytes": self.disk_bytes,
-            "device_bytes": self.device_bytes,
-            "peak_bytes": self.peak_bytes,
-            "quota_bytes": self.quota_bytes,
-            "handles": len(self.handles),
-            "offloaded_bytes": self.offloaded_bytes,
-            "fetched_bytes": self.fetched_bytes,
-            "dedup_saved_bytes": self.dedup_saved_bytes,
-            "span_saved_bytes": self.span_saved_bytes,
-            "idle_s": round(time.monotonic() - self.last_seen, 3),
-        }
 
 
 class SessionTable:
@@ -413,6 +340,21 @@ class SessionTable:
     def _forget_tenant(self, tenant: TenantUsage) -> None:
         if tenant.sessions == 0 and tenant.held_bytes == 0 and self.tenants.get(tenant.name) is tenant:
             del self.tenants[tenant.name]
+
+    def shutdown(self) -> None:
+        """End every session, give everything back, then close the tiers (the daemon stops)."""
+        for session in list(self.sessions.values()):
+            self.close(session)
+        self.reclaim(None)
+        if self.tier is not None:
+            self.tier.close()
+        if self.device is not None:
+            self.device.close()
+
+    @property
+    def fds_bound(self) -> int:
+        """The most fds the memory tiers hold: host slabs' memfds, and the device tier's."""
+        return len(self.pool.slabs) + (self.device.fds_bound if self.device is not None else 0)
 
     @property
     def memory_bytes(self) -> int:

@@ -26,7 +26,7 @@ from storm_service.units import format_bytes
 if TYPE_CHECKING:
     from storm_service.device.tier import Device
     from storm_service.disk.tier import DiskTier
-    from storm_service.sessions import Session
+    from storm_service.session import Session
 
 __all__ = ["Move", "Mover", "victims"]
 

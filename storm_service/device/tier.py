@@ -62,7 +62,7 @@ from storm_service.slabs import Slab
 from storm_service.units import format_bytes
 
 if TYPE_CHECKING:
-    from storm_service.sessions import Session
+    from storm_service.session import Session
 
 __all__ = ["EVICT_BYTES_PER_BALANCE", "HIGH_WATER", "Device", "DeviceTier"]
 

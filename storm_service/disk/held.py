@@ -11,7 +11,7 @@ from sortedcontainers import SortedDict
 from storm_service.profile import StepProfile
 
 if TYPE_CHECKING:
-    from storm_service.sessions import Session
+    from storm_service.session import Session
 
 __all__ = ["MIN_MARGIN_BYTES", "Busy", "Held"]
 

@@ -9,7 +9,7 @@ from storm_service.disk.files import SpillFile
 from storm_service.extents import Extent
 
 if TYPE_CHECKING:
-    from storm_service.sessions import Session
+    from storm_service.session import Session
 
 __all__ = ["SpillSpace"]
 

@@ -21,7 +21,7 @@ from storm_service.pool import Pool
 from storm_service.units import format_bytes
 
 if TYPE_CHECKING:
-    from storm_service.sessions import Session
+    from storm_service.session import Session
 
 __all__ = ["SPILL", "SPILLS_PER_BALANCE", "SPILL_IN_FLIGHT_BYTES", "Spiller"]
 

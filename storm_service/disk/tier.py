@@ -64,7 +64,7 @@ from storm_service.pool import Pool
 from storm_service.profile import StepProfile
 
 if TYPE_CHECKING:
-    from storm_service.sessions import Session
+    from storm_service.session import Session
 
 __all__ = ["DiskTier"]
 
