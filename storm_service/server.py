@@ -207,8 +207,8 @@ class Server:
                 identity = socket.recv(_NOBLOCK)
             except zmq.Again:
                 self._caught_up_at = time.monotonic()
-                # While closed sessions still hold extents, free a slice between messages and never wait.
-                ready = poller.poll(0 if sessions.reclaiming else int(TICK_S * 1000))
+                # While closed sessions hold extents or a device moves some, work between messages: never wait.
+                ready = poller.poll(0 if sessions.busy else int(TICK_S * 1000))
                 lender.serve({fd for fd, _ in ready if isinstance(fd, int)})
                 connections.serve()
             else:
@@ -217,10 +217,7 @@ class Server:
                 if answered % 16 == 0:  # under a steady stream of messages the fd socket is still served
                     lender.serve()
                     connections.serve()
-            if sessions.reclaiming:
-                sessions.reclaim()
-            if sessions.device is not None:
-                sessions.device.balance(sessions.sessions)
+            sessions.step()
             if parking is not None:
                 parking.step()
             now = time.monotonic()
@@ -241,6 +238,7 @@ class Server:
             if not cast(int, self._socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 self._caught_up_at = now
             self._expire_stale()
+            self.context.sessions.step()  # a first slice of what expired is back before the next message
             self._next_expiry = now + min(TICK_S * 5, self.config.heartbeat_timeout / 4)
             if self._caught_up_at == now and now >= self._next_full_collection:
                 gc.collect()

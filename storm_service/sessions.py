@@ -341,6 +341,19 @@ class SessionTable:
         if tenant.sessions == 0 and tenant.held_bytes == 0 and self.tenants.get(tenant.name) is tenant:
             del self.tenants[tenant.name]
 
+    def step(self) -> None:
+        """What the loop does between messages: a slice of closed sessions' extents back (NOTE [Bounded work
+        per request]), and a step of moves off the devices of the device tier."""
+        if self._closed:
+            self.reclaim()
+        if self.device is not None:
+            self.device.balance(self.sessions)
+
+    @property
+    def busy(self) -> bool:
+        """Whether :meth:`step` has work left: the loop should not sleep."""
+        return bool(self._closed) or (self.device is not None and self.device.pending)
+
     def shutdown(self) -> None:
         """End every session, give everything back, then close the tiers (the daemon stops)."""
         for session in list(self.sessions.values()):

@@ -113,6 +113,8 @@ class DeviceTier:
         self.devices: list[Device] = []
         self.reserved_bytes = 0
         """Bytes of device extents allocated and not committed yet."""
+        self.pending = False
+        """Whether the last :meth:`balance` stopped at its bounds, not for want of work: the loop comes back at once."""
         self.mover = Mover(host)
         """Moves to the host pool, and their counts (moves.py)."""
         self.importers = Importers(max_importers)
@@ -288,6 +290,7 @@ class DeviceTier:
                     self._unlist(extent)  # no victim twice
                     moves -= 1
                 budget -= self.mover.copy(device, budget)
+        self.pending = budget <= 0 or moves == 0
 
     def housekeep(self) -> None:
         """Free retired memory whose importers have all exited, and forget exited importers (every tick)."""
