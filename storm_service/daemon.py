@@ -2,8 +2,9 @@
 
 Start-up order matters: take the endpoint lock first (NOTE [Endpoint lock]), sweep
 what a dead daemon left, create and reserve the pool, record the segment names, bind,
-and only then announce readiness. The daemon never touches CUDA: each client pins its
-own mapping (NOTE [Lazy pinning] in storm_service/shm.py). Shutdown (SIGTERM, SIGINT
+and only then announce readiness. The daemon touches CUDA only for a ``cuda:`` device of
+``--device-pool`` (NOTE [CUDA backend] in storm_service/device/cuda.py): each client pins
+its own mapping of the host pool (NOTE [Lazy pinning] in storm_service/shm.py). Shutdown (SIGTERM, SIGINT
 or ``stormctl shutdown``) answers queued requests with SHUTTING_DOWN, frees every
 session, unlinks the segments, removes the socket and the lock, and exits 0.
 """
