@@ -47,12 +47,11 @@ class FakeMemory:
             self._mapping = None
         os.close(self.fd)
         self.fd = -1
-        self.device.allocated_bytes -= self.size_bytes
         self.device.freed += 1
 
 
 class FakeDevice:
-    """A device whose tier is ``spec.size_bytes``; what it has allocated (retired memory too) is counted."""
+    """A device whose tier is ``spec.size_bytes``."""
 
     kind = "fake"
     needs_pid_namespace = False
@@ -61,7 +60,6 @@ class FakeDevice:
         self.name = spec.name
         self.size_bytes = spec.size_bytes
         self.peer_gbps = spec.peer_gbps
-        self.allocated_bytes = 0
         self.freed = 0
         """Allocations given back so far (retired memory is freed late: NOTE [Device slabs])."""
 
@@ -70,7 +68,6 @@ class FakeDevice:
             memory = FakeMemory(self, size_bytes)
         except (SlabError, OSError) as e:
             raise DeviceError(f"fake device {self.name}: cannot allocate {size_bytes} bytes: {e}") from e
-        self.allocated_bytes += size_bytes
         return memory
 
     def links(self) -> dict[str, Link]:

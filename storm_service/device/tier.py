@@ -126,6 +126,8 @@ class DeviceTier:
                 self.devices.append(self._device(index, backend, max_slab_size))
         except BaseException:
             self.close()
+            for backend in backends[len(self.devices) :]:
+                backend.close()
             raise
         self._by_slab_space = {(index + 1): device for index, device in enumerate(self.devices)}
 
@@ -186,6 +188,8 @@ class DeviceTier:
         return None
 
     def _candidates(self, session: Session, client_device: str, own_pid_ns: int | None) -> list[Device]:
+        if session.uid is not None and session.pidfd is None:
+            return []  # bound to a process the daemon holds no pidfd of: :meth:`lend` would refuse it every slab
         shared_ns = session.pid_ns is not None and session.pid_ns == own_pid_ns
         fits = [
             d

@@ -242,6 +242,17 @@ def test_a_device_whose_peer_path_is_slower_than_the_host_path_gets_nothing(make
     assert daemon.stats()["devices"][0]["links"]["cpu"]["enabled"] is False
 
 
+def test_a_session_bound_to_a_process_the_daemon_cannot_watch_gets_the_host_pool(make_daemon):
+    """No pidfd of its process (another pid namespace hides it): the fd socket would refuse it every device
+    slab, so nothing of it is placed on a device, where its copy would fail."""
+    daemon = make_daemon()
+    token = daemon.register()
+    session = daemon.sessions.by_token(token)
+    session.uid, session.pidfd = os.getuid(), None  # bound on the fd socket, with no pidfd to be had
+    extents = daemon.offload(token, _payloads(2, 64 << 10, seed=25))
+    assert not any(daemon.device.holds(e["slab"]) for e in extents)
+
+
 def test_the_fastest_of_several_devices_is_filled_first(make_daemon):
     daemon = make_daemon("fake:nvlink=16MiB@370,fake:pcie=16MiB@100")
     token = daemon.register()
